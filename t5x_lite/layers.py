@@ -1,0 +1,293 @@
+"""Building blocks shared by the three families: dense, embedding, norms, MLP, positions, attention.
+
+Every parameter is created through `_param`, which attaches logical axis names (`embed`, `heads`,
+`kv`, `mlp`, `vocab`, ...). Only `partitioning.py` maps those names onto mesh axes, so a layer never
+knows how it is sharded. Axis letters in einsum strings and shape comments: b batch, l query
+length, s key length, d model width, h query heads, k key/value heads, g query heads per key/value
+head, e head width, f MLP width, v vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_lite.config import TransformerConfig
+
+Array = jax.Array
+NEG_INF = -1e10  # Finite, so a fully masked row (padding) softmaxes to uniform instead of NaN.
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+default_embed_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
+           axes: Sequence[str], dtype) -> Array:
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def constrain(x: Array, axes: Sequence[str]) -> Array:
+  """Sharding hint for an activation, by logical names (a no-op outside a mesh + rules context)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class DenseGeneral(nn.Module):
+  """Contracts the trailing `len(in_axes)` dims of the input with a kernel [in..., out...]."""
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  use_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  kernel_init: Callable = default_kernel_init
+  fan_in_scale: float = 1.0  # Multiplies the initial kernel (T5 folds 1/sqrt(head_dim) into q).
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in = len(self.in_axes)
+    in_shape = x.shape[-n_in:]
+
+    def init(key, shape, dtype):
+      # Initialise as a 2-D matrix so fan-in is the full contracted size, then reshape.
+      flat = self.kernel_init(key, (math.prod(in_shape), math.prod(self.features)), dtype)
+      return (flat * self.fan_in_scale).reshape(shape)
+
+    kernel = _param(self, "kernel", init, in_shape + tuple(self.features),
+                    self.in_axes + self.out_axes, self.param_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = _param(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
+                    self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding table [v, d]; `attend` reuses it as the output projection (tied head)."""
+  num_embeddings: int
+  features: int
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  axes: tuple[str, str] = ("vocab", "embed")
+
+  def setup(self):
+    self.embedding = _param(self, "embedding", default_embed_init,
+                            (self.num_embeddings, self.features), self.axes, self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.einsum("bld,vd->blv", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class Norm(nn.Module):
+  """LayerNorm (mean and variance) or RMSNorm (variance only); statistics in float32."""
+  norm_type: str = "rmsnorm"
+  eps: float = 1e-6
+  use_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    if self.norm_type == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                   self.param_dtype)
+    y = y * scale.astype(jnp.float32)
+    if self.use_bias:
+      y = y + _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("embed",),
+                     self.param_dtype).astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def make_norm(config: TransformerConfig, name: Optional[str] = None) -> Norm:
+  return Norm(config.norm_type, config.norm_eps, config.use_bias, config.dtype,
+              config.param_dtype, name=name)
+
+
+ACTIVATION_FNS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward: act(x W_i) W_o, or act(x W_i0) * (x W_i1) W_o when gated."""
+  config: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dense = lambda features, in_axes, out_axes, name: DenseGeneral(
+        (features,), in_axes, out_axes, cfg.use_bias, cfg.dtype, cfg.param_dtype, name=name)
+    act = ACTIVATION_FNS[cfg.activation]
+    if cfg.gated_mlp:
+      h = act(dense(cfg.d_ff, ("embed",), ("mlp",), "wi_0")(x))
+      h = h * dense(cfg.d_ff, ("embed",), ("mlp",), "wi_1")(x)
+    else:
+      h = act(dense(cfg.d_ff, ("embed",), ("mlp",), "wi")(x))
+    h = constrain(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    return dense(cfg.d_model, ("mlp",), ("embed",), "wo")(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------------------------
+def sinusoidal_embedding(positions: Array, features: int, dtype) -> Array:
+  """The 2017 Transformer's table: sin on even and cos on odd channels. [b, l] -> [b, l, d]."""
+  inv_freq = 1.0 / (10_000.0 ** (jnp.arange(0, features, 2, dtype=jnp.float32) / features))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return table.reshape(*positions.shape, -1)[..., :features].astype(dtype)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding over the two halves of the head dim (the LLaMA layout). x [b, l, h, e]."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, e/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+  """T5's buckets: exact for small distances, logarithmic up to `max_distance`, then clipped.
+
+  `relative_position` is key position minus query position.
+  """
+  bucket = 0
+  if bidirectional:
+    num_buckets //= 2
+    bucket = (relative_position > 0).astype(jnp.int32) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = jnp.maximum(-relative_position, 0)
+  max_exact = num_buckets // 2
+  # Clamp to 1 inside the log so distance 0 (handled by the exact branch) never yields -inf.
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+  """One [buckets, h] table per stack, shared by all of its layers (as in T5)."""
+  config: TransformerConfig
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_positions: Array, k_positions: Array) -> Array:
+    """[b, l], [b, s] -> additive attention bias [b, h, l, s]."""
+    cfg = self.config
+    table = _param(self, "rel_embedding", default_embed_init,
+                   (cfg.relative_num_buckets, cfg.num_heads), ("relpos_buckets", "heads"),
+                   cfg.param_dtype)
+    buckets = relative_position_bucket(k_positions[:, None, :] - q_positions[:, :, None],
+                                       self.bidirectional, cfg.relative_num_buckets,
+                                       cfg.relative_max_distance)
+    return jnp.take(table, buckets, axis=0).transpose(0, 3, 1, 2).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def attention_mask(q_segment_ids: Array, k_segment_ids: Array, *, causal: bool = False,
+                   q_positions: Optional[Array] = None, k_positions: Optional[Array] = None,
+                   q_prefix: Optional[Array] = None, k_prefix: Optional[Array] = None) -> Array:
+  """Boolean [b, 1, l, s]: True where query may attend to key.
+
+  Tokens attend only within their own packed segment (segment id 0 is padding). Causality is
+  by position, which is what makes packed rows and cached decoding agree. With a prefix (prefix
+  LM), tokens inside the prefix also see each other bidirectionally.
+  """
+  mask = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (k_segment_ids[:, None, :] > 0)
+  if causal:
+    allowed = k_positions[:, None, :] <= q_positions[:, :, None]
+    if q_prefix is not None:
+      allowed |= q_prefix[:, :, None].astype(bool) & k_prefix[:, None, :].astype(bool)
+    mask &= allowed
+  return mask[:, None, :, :]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optional[Array] = None,
+                          *, scale: float = 1.0, implementation: str = "xla",
+                          dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
+  """softmax(q k^T * scale + bias, masked) v, with grouped K/V heads.
+
+  q [b, l, h, e], k/v [b, s, k, e] where k divides h; mask [b, 1, l, s]; bias [b|1, h, l, s].
+  "xla" runs anywhere (and supports attention dropout); "cudnn" is the fused flash kernel of
+  `jax.nn.dot_product_attention` on NVIDIA GPUs.
+  """
+  if implementation == "cudnn":
+    if dropout_rate > 0.0 and dropout_rng is not None:
+      raise ValueError("attention_implementation='cudnn' does not support attention dropout; set "
+                       "dropout_rate=0.0 or attention_implementation='xla'.")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation="cudnn")
+  b, l, h, e = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, l, kv_heads, h // kv_heads, e)
+  logits = jnp.einsum("blkge,bske->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, l, -1)
+  logits = jnp.where(mask[:, :, None], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bkgls,bske->blkge", probs.astype(v.dtype), v)
+  return out.reshape(b, l, h, e)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with grouped K/V heads (MHA when k == h, MQA when k == 1).
+
+  Used for self-attention (`inputs_kv` is `inputs_q`) and cross-attention alike. RoPE, when the
+  config asks for it, rotates queries and keys by their positions.
+  """
+  config: TransformerConfig
+  deterministic: bool = True
+  rotary: bool = False  # Self-attention of RoPE models; cross-attention carries no positions.
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array, bias: Optional[Array] = None,
+               q_positions: Optional[Array] = None, k_positions: Optional[Array] = None) -> Array:
+    cfg = self.config
+    h, k, e = cfg.num_heads, cfg.resolved_num_kv_heads, cfg.resolved_head_dim
+    proj = lambda heads, head_axis, name, fan_in_scale=1.0: DenseGeneral(
+        (heads, e), ("embed",), (head_axis, "kv"), cfg.use_bias, cfg.dtype, cfg.param_dtype,
+        fan_in_scale=fan_in_scale, name=name)
+    # T5 does not scale the logits; it folds 1/sqrt(e) into the query's initialisation instead.
+    query = proj(h, "heads", "query", 1.0 if cfg.scale_attention else e ** -0.5)(inputs_q)
+    key = proj(k, "kv_heads", "key")(inputs_kv)
+    value = proj(k, "kv_heads", "value")(inputs_kv)
+    if self.rotary:
+      query = apply_rope(query, q_positions, cfg.rope_theta)
+      key = apply_rope(key, k_positions, cfg.rope_theta)
+    query = constrain(query, ("batch", "length", "heads", "kv"))
+
+    use_dropout = cfg.dropout_rate > 0.0 and not self.deterministic
+    out = dot_product_attention(
+        query, key, value, mask, bias,
+        scale=e ** -0.5 if cfg.scale_attention else 1.0,
+        implementation=cfg.attention_implementation,
+        dropout_rate=cfg.dropout_rate if use_dropout else 0.0,
+        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    return DenseGeneral((cfg.d_model,), ("heads", "kv"), ("embed",), cfg.use_bias, cfg.dtype,
+                        cfg.param_dtype, name="out")(out)
