@@ -6,7 +6,8 @@ names the converter that produces them, so a task only needs to provide `inputs`
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import os
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -177,3 +178,21 @@ def param_logical_specs_to_str(specs) -> dict:
   flat = jax.tree_util.tree_flatten_with_path(
       specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
   return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(spec) for path, spec in flat}
+
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "gin_configs", "models")
+
+
+def from_gin(preset: str, bindings: Sequence[str] = ()) -> BaseModel:
+  """The `MODEL` defined by a gin file: a path, or a preset name in gin_configs/models/.
+
+  Clears gin's global config first, so call it before parsing a run's own gin files.
+  """
+  path = preset if os.path.exists(preset) else os.path.join(PRESET_DIR, preset + ".gin")
+  if not os.path.exists(path):
+    names = sorted(f[:-4] for f in os.listdir(PRESET_DIR) if f.endswith(".gin"))
+    raise ValueError(f"No model preset {preset!r}: not a file, and not one of {names}.")
+  gin.clear_config()
+  gin.parse_config_files_and_bindings([path], list(bindings))
+  return gin.query_parameter("%MODEL").scoped_configurable_fn()

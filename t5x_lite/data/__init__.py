@@ -1,0 +1,22 @@
+"""t5x_lite input pipeline: vocabularies, sources, preprocessors, registered tasks, get_dataset.
+
+    from t5x_lite import data
+    batches = data.get_dataset("stdlib_span_corruption", {"inputs": 512, "targets": 114},
+                               batch_size=8, seed=0)
+    next(batches)  # {"encoder_input_tokens": int32[8, 512], ...}
+"""
+import tensorflow as tf
+
+# JAX owns the accelerators; tf.data only runs on the host. Without this TensorFlow would reserve
+# GPU memory as soon as it builds a dataset.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF devices were already initialised by someone else: leave them
+  pass
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from t5x_lite.data.feature_converters import CONVERTERS, MLMFeatureConverter, make_feature_converter
+from t5x_lite.data.pipeline import BatchIterator, default_model_family, get_dataset, get_provider
+from t5x_lite.data.pipeline import get_tf_dataset, registered_names
+from t5x_lite.data.sources import CorpusError
+from t5x_lite.data.vocabularies import DEFAULT_VOCABULARY, get_vocabulary, mask_id, special_ids

@@ -1,0 +1,215 @@
+"""Sources and metrics for the built-in text-to-text tasks (fine-tuning and evaluation with no
+download):
+
+  code_to_docstring: inputs = a standard-library function's source with its docstring removed,
+                     targets = the docstring's first sentence. Split by file, like the corpus.
+  addition:          inputs = "123 + 4567", targets = "4690". Generated deterministically; a pair
+                     belongs to validation iff its text hashes into bucket 0, so the splits never
+                     overlap.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import re
+import textwrap
+import threading
+from typing import Sequence
+
+import seqio
+import tensorflow as tf
+
+from t5x_lite.data import sources
+
+AUTOTUNE = tf.data.AUTOTUNE
+# CPython 3.11's parser keeps recursion bookkeeping that breaks ("AST constructor recursion depth
+# mismatch") when tf.data's threads parse concurrently; the GIL serialises parsing anyway.
+_PARSE_LOCK = threading.Lock()
+
+
+# ------------------------------------------------------------------------------ code_to_docstring
+
+def first_sentence(docstring: str) -> str:
+  """The first sentence of a docstring's first paragraph, on one line."""
+  paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+  match = re.match(r"(.+?[.!?])(\s|$)", paragraph)
+  return match.group(1) if match else paragraph
+
+
+def extract_functions(source: str, max_chars: int = 4000) -> list[tuple[str, str]]:
+  """(function source without its docstring, first sentence of the docstring) pairs.
+
+  Skipped: functions whose docstring is their whole body (nothing left to describe), docstrings
+  sharing a line with code, and very short/long docstring sentences or very long functions.
+  """
+  try:
+    with _PARSE_LOCK:
+      tree = ast.parse(source)
+  except (SyntaxError, ValueError):  # e.g. deliberately broken files in Lib/test
+    return []
+  lines = source.splitlines(keepends=True)
+  pairs = []
+  for node in ast.walk(tree):
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      continue
+    docstring = ast.get_docstring(node)
+    if not docstring or len(node.body) < 2:
+      continue
+    doc = node.body[0]
+    if doc.lineno == node.lineno or lines[doc.end_lineno - 1][doc.end_col_offset:].strip():
+      continue
+    kept = lines[node.lineno - 1:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+    code = textwrap.dedent("".join(kept)).rstrip() + "\n"
+    target = first_sentence(docstring)
+    if 8 <= len(target) <= 300 and len(code) <= max_chars:
+      pairs.append((code, target))
+  return pairs
+
+
+def _extract_file(path: tf.Tensor):
+  with open(path.numpy().decode(), encoding="utf-8") as f:
+    pairs = extract_functions(f.read())
+  code = [p[0].encode() for p in pairs]
+  doc = [p[1].encode() for p in pairs]
+  return tf.constant(code, tf.string, shape=[len(code)]), tf.constant(doc, tf.string,
+                                                                       shape=[len(doc)])
+
+
+class CodeToDocstringSource(seqio.DataSource):
+  """{"code", "docstring"} pairs parsed from the stdlib corpus files, a few files at a time."""
+
+  def __init__(self, corpus=sources.stdlib_corpus):
+    self._corpus = corpus
+    super().__init__(splits=sources.SPLITS)
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return False
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return sources.list_corpus(self._corpus(), split).files
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs
+    files = self.list_shards(split)
+    if shard_info and shard_info.num_shards > 1:
+      files = files[shard_info.index::shard_info.num_shards]
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+    def parse(path):
+      code, doc = tf.py_function(_extract_file, [path], [tf.string, tf.string])
+      code.set_shape([None])
+      doc.set_shape([None])
+      return {"code": code, "docstring": doc}
+
+    # Parsing is Python (ast), so parallelism is bounded by the GIL; 2 calls overlap file I/O.
+    return ds.map(parse, num_parallel_calls=2).unbatch()
+
+
+# ------------------------------------------------------------------------------ addition
+
+class AdditionSource(seqio.DataSource):
+  """{"question": "a + b", "answer": "a+b"} with operands of 1..max_digits digits."""
+
+  VALIDATION_BUCKETS = 20  # 1 in 20 pairs (by hash of the question) is held out
+
+  def __init__(self, max_digits: int = 4, num_validation: int = 2000):
+    self._max_digits = max_digits
+    self._num_validation = num_validation
+    super().__init__(splits=sources.SPLITS,
+                     num_input_examples={"validation": num_validation})
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [split]
+
+  def _operand(self, seed):
+    digits = tf.random.stateless_uniform([], seed, 1, self._max_digits + 1, dtype=tf.int64)
+    high = tf.cast(10, tf.int64) ** digits
+    # Draw the digit count first, so short and long numbers are equally common.
+    return tf.random.stateless_uniform([], seed + 1, 0, high, dtype=tf.int64)
+
+  def _example(self, key, index):
+    seeds = tf.random.experimental.stateless_split(tf.stack([key, index]), 2)
+    a, b = self._operand(seeds[0]), self._operand(seeds[1])
+    question = tf.strings.join([tf.strings.as_string(a), " + ", tf.strings.as_string(b)])
+    return {"question": question, "answer": tf.strings.as_string(a + b)}
+
+  def _is_validation(self, ex):
+    return tf.equal(tf.strings.to_hash_bucket_fast(ex["question"], self.VALIDATION_BUCKETS), 0)
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs
+    shard, num_shards = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+    if split == "validation":  # fixed, whatever the seed: an eval set must not move
+      ds = tf.data.Dataset.range(1 << 40).map(lambda i: self._example(tf.constant(7, tf.int64), i))
+      ds = ds.filter(self._is_validation).take(self._num_validation)
+      return ds.shard(num_shards, shard)
+    key = tf.constant(seed if (shuffle and seed is not None) else 0, tf.int64)
+    ds = tf.data.Dataset.range(shard, 1 << 62, num_shards)
+    ds = ds.map(lambda i: self._example(key, i), num_parallel_calls=AUTOTUNE)
+    return ds.filter(lambda ex: tf.logical_not(self._is_validation(ex)))
+
+
+# ------------------------------------------------------------------------------ metrics
+
+def postprocess_text(output, example=None, is_target=False):
+  """Decoded model output or target -> stripped str."""
+  del example, is_target
+  return (output.decode("utf-8", "replace") if isinstance(output, bytes) else output).strip()
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """Percentage of predictions equal to their target (after stripping)."""
+  if not targets:
+    return {"exact_match": 0.0}
+  hits = sum(t.strip() == p.strip() for t, p in zip(targets, predictions))
+  return {"exact_match": 100.0 * hits / len(targets)}
+
+
+def _words(text: str) -> list[str]:
+  return re.findall(r"\w+", text.lower())
+
+
+def _f1(overlap: int, n_pred: int, n_ref: int) -> float:
+  if overlap == 0:
+    return 0.0
+  p, r = overlap / n_pred, overlap / n_ref
+  return 2 * p * r / (p + r)
+
+
+def _ngram_f1(ref: list[str], pred: list[str], n: int) -> float:
+  grams = lambda w: collections.Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+  r, p = grams(ref), grams(pred)
+  return _f1(sum((r & p).values()), sum(p.values()), sum(r.values()))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+  prev = [0] * (len(b) + 1)
+  for x in a:
+    cur = [0]
+    for j, y in enumerate(b):
+      cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+    prev = cur
+  return prev[-1]
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (x100) on lower-cased word tokens, averaged."""
+  totals = collections.Counter()
+  for target, prediction in zip(targets, predictions):
+    ref, pred = _words(target), _words(prediction)
+    totals["rouge1"] += _ngram_f1(ref, pred, 1)
+    totals["rouge2"] += _ngram_f1(ref, pred, 2)
+    totals["rougeL"] += _f1(_lcs(ref, pred), len(pred), len(ref))
+  n = max(len(targets), 1)
+  return {k: 100.0 * totals[k] / n for k in ("rouge1", "rouge2", "rougeL")}

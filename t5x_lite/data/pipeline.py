@@ -1,0 +1,163 @@
+"""`get_dataset`: a task or mixture name in, numpy batches of model features out.
+
+    task/mixture (seqio) -> feature converter (packing, segment ids, positions) -> batch -> numpy
+
+Bad input fails here, before any data is read, with a message that says what to change: unknown
+names (with the closest registered ones), feature lengths that do not match the task, a split the
+task does not have, or a converter that does not fit the task's features.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterator, Mapping
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5x_lite.data import feature_converters
+from t5x_lite.data import sources
+from t5x_lite.data import tasks as tasks_lib  # registers the tasks
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def registered_names() -> list[str]:
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def get_provider(name: str) -> seqio.Task | seqio.Mixture:
+  """The registered task or mixture `name`; unknown names list the closest registered ones."""
+  if name in seqio.MixtureRegistry.names():
+    return seqio.MixtureRegistry.get(name)
+  if name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(name)
+  names = registered_names()
+  close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+  hint = f"Did you mean {close}?" if close else f"Registered: {names}."
+  raise ValueError(f"No task or mixture named {name!r}. {hint} (Tasks are registered by "
+                   "importing t5x_lite.data.tasks; MIXTURE_OR_TASK_NAME sets it in gin.)")
+
+
+def _check_lengths(name: str, provider, task_feature_lengths: Mapping[str, int]):
+  required = sorted(k for k, f in provider.output_features.items() if f.required)
+  given = sorted(task_feature_lengths)
+  if given != required:
+    raise ValueError(f"{name!r} has features {required}, so TASK_FEATURE_LENGTHS must have "
+                     f"exactly those keys; got {given}.")
+  for k, v in task_feature_lengths.items():
+    if not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"TASK_FEATURE_LENGTHS[{k!r}] must be a positive int, got {v!r}.")
+
+
+def default_model_family(name: str) -> str:
+  """The model family ("decoder", "encoder_decoder", "encoder") a registered name is meant for."""
+  if name in tasks_lib.MODEL_FAMILIES:
+    return tasks_lib.MODEL_FAMILIES[name][0]
+  features = set(get_provider(name).output_features)
+  if "mlm_weights" in features:
+    return "encoder"
+  return "encoder_decoder" if "inputs" in features else "decoder"
+
+
+class BatchIterator:
+  """Iterator of numpy batches (dicts of [batch, length] int32 arrays).
+
+  `dataset` is the underlying tf.data.Dataset. `save`/`restore` write and read the iterator's
+  position with tf.train.Checkpoint, so training can resume mid-epoch.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, description: str):
+    self.dataset = dataset
+    self._description = description
+    self._iterator = iter(dataset)
+    self._started = False
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      if not self._started:
+        raise sources.CorpusError(
+            f"{self._description} produced no batch: the corpus is empty or smaller than one "
+            "batch (try a smaller BATCH_SIZE, drop_remainder=False, or more text).") from None
+      raise
+    self._started = True
+    return {k: v.numpy() for k, v in batch.items()}
+
+  @property
+  def element_spec(self):
+    return self.dataset.element_spec
+
+  def save(self, path: str) -> str:
+    return tf.train.Checkpoint(iterator=self._iterator).write(path)
+
+  def restore(self, path: str) -> None:
+    tf.train.Checkpoint(iterator=self._iterator).read(path).assert_consumed()
+
+
+@gin.configurable
+def get_tf_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                   split: str = "train", batch_size: int | None = 8, feature_converter: Any = None,
+                   shuffle: bool = True, seed: int | None = None,
+                   shard_info: seqio.ShardInfo | tuple[int, int] | None = None, pack: bool = True,
+                   num_epochs: int | None = None, drop_remainder: bool = True,
+                   use_cached: bool = False) -> tf.data.Dataset:
+  """Same arguments as `get_dataset`; returns the batched tf.data.Dataset (None: unbatched)."""
+  provider = get_provider(mixture_or_task_name)
+  _check_lengths(mixture_or_task_name, provider, task_feature_lengths)
+  if split not in provider.splits:
+    raise ValueError(f"{mixture_or_task_name!r} has splits {list(provider.splits)}, not {split!r}.")
+  converter = feature_converters.make_feature_converter(
+      feature_converter or default_model_family(mixture_or_task_name), pack=pack)
+  if isinstance(shard_info, tuple):
+    shard_info = seqio.ShardInfo(index=shard_info[0], num_shards=shard_info[1])
+  lengths = {k: int(v) for k, v in task_feature_lengths.items()}
+  ds = provider.get_dataset(lengths, split=split, use_cached=use_cached, shuffle=shuffle,
+                            seed=seed, shard_info=shard_info, num_epochs=num_epochs)
+  try:
+    ds = converter(ds, lengths)
+  except ValueError as e:
+    raise ValueError(f"{type(converter).__name__} does not fit {mixture_or_task_name!r} "
+                     f"(model families it fits: "
+                     f"{tasks_lib.MODEL_FAMILIES.get(mixture_or_task_name)}): {e}") from e
+  if batch_size:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.prefetch(AUTOTUNE)
+
+
+@gin.configurable
+def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                split: str = "train", batch_size: int = 8, feature_converter: Any = None,
+                shuffle: bool = True, seed: int | None = None,
+                shard_info: seqio.ShardInfo | tuple[int, int] | None = None, pack: bool = True,
+                num_epochs: int | None = None, drop_remainder: bool = True,
+                use_cached: bool = False) -> BatchIterator:
+  """Numpy batches of model features for a registered task or mixture.
+
+  Args:
+    mixture_or_task_name: e.g. "stdlib_span_corruption" (gin: MIXTURE_OR_TASK_NAME).
+    task_feature_lengths: e.g. {"inputs": 512, "targets": 114} (gin: TASK_FEATURE_LENGTHS).
+    split: "train" or "validation".
+    batch_size: examples per batch (gin: BATCH_SIZE); per host when sharded.
+    feature_converter: a seqio FeatureConverter instance or class (a model's
+      FEATURE_CONVERTER_CLS), or a family name "decoder" / "encoder_decoder" / "encoder".
+      Default: the family the task is registered for.
+    shuffle: shuffle files and examples (training); False gives a fixed order (evaluation).
+    seed: makes shuffling and the random objectives reproducible.
+    shard_info: (index, num_shards) or seqio.ShardInfo: this host's share of the data.
+    pack: pack several examples per row (segment ids / positions), as for training.
+    num_epochs: None repeats forever (training); 1 for a single pass (evaluation).
+    drop_remainder: drop the last partial batch (keeps shapes static for jit).
+    use_cached: read a seqio offline cache instead of preprocessing on the fly.
+  """
+  ds = get_tf_dataset(mixture_or_task_name, task_feature_lengths, split=split,
+                      batch_size=batch_size, feature_converter=feature_converter,
+                      shuffle=shuffle, seed=seed, shard_info=shard_info, pack=pack,
+                      num_epochs=num_epochs, drop_remainder=drop_remainder,
+                      use_cached=use_cached)
+  return BatchIterator(ds, f"{mixture_or_task_name!r} split {split!r}")

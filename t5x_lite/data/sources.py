@@ -1,0 +1,367 @@
+"""Raw text sources: local files (text lines, whole files, JSON Lines), the embedded Python
+standard-library corpus, and TFDS datasets prepared in a local `data_dir`.
+
+Every source yields `{"text": tf.string}` examples with splits "train" and "validation".
+
+The configuration of a source may be a callable that is evaluated only when a dataset is built.
+This lets tasks be registered at import time while their file pattern comes from gin later
+(`local_corpus.pattern = %LOCAL_CORPUS_PATTERN`).
+
+Files are listed and checked for valid UTF-8 once in Python (with a small on-disk cache keyed by
+size and mtime), so a bad file is reported by name, and skipped-and-counted or fatal as the
+`non_utf8` flag says, instead of crashing deep inside tf.data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+import threading
+from typing import Callable, Sequence
+
+import gin
+import seqio
+import tensorflow as tf
+
+SPLITS = ("train", "validation")
+AUTOTUNE = tf.data.AUTOTUNE
+FORMATS = ("auto", "lines", "files", "jsonl")
+
+
+class CorpusError(ValueError):
+  """A corpus that cannot be read: no files, empty, or not UTF-8 (with fail mode)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+  """Where a text corpus lives and how to read it.
+
+  Attributes:
+    patterns: glob patterns (`**` allowed; a directory means every file under it). A pattern
+      containing "{split}" is formatted with the split name ("train"/"validation"), e.g.
+      "/data/out/{split}-*.jsonl" as written by tools/prepare_corpus.py; otherwise the
+      validation split is carved out deterministically by hashing (see `split_by`).
+    format: "lines" (one document per line), "files" (one document per file), "jsonl" (one JSON
+      object per line, text in `text_key`), or "auto" (.jsonl/.json -> jsonl, else lines).
+    text_key: the JSON field holding the text.
+    non_utf8: "skip" (drop the file and count it) or "fail" (raise naming the file).
+    split_by: "file" or "document": the unit hashed to assign the validation split.
+    validation_percent: share of files/documents (0-100) held out for validation.
+    exclude: path substrings to ignore (e.g. "site-packages").
+    root: paths are hashed relative to this, so the split is the same on every machine.
+    max_files: keep only the first N files of each split (after sorting) - for quick runs.
+  """
+  patterns: tuple[str, ...]
+  format: str = "auto"
+  text_key: str = "text"
+  non_utf8: str = "skip"
+  split_by: str = "document"
+  validation_percent: float = 2.0
+  exclude: tuple[str, ...] = ()
+  root: str | None = None
+  max_files: int | None = None
+
+  def __post_init__(self):
+    if isinstance(self.patterns, str):
+      object.__setattr__(self, "patterns", (self.patterns,))
+    if self.format not in FORMATS:
+      raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+    if self.non_utf8 not in ("skip", "fail"):
+      raise ValueError(f"non_utf8 must be 'skip' or 'fail', got {self.non_utf8!r}")
+    if self.split_by not in ("file", "document"):
+      raise ValueError(f"split_by must be 'file' or 'document', got {self.split_by!r}")
+
+  @property
+  def per_split_patterns(self) -> bool:
+    return any("{split}" in p for p in self.patterns)
+
+  def resolved_format(self, path: str) -> str:
+    if self.format != "auto":
+      return self.format
+    return "jsonl" if path.endswith((".jsonl", ".json")) else "lines"
+
+
+@dataclasses.dataclass
+class Listing:
+  """Result of listing a corpus: the readable files and what was dropped."""
+  files: list[str]
+  skipped_non_utf8: list[str]
+  empty: list[str]
+
+
+# ------------------------------------------------------------------------------ file listing
+
+def _glob(pattern: str) -> list[str]:
+  pattern = os.path.expanduser(pattern)
+  if os.path.isdir(pattern):
+    pattern = os.path.join(pattern, "**", "*")
+  return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+
+
+def _cache_path() -> str:
+  root = os.environ.get("T5X_LITE_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "t5x_lite")
+  return os.path.join(root, "utf8_index.json")
+
+
+_utf8_lock = threading.Lock()
+_utf8_memo: dict[str, tuple[int, int, bool]] = {}
+
+
+def _is_utf8(path: str) -> bool:
+  # Decode in chunks so a multi-GB file does not need multi-GB of memory; an incremental decoder
+  # handles code points split across chunk borders.
+  import codecs  # pylint: disable=g-import-not-at-top
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  try:
+    with open(path, "rb") as f:
+      while chunk := f.read(1 << 24):
+        decoder.decode(chunk)
+    decoder.decode(b"", final=True)
+    return True
+  except UnicodeDecodeError:
+    return False
+
+
+def check_utf8(paths: Sequence[str]) -> dict[str, bool]:
+  """Maps each path to whether it is valid UTF-8; cached on disk by (size, mtime)."""
+  with _utf8_lock:
+    if not _utf8_memo:
+      try:
+        with open(_cache_path()) as f:
+          _utf8_memo.update({k: tuple(v) for k, v in json.load(f).items()})
+      except (OSError, ValueError):
+        pass  # no cache yet, or a corrupt one: it is only a cache
+    result, changed = {}, False
+    for p in paths:
+      st = os.stat(p)
+      key = os.path.abspath(p)
+      hit = _utf8_memo.get(key)
+      if hit is None or hit[0] != st.st_size or hit[1] != st.st_mtime_ns:
+        hit = (st.st_size, st.st_mtime_ns, _is_utf8(p))
+        _utf8_memo[key] = hit
+        changed = True
+      result[p] = hit[2]
+    if changed:
+      try:  # atomic replace: concurrent jobs may share the cache file
+        path = _cache_path()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+          json.dump(_utf8_memo, f)
+        os.replace(tmp, path)
+      except OSError as e:
+        logging.warning("could not write the UTF-8 cache %s: %s", _cache_path(), e)
+    return result
+
+
+def _hash_percent(text: str) -> float:
+  return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) % 10000 / 100.0
+
+
+def list_corpus(config: CorpusConfig, split: str) -> Listing:
+  """Lists the readable files of `split`, raising CorpusError with a fix when there are none."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  patterns = [p.format(split=split) for p in config.patterns]
+  files = set()
+  for pattern in patterns:
+    matched = [f for f in _glob(pattern) if not any(x in f for x in config.exclude)]
+    if not matched:
+      raise CorpusError(
+          f"File pattern {pattern!r} matches no files. Check the path (globs like "
+          "'/data/*.txt' and '**' are allowed) or the LOCAL_CORPUS_PATTERN gin macro.")
+    files.update(matched)
+  files = sorted(files)
+  if not config.per_split_patterns and config.split_by == "file":
+    root = config.root or (os.path.commonpath(files) if len(files) > 1
+                           else os.path.dirname(files[0]))
+    in_validation = lambda f: _hash_percent(os.path.relpath(f, root)) < config.validation_percent
+    files = [f for f in files if in_validation(f) == (split == "validation")]
+  empty = [f for f in files if os.path.getsize(f) == 0]
+  files = [f for f in files if os.path.getsize(f) > 0]
+  ok = check_utf8(files)
+  bad = [f for f in files if not ok[f]]
+  if bad and config.non_utf8 == "fail":
+    raise CorpusError(
+        f"{len(bad)} file(s) are not valid UTF-8, e.g. {bad[0]!r}. Convert them "
+        "(iconv -f <encoding> -t utf-8) or set non_utf8='skip' to skip and count them.")
+  if bad:
+    logging.warning("Skipped %d non-UTF-8 file(s) in %s, e.g. %s", len(bad), patterns, bad[:3])
+  files = [f for f in files if ok[f]]
+  if config.max_files:
+    files = files[:config.max_files]
+  if not files:
+    raise CorpusError(
+        f"Corpus {patterns} has no readable {split!r} files ({len(empty)} empty, "
+        f"{len(bad)} not UTF-8). Add text, point the pattern elsewhere"
+        + (", or use split_by='document' / a '{split}' pattern so both splits get data."
+           if config.split_by == "file" else "."))
+  return Listing(files=files, skipped_non_utf8=bad, empty=empty)
+
+
+# ------------------------------------------------------------------------------ tf.data readers
+
+def _parse_jsonl_batch(lines: tf.Tensor, text_key: str) -> tf.Tensor:
+  """[n] JSON lines -> [n] texts. JSON has no TF op, so this runs in Python, one batch per call."""
+
+  def parse(batch):
+    out = []
+    for line in batch.numpy():
+      if not line.strip():
+        out.append(b"")
+        continue
+      value = json.loads(line).get(text_key)
+      out.append(value.encode("utf-8") if isinstance(value, str) else b"")
+    return tf.constant(out, dtype=tf.string) if out else tf.zeros([0], tf.string)
+
+  texts = tf.py_function(parse, [lines], tf.string)
+  texts.set_shape([None])
+  return texts
+
+
+def read_text_files(files: Sequence[str], fmt: str, text_key: str = "text",
+                    shuffle: bool = True, seed: int | None = None) -> tf.data.Dataset:
+  """Documents from `files` as a dataset of scalar tf.string (empty documents dropped)."""
+  ds = tf.data.Dataset.from_tensor_slices(list(files))
+  if shuffle:
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+  if fmt == "files":
+    ds = ds.map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
+  else:
+    # Read several files at once so one huge file does not serialise the pipeline.
+    ds = ds.interleave(tf.data.TextLineDataset, cycle_length=min(len(files), 8),
+                       num_parallel_calls=AUTOTUNE, deterministic=True)
+    if fmt == "jsonl":
+      ds = ds.batch(256).map(lambda b: _parse_jsonl_batch(b, text_key),
+                             num_parallel_calls=AUTOTUNE).unbatch()
+  return ds.filter(lambda t: tf.strings.length(tf.strings.strip(t)) > 0)
+
+
+class TextFileSource(seqio.DataSource):
+  """seqio DataSource over local files, configured now or lazily (gin) by `config`."""
+
+  def __init__(self, config: CorpusConfig | Callable[[], CorpusConfig]):
+    self._config = config
+    super().__init__(splits=SPLITS)
+
+  @property
+  def config(self) -> CorpusConfig:
+    return self._config() if callable(self._config) else self._config
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return False
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return list_corpus(self.config, split).files
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs  # part of the seqio interface, unused here
+    config = self.config
+    files = list_corpus(config, split).files
+    if shard_info and shard_info.num_shards > 1:
+      files = files[shard_info.index::shard_info.num_shards]
+    fmt = config.resolved_format(files[0])
+    ds = read_text_files(files, fmt, config.text_key, shuffle=shuffle, seed=seed)
+    if config.split_by == "document" and not config.per_split_patterns:
+      # Stable across machines and runs: FarmHash fingerprint of the document text.
+      bucket = lambda t: tf.strings.to_hash_bucket_fast(t, 10000)
+      cut = int(round(config.validation_percent * 100))
+      keep = (lambda t: bucket(t) < cut) if split == "validation" else (lambda t: bucket(t) >= cut)
+      ds = ds.filter(keep)
+    return ds.map(lambda t: {"text": t}, num_parallel_calls=AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------ built-in corpora
+
+STDLIB_ROOT = sysconfig.get_paths()["stdlib"]
+
+
+@gin.configurable
+def stdlib_corpus(max_files: int | None = None, validation_percent: float = 3.0,
+                  non_utf8: str = "skip") -> CorpusConfig:
+  """Python's own standard library sources: a code corpus present on every machine with Python.
+
+  Split by file (hash of the path relative to the stdlib root), one document per file.
+  """
+  return CorpusConfig(
+      patterns=(os.path.join(STDLIB_ROOT, "**", "*.py"),), format="files", non_utf8=non_utf8,
+      split_by="file", validation_percent=validation_percent, root=STDLIB_ROOT,
+      exclude=("site-packages", "dist-packages", "__pycache__"), max_files=max_files)
+
+
+@gin.configurable
+def local_corpus(pattern: str | Sequence[str] | None = None, format: str = "auto",  # pylint: disable=redefined-builtin
+                 text_key: str = "text", non_utf8: str = "skip",
+                 validation_percent: float = 2.0, max_files: int | None = None) -> CorpusConfig:
+  """The user's own corpus, usually bound in gin: `local_corpus.pattern = %LOCAL_CORPUS_PATTERN`."""
+  if not pattern:
+    raise CorpusError(
+        "No local corpus configured. Bind it in gin, e.g. LOCAL_CORPUS_PATTERN = "
+        "'/data/corpus/{split}-*.jsonl' and local_corpus.pattern = %LOCAL_CORPUS_PATTERN "
+        "(or --gin.local_corpus.pattern=\"'/data/*.txt'\").")
+  patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
+  return CorpusConfig(patterns=patterns, format=format, text_key=text_key, non_utf8=non_utf8,
+                      split_by="document", validation_percent=validation_percent,
+                      max_files=max_files)
+
+
+# ------------------------------------------------------------------------------ TFDS
+
+@dataclasses.dataclass(frozen=True)
+class TfdsConfig:
+  name: str  # "my_dataset" or "my_dataset:1.0.0"
+  data_dir: str | None = None
+  text_key: str = "text"
+  train_split: str = "train"
+  validation_split: str = "validation"
+
+
+@gin.configurable
+def tfds_corpus(name: str | None = None, data_dir: str | None = None, text_key: str = "text",
+                train_split: str = "train", validation_split: str = "validation") -> TfdsConfig:
+  """A TFDS dataset already prepared in `data_dir` (nothing is downloaded)."""
+  if not name:
+    raise CorpusError("No TFDS dataset configured: bind tfds_corpus.name (and .data_dir) in gin.")
+  return TfdsConfig(name, data_dir, text_key, train_split, validation_split)
+
+
+class TfdsTextSource(seqio.DataSource):
+  """seqio.TfdsDataSource built lazily from `config`, with `text_key` renamed to "text"."""
+
+  def __init__(self, config: TfdsConfig | Callable[[], TfdsConfig]):
+    self._config = config
+    super().__init__(splits=SPLITS)
+
+  def _resolve(self) -> tuple[TfdsConfig, seqio.TfdsDataSource]:
+    config = self._config() if callable(self._config) else self._config
+    if config.data_dir and not os.path.isdir(config.data_dir):
+      raise CorpusError(f"TFDS data_dir {config.data_dir!r} does not exist.")
+    split_map = {"train": config.train_split, "validation": config.validation_split}
+    return config, seqio.TfdsDataSource(tfds_name=config.name, tfds_data_dir=config.data_dir,
+                                        splits=split_map)
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return False
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return self._resolve()[1].list_shards(split)
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs
+    config, source = self._resolve()
+    ds = source.get_dataset(split, shuffle=shuffle, seed=seed, shard_info=shard_info)
+    if config.text_key not in ds.element_spec:
+      raise CorpusError(f"TFDS dataset {config.name!r} has no feature {config.text_key!r}; "
+                        f"it has {sorted(ds.element_spec)}. Set tfds_corpus.text_key.")
+    return ds.map(lambda ex: {"text": ex[config.text_key]}, num_parallel_calls=AUTOTUNE)

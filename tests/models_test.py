@@ -1,0 +1,116 @@
+"""Model presets, loss plumbing, and each family overfitting a batch on a (2, 2, 2) mesh."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5x_lite import models, partitioning
+
+
+@pytest.mark.parametrize("preset, count", [
+    ("gpt2_small", 124_439_808),     # GPT2LMHeadModel
+    ("bert_base", 109_514_298),      # BertForMaskedLM (BERT-base encoder + MLM head)
+    ("t5_1_1_small", 76_961_152),    # google/t5-v1_1-small
+    ("t5_1_1_base", 247_577_856),    # google/t5-v1_1-base
+    ("llama_1b", 1_100_048_384),     # TinyLlama-1.1B
+])
+def test_real_size_presets_have_published_parameter_counts(preset, count):
+  assert models.from_gin(preset).num_params() == count  # jax.eval_shape: nothing is allocated.
+
+
+def test_unknown_preset_lists_the_known_ones():
+  with pytest.raises(ValueError, match="gpt2_small"):
+    models.from_gin("gpt3_small")
+
+
+def test_gin_bindings_override_a_preset():
+  model = models.from_gin("llama_tiny", ["TransformerConfig.num_kv_heads = 1"])
+  assert model.config.num_kv_heads == 1 and model.config.family == "decoder"
+
+
+def test_model_refuses_config_of_another_family():
+  config = models.from_gin("t5_tiny").config
+  with pytest.raises(ValueError, match="family='decoder'"):
+    models.DecoderOnlyModel(config)
+
+
+def test_batch_missing_features_names_them_and_the_converter():
+  model = models.from_gin("t5_tiny")
+  batch = model.dummy_batch(2, {"inputs": 8, "targets": 8})
+  del batch["decoder_loss_weights"]
+  with pytest.raises(ValueError, match="decoder_loss_weights.*EncDecFeatureConverter"):
+    model.loss_fn(None, batch)
+
+
+def _random_batch(model, batch_size=8, inputs=24, targets=16, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for name in model.REQUIRED_FEATURES:
+    length = inputs if name.startswith("encoder") else targets
+    batch[name] = rng.integers(2, model.config.vocab_size, (batch_size, length)).astype(np.int32)
+  if "decoder_target_tokens" in batch:  # Teacher forcing: inputs are targets shifted right.
+    batch["decoder_input_tokens"] = np.pad(batch["decoder_target_tokens"][:, :-1], ((0, 0), (1, 0)))
+    batch["decoder_loss_weights"] = np.ones_like(batch["decoder_target_tokens"])
+  if "encoder_loss_weights" in batch:  # MLM: loss on a fixed 25% of positions.
+    batch["encoder_loss_weights"] = (rng.random(batch["encoder_loss_weights"].shape) < 0.25)
+    batch["encoder_loss_weights"] = batch["encoder_loss_weights"].astype(np.int32)
+  return batch
+
+
+@pytest.mark.parametrize("preset", ["bert_tiny", "gpt2_tiny", "llama_tiny", "t5_tiny"])
+def test_each_family_overfits_one_batch_on_a_sharded_mesh(preset):
+  model = models.from_gin(preset)
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  batch = _random_batch(model)
+  shapes, specs = model.abstract_params(batch)
+  shardings = partitioning.tree_shardings(shapes, specs, mesh)
+  optimizer = optax.adam(1e-2)
+
+  with partitioning.activation_sharding(mesh):
+    params = jax.jit(model.init, out_shardings=shardings)(jax.random.PRNGKey(0), batch)
+    opt_state = optimizer.init(params)
+    batch = jax.device_put(batch, partitioning.batch_sharding(mesh))
+
+    @jax.jit
+    def step(params, opt_state, batch):
+      (loss, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(params, batch)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, metrics
+
+    history = []
+    for _ in range(40):
+      params, opt_state, metrics = step(params, opt_state, batch)
+      history.append(float(metrics["cross_entropy"]))
+
+  assert history[-1] < 0.5 * history[0], history
+  # The parameters really are split over the mesh, and stay so through the updates.
+  mlp_kernel = next(leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                    if "['wo']['kernel']" in jax.tree_util.keystr(path))
+  assert mlp_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+  assert len(mlp_kernel.addressable_shards) == 8
+  assert mlp_kernel.addressable_shards[0].data.shape[1] == mlp_kernel.shape[1] // 2
+
+
+def test_dropout_is_active_only_with_a_rng():
+  model = models.from_gin("bert_tiny", ["TransformerConfig.dropout_rate = 0.5"])
+  batch = _random_batch(model, batch_size=2)
+  params = model.init(jax.random.PRNGKey(0), batch)
+  clean_1 = model.logits(params, batch)
+  clean_2 = model.logits(params, batch)
+  noisy = model.logits(params, batch, dropout_rng=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(clean_1, clean_2)
+  assert not np.allclose(clean_1, noisy)
+
+
+def test_z_loss_and_label_smoothing_reach_the_loss():
+  plain = models.from_gin("gpt2_tiny", ["DecoderOnlyModel.z_loss = 0.0"])
+  regularised = models.from_gin("gpt2_tiny", ["DecoderOnlyModel.z_loss = 0.1",
+                                              "DecoderOnlyModel.label_smoothing = 0.1"])
+  batch = _random_batch(plain, batch_size=2)
+  params = plain.init(jax.random.PRNGKey(0), batch)
+  _, m_plain = plain.loss_fn(params, batch)
+  _, m_reg = regularised.loss_fn(params, batch)
+  assert float(m_plain["z_loss"]) == 0.0 and float(m_reg["z_loss"]) > 0.0
+  assert float(m_reg["cross_entropy"]) != pytest.approx(float(m_plain["cross_entropy"]))
+  assert int(m_plain["num_tokens"]) == batch["decoder_loss_weights"].sum()

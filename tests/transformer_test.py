@@ -1,0 +1,136 @@
+"""The three families: causality, bidirectionality, and packed rows that never mix examples."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_lite import transformer
+from t5x_lite.config import TransformerConfig
+
+POSITION_TYPES = ("learned", "sinusoidal", "rope", "relative")
+
+
+def _config(family, position_type="rope", **changes):
+  return TransformerConfig(family=family, vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
+                           d_ff=64, num_layers=2, max_length=32, position_type=position_type,
+                           **changes)
+
+
+def _tokens(seed, shape):
+  return jax.random.randint(jax.random.PRNGKey(seed), shape, 2, 64)
+
+
+class _Runner:
+  """Initialises a family's module once and applies it to (encoder, decoder) token arrays."""
+
+  def __init__(self, family, position_type="rope", **changes):
+    self.family = family
+    cls = {"encoder": transformer.EncoderOnly, "decoder": transformer.DecoderOnly,
+           "encoder_decoder": transformer.EncoderDecoder}[family]
+    self.module = cls(_config(family, position_type, **changes))
+    example = self._args(_tokens(0, (1, 8)), _tokens(1, (1, 8)))
+    self.params = self.module.init(jax.random.PRNGKey(2), *example)["params"]
+
+  def _args(self, enc, dec, enc_seg=None, dec_seg=None, enc_pos=None, dec_pos=None, prefix=None):
+    if self.family == "encoder":
+      return (enc, enc_seg, enc_pos)
+    if self.family == "decoder":
+      return (dec, dec_seg, dec_pos, prefix)
+    return (enc, dec, enc_seg, dec_seg, enc_pos, dec_pos)
+
+  def __call__(self, enc=None, dec=None, **kw):
+    return self.module.apply({"params": self.params}, *self._args(enc, dec, **kw))
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+@pytest.mark.parametrize("position_type", POSITION_TYPES)
+def test_decoder_is_causal(family, position_type):
+  run = _Runner(family, position_type)
+  enc, dec = _tokens(3, (2, 10)), _tokens(4, (2, 10))
+  changed = dec.at[:, 6:].set(_tokens(5, (2, 4)))
+  before, after = run(enc, dec), run(enc, changed)
+  np.testing.assert_allclose(before[:, :6], after[:, :6], atol=1e-5)
+  assert not np.allclose(before[:, 6:], after[:, 6:], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
+def test_encoder_is_bidirectional(family):
+  run = _Runner(family, "relative")
+  enc, dec = _tokens(3, (2, 10)), _tokens(4, (2, 10))
+  changed = enc.at[:, -1].set((enc[:, -1] + 1) % 64 + 2)
+  # BERT's position-0 logits, and T5's first decoder step (which reads the whole encoder).
+  assert not np.allclose(run(enc, dec)[:, 0], run(changed, dec)[:, 0], atol=1e-4)
+
+
+def test_prefix_lm_inputs_see_each_other_but_not_the_continuation():
+  run = _Runner("decoder")
+  dec = _tokens(3, (1, 8))
+  prefix = jnp.array([[1, 1, 1, 0, 0, 0, 0, 0]])
+  base = run(dec=dec, prefix=prefix)
+  inside = run(dec=dec.at[0, 2].set(dec[0, 2] % 60 + 3), prefix=prefix)
+  outside = run(dec=dec.at[0, 5].set(dec[0, 5] % 60 + 3), prefix=prefix)
+  assert not np.allclose(base[0, 0], inside[0, 0], atol=1e-4)
+  np.testing.assert_allclose(base[0, :5], outside[0, :5], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder", "encoder_decoder"])
+@pytest.mark.parametrize("position_type", POSITION_TYPES)
+def test_packed_row_equals_examples_run_alone(family, position_type):
+  run = _Runner(family, position_type, norm_position="post" if family == "encoder" else "pre")
+  a_enc, b_enc = _tokens(10, (1, 5)), _tokens(11, (1, 7))
+  a_dec, b_dec = _tokens(12, (1, 4)), _tokens(13, (1, 6))
+
+  def pack(a, b, length=16):
+    tokens = jnp.zeros((1, length), jnp.int32)
+    tokens = tokens.at[0, :a.shape[1]].set(a[0]).at[0, a.shape[1]:a.shape[1] + b.shape[1]].set(b[0])
+    seg = np.zeros((1, length), np.int32)
+    seg[0, :a.shape[1]] = 1
+    seg[0, a.shape[1]:a.shape[1] + b.shape[1]] = 2
+    pos = np.zeros((1, length), np.int32)
+    pos[0, :a.shape[1]] = np.arange(a.shape[1])
+    pos[0, a.shape[1]:a.shape[1] + b.shape[1]] = np.arange(b.shape[1])
+    return tokens, jnp.asarray(seg), jnp.asarray(pos)
+
+  def alone(x, length=16):
+    tokens = jnp.zeros((1, length), jnp.int32).at[0, :x.shape[1]].set(x[0])
+    seg = (jnp.arange(length) < x.shape[1]).astype(jnp.int32)[None]
+    return tokens, seg, jnp.arange(length)[None]
+
+  enc, enc_seg, enc_pos = pack(a_enc, b_enc)
+  dec, dec_seg, dec_pos = pack(a_dec, b_dec)
+  packed = run(enc, dec, enc_seg=enc_seg, dec_seg=dec_seg, enc_pos=enc_pos, dec_pos=dec_pos)
+  out_len = a_enc if family == "encoder" else a_dec
+  for (x_enc, x_dec), start in (((a_enc, a_dec), 0), ((b_enc, b_dec), out_len.shape[1])):
+    e, es, ep = alone(x_enc)
+    d, ds, dp = alone(x_dec)
+    single = run(e, d, enc_seg=es, dec_seg=ds, enc_pos=ep, dec_pos=dp)
+    n = (x_enc if family == "encoder" else x_dec).shape[1]
+    np.testing.assert_allclose(packed[0, start:start + n], single[0, :n], atol=2e-5)
+
+
+def test_feature_longer_than_max_length_is_refused():
+  run = _Runner("decoder", "learned")
+  with pytest.raises(ValueError, match="max_length=32.*TASK_FEATURE_LENGTHS"):
+    run(dec=_tokens(0, (1, 40)))
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder", "encoder_decoder"])
+def test_scanned_and_unrolled_layers_compute_the_same_function(family):
+  scanned = _Runner(family, scan_layers=True)
+  unrolled = _Runner(family, scan_layers=False, remat_policy="full")
+  # Move the scanned parameters (stacked on a leading layers axis) into layers_0, layers_1, ...
+  def unstack(tree):
+    out = {}
+    for key, value in tree.items():
+      if key == "layers":
+        for i in range(2):
+          out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], value)
+      elif isinstance(value, dict):
+        out[key] = unstack(value)
+      else:
+        out[key] = value
+    return out
+  unrolled.params = unstack(jax.tree.map(lambda x: getattr(x, "value", x), scanned.params,
+                                         is_leaf=lambda x: hasattr(x, "value")))
+  enc, dec = _tokens(3, (2, 8)), _tokens(4, (2, 8))
+  np.testing.assert_allclose(scanned(enc, dec), unrolled(enc, dec), atol=1e-5)
