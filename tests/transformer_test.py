@@ -1,4 +1,5 @@
 """The three families: causality, bidirectionality, and packed rows that never mix examples."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,7 +131,6 @@ def test_scanned_and_unrolled_layers_compute_the_same_function(family):
       else:
         out[key] = value
     return out
-  unrolled.params = unstack(jax.tree.map(lambda x: getattr(x, "value", x), scanned.params,
-                                         is_leaf=lambda x: hasattr(x, "value")))
+  unrolled.params = unstack(nn.meta.unbox(scanned.params))
   enc, dec = _tokens(3, (2, 8)), _tokens(4, (2, 8))
   np.testing.assert_allclose(scanned(enc, dec), unrolled(enc, dec), atol=1e-5)
