@@ -1,0 +1,1 @@
+"""Checkpoint interop with other ecosystems (Hugging Face transformers: `hf`)."""

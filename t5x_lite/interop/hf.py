@@ -1,0 +1,313 @@
+"""Hugging Face checkpoints (config.json + safetensors) <-> t5x_lite params, without PyTorch.
+
+    model, params = import_hf("gpt2_dir")               # any layout: scanned or not, fp32 or bf16
+    export_hf(model, params, "hf_out")                   # config.json + model.safetensors
+    convert_from_hf("gpt2_dir", "ckpt")                  # ckpt/params + ckpt/model.gin
+    convert_to_hf("ckpt", "hf_out")
+
+Which HF tensor holds which of our parameters is a table per architecture in `hf_families.py`;
+this module only walks those tables: it checks the file holds exactly the tensors config.json
+implies (naming any missing, unexpected or misshapen ones), reshapes each tensor into our layout,
+and stacks layers along a leading axis when the model scans over layers.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from t5x_lite import checkpoints, models
+from t5x_lite.config import TransformerConfig
+from t5x_lite.interop.hf_families import Family, family_of_config, family_of_hf_config
+
+CONFIG_JSON = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_CONFIG_COPY = "hf_config.json"  # The imported config.json, kept so export restores token ids.
+
+MODEL_CLASSES = {"encoder": models.EncoderOnlyModel, "decoder": models.DecoderOnlyModel,
+                 "encoder_decoder": models.EncoderDecoderModel}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, CONFIG_JSON)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No {CONFIG_JSON} in {hf_dir!r}; point at a directory written by "
+                            "Hugging Face save_pretrained.")
+  with open(path) as f:
+    return json.load(f)
+
+
+class SafetensorsWeights:
+  """The tensors of one checkpoint (a single file or an index of shards), read lazily."""
+
+  def __init__(self, hf_dir: str):
+    single, index = os.path.join(hf_dir, SAFETENSORS), os.path.join(hf_dir, SAFETENSORS_INDEX)
+    if os.path.isfile(single):
+      files = [single]
+    elif os.path.isfile(index):
+      with open(index) as f:
+        files = sorted({os.path.join(hf_dir, v) for v in json.load(f)["weight_map"].values()})
+    else:
+      raise FileNotFoundError(
+          f"No {SAFETENSORS} or {SAFETENSORS_INDEX} in {hf_dir!r}. Only safetensors are read "
+          "(no PyTorch needed); re-save the model with save_pretrained(safe_serialization=True).")
+    self._files = {}  # tensor name -> open safetensors file
+    for path in files:
+      handle = safe_open(path, framework="np")
+      for name in handle.keys():
+        self._files[name] = handle
+
+  def names(self) -> set[str]:
+    return set(self._files)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._files[name].get_slice(name).get_shape())
+
+  def dtype(self, name: str) -> str:
+    return self._files[name].get_slice(name).get_dtype()
+
+  def get(self, name: str) -> np.ndarray:
+    return self._files[name].get_tensor(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk shared by import and export
+# ----------------------------------------------------------------------------------------------
+def _depth(cfg: TransformerConfig, stack: str) -> int:
+  if stack == "decoder" and cfg.family == "encoder_decoder":
+    return cfg.resolved_num_decoder_layers
+  return cfg.num_layers
+
+
+def _expand(family: Family, cfg: TransformerConfig) -> dict[str, tuple]:
+  """{HF tensor name: (Tensor, layer index or None)} for every tensor the model has."""
+  out = {}
+  for spec in family.tensors(cfg):
+    for i in range(_depth(cfg, spec.stack)) if spec.stack else [None]:
+      out[spec.hf.format(i=i)] = (spec, i)
+  return out
+
+
+def _our_path(template: str, i: Optional[int], scanned: bool) -> str:
+  return template.format(layers="layers" if scanned or i is None else f"layers_{i}")
+
+
+def _layer_shape(shape: tuple[int, ...], i: Optional[int], scanned: bool) -> tuple[int, ...]:
+  return shape[1:] if scanned and i is not None else shape
+
+
+def _flat_shapes(model) -> dict[str, tuple[int, ...]]:
+  shapes, _ = model.abstract_params(model.dummy_batch(1, {"inputs": 8, "targets": 8}))
+  return {path: tuple(x.shape) for path, x in _flatten(shapes).items()}
+
+
+def _flatten(tree) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+  tree = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[name] = leaf
+  return tree
+
+
+def _listing(names) -> str:
+  names = sorted(names)
+  shown = ", ".join(names[:8])
+  return shown + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+
+
+def make_model(cfg: TransformerConfig) -> models.BaseModel:
+  return MODEL_CLASSES[cfg.family](cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------
+def config_from_hf(hf: dict, *, scan_layers: bool = True, param_dtype: str = "float32",
+                   dtype: Optional[str] = None) -> TransformerConfig:
+  """The TransformerConfig of a config.json (raises on architectures or options we lack)."""
+  fields = family_of_hf_config(hf).config_from_hf(hf)
+  # Every field explicit: TransformerConfig is gin-configurable, and bindings left over from an
+  # earlier gin file must not leak into an imported model.
+  defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+  return TransformerConfig(**{**defaults, **fields, "scan_layers": scan_layers,
+                              "param_dtype": param_dtype, "dtype": dtype or param_dtype})
+
+
+def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: Optional[str] = None,
+              dtype: Optional[str] = None):
+  """(model, params) from a Hugging Face checkpoint directory.
+
+  `param_dtype` defaults to the checkpoint's own (so bf16 weights stay bf16, bit for bit) and
+  `dtype`, the compute dtype, to `param_dtype`.
+  """
+  hf = read_hf_config(hf_dir)
+  family = family_of_hf_config(hf)
+  weights = SafetensorsWeights(hf_dir)
+  if param_dtype is None:
+    probe = config_from_hf(hf)  # Only to name the token embedding, whose dtype we adopt.
+    first = family.tensors(probe)[0].hf
+    stored = weights.dtype(first) if first in weights.names() else "F32"
+    param_dtype = SAFETENSORS_DTYPES.get(stored, "float32")
+  cfg = config_from_hf(hf, scan_layers=scan_layers, param_dtype=param_dtype, dtype=dtype)
+  model = make_model(cfg)
+  return model, _unflatten(_read_params(family, cfg, weights, _flat_shapes(model), hf_dir))
+
+
+def _read_params(family: Family, cfg: TransformerConfig, weights: SafetensorsWeights,
+                 shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, np.ndarray]:
+  expected = _expand(family, cfg)
+  present = weights.names()
+  tied, fallbacks = family.tied_copies(cfg), family.fallbacks(cfg)
+  source = {n: n if n in present else fallbacks.get(n) for n in expected}
+  missing = [n for n, src in source.items() if src not in present]
+  unexpected = [n for n in present - expected.keys() - tied.keys() if not family.is_ignored(n)]
+  summary = ", ".join(f"{k}={getattr(cfg, k)}" for k in (
+      "num_layers", "num_decoder_layers", "tie_embeddings", "gated_mlp"))
+  if missing or unexpected:
+    raise ValueError(
+        f"{where}: the safetensors weights do not match config.json ({family.architecture}: "
+        f"{summary}).\n  missing tensors ({len(missing)}): {_listing(missing)}\n  unexpected "
+        f"tensors ({len(unexpected)}): {_listing(unexpected)}\nCheck that config.json was saved "
+        "with these weights (layer counts, tied embeddings, gated MLP).")
+
+  scanned = cfg.scan_layers
+
+  def our_shapes(spec, i):
+    return [_layer_shape(shapes[_our_path(p, i, scanned)], i, scanned) for p in spec.ours]
+
+  misshapen = []
+  for name, (spec, i) in expected.items():
+    want, got = spec.hf_shape(our_shapes(spec, i)), weights.shape(source[name])
+    if want != got:
+      misshapen.append(f"{source[name]}: config.json implies {list(want)}, file has {list(got)}")
+  if misshapen:
+    raise ValueError(f"{where}: tensor shapes do not match config.json ({family.architecture}):\n"
+                     + "\n".join("  " + m for m in misshapen[:8]))
+  for copy, original in tied.items():
+    if copy in present and not np.array_equal(weights.get(copy), weights.get(original)):
+      raise ValueError(
+          f"{where}: config.json ties {copy} to {original}, but the file holds different values "
+          "for them; the checkpoint is untied, so set tie_word_embeddings=false in config.json "
+          f"(not supported for {family.architecture} if it raises again).")
+
+  layers = collections.defaultdict(dict)  # our path -> {layer index: array}
+  dtype = jax.numpy.dtype(cfg.param_dtype)
+  for name, (spec, i) in expected.items():
+    arrays = spec.to_ours(weights.get(source[name]), our_shapes(spec, i))
+    for template, array in zip(spec.ours, arrays):
+      layers[_our_path(template, i, scanned)][i] = array.astype(dtype, copy=False)
+  params = {}
+  for path, by_layer in layers.items():
+    if None in by_layer or not scanned:  # One array: not per layer, or one layer's own path.
+      (params[path],) = by_layer.values()
+    else:
+      params[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+  if params.keys() != shapes.keys():  # A gap in hf_families' tables, never the user's fault.
+    raise AssertionError(f"hf_families.{family.architecture} tables cover "
+                         f"{sorted(params.keys() ^ shapes.keys())} wrongly.")
+  return params
+
+
+def model_gin(cfg: TransformerConfig, comment: str) -> str:
+  """A complete gin model config (every TransformerConfig field) that rebuilds the model."""
+  name = MODEL_CLASSES[cfg.family].__name__
+  lines = [f"# {comment}", "import t5x_lite.config", "import t5x_lite.models", "",
+           f"MODEL = @{name}()", f"{name}.config = @TransformerConfig()"]
+  lines += [f"TransformerConfig.{f.name} = {getattr(cfg, f.name)!r}"
+            for f in dataclasses.fields(cfg)]
+  return "\n".join(lines) + "\n"
+
+
+def convert_from_hf(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
+                    param_dtype: Optional[str] = None, dtype: Optional[str] = None):
+  """Write a t5x_lite params checkpoint (params/ + model.gin) from an HF checkpoint."""
+  model, params = import_hf(hf_dir, scan_layers=scan_layers, param_dtype=param_dtype,
+                            dtype=dtype)
+  hf = read_hf_config(hf_dir)
+  arch = family_of_hf_config(hf).architecture
+  gin_text = model_gin(model.config, f"Converted from the Hugging Face {arch} checkpoint "
+                       f"{os.path.abspath(hf_dir)} by tools/convert_checkpoint.py.")
+  checkpoints.save_params(out_dir, params, gin_text)
+  with open(os.path.join(out_dir, HF_CONFIG_COPY), "w") as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+def export_hf(model: models.BaseModel, params, out_dir: str,
+              base_config: Optional[dict] = None) -> dict:
+  """Write config.json + model.safetensors that transformers' from_pretrained loads.
+
+  `base_config` (the config.json the model was imported from) supplies what t5x_lite does not
+  model, such as special token ids; every architecture field is rewritten from `model.config`.
+  Returns the config dict written.
+  """
+  cfg = model.config
+  family = family_of_config(cfg)
+  hf_fields = family.config_to_hf(cfg)
+  flat = _flatten(params)
+  shapes = _flat_shapes(model)
+  wrong = sorted(p for p in flat.keys() | shapes.keys()
+                 if p not in flat or p not in shapes or tuple(flat[p].shape) != shapes[p])
+  if wrong:
+    raise ValueError(f"params do not match the model config: {_listing(wrong)} are missing, "
+                     "unexpected or of another shape; export the params with the model.gin "
+                     "they were trained with.")
+  scanned = cfg.scan_layers
+  tensors = {}
+  for name, (spec, i) in _expand(family, cfg).items():
+    arrays = [np.asarray(flat[_our_path(p, i, scanned)]) for p in spec.ours]
+    if scanned and i is not None:
+      arrays = [a[i] for a in arrays]
+    tensors[name] = spec.to_hf(arrays)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
+  config = {}
+  if base_config and base_config.get("model_type") == family.model_type:
+    config = {k: v for k, v in base_config.items() if k not in ("torch_dtype", "rope_scaling")}
+  config.update(hf_fields, architectures=[family.architecture], model_type=family.model_type,
+                dtype=cfg.param_dtype)
+  with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  return config
+
+
+def convert_to_hf(ckpt_dir: str, out_dir: str):
+  """Write an HF checkpoint from a t5x_lite params checkpoint (params/ + model.gin)."""
+  gin_path = os.path.join(ckpt_dir, checkpoints.MODEL_GIN)
+  if not os.path.isfile(gin_path):
+    raise FileNotFoundError(f"No {checkpoints.MODEL_GIN} in {ckpt_dir!r}: export needs a params "
+                            "checkpoint written by checkpoints.save_params with its model gin.")
+  model = models.from_gin(gin_path)
+  family_of_config(model.config).config_to_hf(model.config)  # Fail before reading any weights.
+  shapes, _ = model.abstract_params(model.dummy_batch(1, {"inputs": 8, "targets": 8}))
+  params = checkpoints.load_params(ckpt_dir, shapes)
+  base = None
+  copy = os.path.join(ckpt_dir, HF_CONFIG_COPY)
+  if os.path.isfile(copy):
+    with open(copy) as f:
+      base = json.load(f)
+  export_hf(model, params, out_dir, base)
+  return model

@@ -1,0 +1,64 @@
+"""Convert checkpoints between Hugging Face (config.json + safetensors) and t5x_lite.
+
+  # HF -> t5x_lite params checkpoint (params/ + model.gin, loadable by models.from_gin):
+  python tools/convert_checkpoint.py --from_hf ~/hf/TinyLlama-1.1B --to ckpt/tinyllama
+  # t5x_lite -> HF directory that transformers' from_pretrained loads:
+  python tools/convert_checkpoint.py --from ckpt/tinyllama --to_hf ~/hf/tinyllama-finetuned
+
+Supports GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration (v1.0 and v1.1) and
+LlamaForCausalLM. No PyTorch is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from t5x_lite.config import DTYPES  # noqa: E402
+from t5x_lite.interop import hf  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--from_hf", help="Hugging Face checkpoint directory to import.")
+  parser.add_argument("--to", help="t5x_lite params checkpoint directory to write.")
+  parser.add_argument("--from", dest="from_dir", help="t5x_lite params checkpoint to export.")
+  parser.add_argument("--to_hf", help="Hugging Face directory to write.")
+  parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True,
+                      help="Import with params stacked on a leading layer axis (nn.scan, the "
+                           "default) or as layers_0, layers_1, ...")
+  parser.add_argument("--param_dtype", choices=DTYPES,
+                      help="Parameter dtype of the import (default: the checkpoint's own).")
+  parser.add_argument("--dtype", choices=DTYPES,
+                      help="Compute dtype written to model.gin (default: --param_dtype).")
+  args = parser.parse_args(argv)
+  importing, exporting = bool(args.from_hf or args.to), bool(args.from_dir or args.to_hf)
+  if importing == exporting or (importing and not (args.from_hf and args.to)) or (
+      exporting and not (args.from_dir and args.to_hf)):
+    parser.error("give either --from_hf DIR --to DIR (import) or --from DIR --to_hf DIR "
+                 "(export).")
+  if exporting and (args.param_dtype or args.dtype):
+    parser.error("--param_dtype/--dtype apply to import; export writes the params' own dtype.")
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+  args = parse_args(argv)
+  if args.from_hf:
+    model = hf.convert_from_hf(args.from_hf, args.to, scan_layers=args.scan_layers,
+                               param_dtype=args.param_dtype, dtype=args.dtype)
+    out = args.to
+  else:
+    model = hf.convert_to_hf(args.from_dir, args.to_hf)
+    out = args.to_hf
+  print(f"Wrote {out} ({type(model).__name__}, {model.num_params():,} parameters, "
+        f"{model.config.param_dtype}).")
+  return out
+
+
+if __name__ == "__main__":
+  main()
