@@ -125,7 +125,10 @@ class CheckpointManager:
     self.directory = os.path.join(os.path.abspath(model_dir), self.SUBDIR)
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True))
+        enable_async_checkpointing=async_save, create=True),
+        # Named handlers let a fresh manager read metadata of existing steps before any save.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()

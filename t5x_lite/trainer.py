@@ -148,6 +148,12 @@ class Trainer:
     self._init = partitioning.jit(
         lambda rng: init_state(model, optimizer, self._zeros_batch(), rng), mesh,
         in_shardings=(replicated,), out_shardings=self.state_shardings)
+    self._from_params = partitioning.jit(
+        lambda params, rng: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                       opt_state=optimizer.tx.init(params),
+                                       rng=jax.random.split(rng)[1]), mesh,
+        in_shardings=(self.state_shardings.params, replicated),
+        out_shardings=self.state_shardings)
     self._train_step = partitioning.jit(
         functools.partial(train_step, model, optimizer, num_microbatches), mesh,
         in_shardings=(self.state_shardings, self.batch_shardings),
@@ -183,6 +189,10 @@ class Trainer:
 
   def init_state(self, seed: int = 0) -> TrainState:
     return self._init(jax.random.PRNGKey(seed))
+
+  def state_from_params(self, params, seed: int = 0) -> TrainState:
+    """A fresh train state (step 0, new optimizer state) around existing `params`."""
+    return self._from_params(params, jax.random.PRNGKey(seed))
 
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
     """(new state, metrics on device). `state` is donated: do not use it afterwards."""
