@@ -145,7 +145,12 @@ def make_model(cfg: TransformerConfig) -> models.BaseModel:
 def config_from_hf(hf: dict, *, scan_layers: bool = True, param_dtype: str = "float32",
                    dtype: Optional[str] = None) -> TransformerConfig:
   """The TransformerConfig of a config.json (raises on architectures or options we lack)."""
-  fields = family_of_hf_config(hf).config_from_hf(hf)
+  family = family_of_hf_config(hf)
+  try:
+    fields = family.config_from_hf(hf)
+  except KeyError as missing:
+    raise ValueError(f"config.json of a {family.architecture} lacks the field {missing}; it is "
+                     "not a complete Hugging Face config.") from None
   # Every field explicit: TransformerConfig is gin-configurable, and bindings left over from an
   # earlier gin file must not leak into an imported model.
   defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}

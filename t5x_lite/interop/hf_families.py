@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -72,11 +72,11 @@ class Family:
   """What `hf.py` needs to know about one HF architecture."""
   architecture: str  # The class named in config.json's "architectures", e.g. "GPT2LMHeadModel".
   model_type: str  # config.json's "model_type".
-  config_from_hf: callable  # HF config dict -> TransformerConfig fields (raises on what we lack).
-  config_to_hf: callable  # TransformerConfig -> HF config dict (raises if HF cannot express it).
-  tensors: callable  # TransformerConfig -> list[Tensor].
-  tied_copies: callable  # TransformerConfig -> {HF name: name of the tensor it must equal}.
-  fallbacks: callable = lambda cfg: {}  # {HF name: HF name to read when the first is absent}.
+  config_from_hf: Callable  # HF config dict -> TransformerConfig fields (raises on what we lack).
+  config_to_hf: Callable  # TransformerConfig -> HF config dict (raises if HF cannot express it).
+  tensors: Callable  # TransformerConfig -> list[Tensor].
+  tied_copies: Callable  # TransformerConfig -> {HF name: name of the tensor it must equal}.
+  fallbacks: Callable = lambda cfg: {}  # {HF name: HF name to read when the first is absent}.
   ignored: tuple[str, ...] = ()  # Regexes of non-weight buffers that old checkpoints carry.
 
   def is_ignored(self, name: str) -> bool:
@@ -91,7 +91,9 @@ def _get(hf: dict, key: str, default=None):
   return default if value is None else value
 
 
-def _refuse(arch: str, problems: list[str]):
+def _refuse(arch: str, options: dict[str, bool]):
+  """Raise naming every option in `options` that is set (True) in a config.json."""
+  problems = [name for name, present in options.items() if present]
   if problems:
     raise ValueError(f"{arch}: config.json asks for what t5x_lite's model code does not "
                      f"implement: {'; '.join(problems)}. Only checkpoints without these options "
@@ -143,10 +145,10 @@ def _dense(hf_module: str, ours: str, layout: str, n_in: int = 1, bias: bool = T
 # ----------------------------------------------------------------------------------------------
 def _gpt2_from_hf(hf: dict) -> dict:
   arch = "GPT2LMHeadModel"
-  _refuse(arch, [p for p, bad in [
-      ("scale_attn_weights=false", not _get(hf, "scale_attn_weights", True)),
-      ("scale_attn_by_inverse_layer_idx=true", _get(hf, "scale_attn_by_inverse_layer_idx", False)),
-      ("add_cross_attention=true", _get(hf, "add_cross_attention", False))] if bad])
+  _refuse(arch, {
+      "scale_attn_weights=false": not _get(hf, "scale_attn_weights", True),
+      "scale_attn_by_inverse_layer_idx=true": _get(hf, "scale_attn_by_inverse_layer_idx", False),
+      "add_cross_attention=true": _get(hf, "add_cross_attention", False)})
   d = hf["n_embd"]
   return dict(family="decoder", vocab_size=hf["vocab_size"], d_model=d, num_heads=hf["n_head"],
               d_ff=_get(hf, "n_inner", 4 * d), num_layers=hf["n_layer"],
@@ -204,14 +206,14 @@ GPT2 = Family(
 # ----------------------------------------------------------------------------------------------
 def _bert_from_hf(hf: dict) -> dict:
   arch = "BertForMaskedLM"
-  _refuse(arch, [p for p, bad in [
-      ("position_embedding_type other than 'absolute'",
-       _get(hf, "position_embedding_type", "absolute") != "absolute"),
-      ("is_decoder=true", _get(hf, "is_decoder", False)),
-      ("add_cross_attention=true", _get(hf, "add_cross_attention", False)),
-      ("tie_word_embeddings=false (an untied MLM decoder with a bias; our encoder's untied head "
-       "has no bias)", not _get(hf, "tie_word_embeddings", True)),
-      ("type_vocab_size=0", _get(hf, "type_vocab_size", 2) == 0)] if bad])
+  _refuse(arch, {
+      "position_embedding_type other than 'absolute'":
+          _get(hf, "position_embedding_type", "absolute") != "absolute",
+      "is_decoder=true": _get(hf, "is_decoder", False),
+      "add_cross_attention=true": _get(hf, "add_cross_attention", False),
+      "tie_word_embeddings=false (an untied MLM decoder with a bias; our encoder's untied head "
+      "has no bias)": not _get(hf, "tie_word_embeddings", True),
+      "type_vocab_size=0": _get(hf, "type_vocab_size", 2) == 0})
   return dict(family="encoder", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
               num_heads=hf["num_attention_heads"], d_ff=hf["intermediate_size"],
               num_layers=hf["num_hidden_layers"], max_length=hf["max_position_embeddings"],
@@ -370,10 +372,10 @@ def _llama_from_hf(hf: dict) -> dict:
   # transformers >= 5 writes `rope_parameters`; older versions `rope_theta` and `rope_scaling`.
   rope, scaling = _get(hf, "rope_parameters", {}), _get(hf, "rope_scaling", {})
   rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-  _refuse(arch, [p for p, bad in [
-      (f"RoPE scaling of type {rope_type!r} (only 'default' RoPE)", rope_type != "default"),
-      ("attention_bias=true", _get(hf, "attention_bias", False)),
-      ("mlp_bias=true", _get(hf, "mlp_bias", False))] if bad])
+  _refuse(arch, {
+      f"RoPE scaling of type {rope_type!r} (only 'default' RoPE)": rope_type != "default",
+      "attention_bias=true": _get(hf, "attention_bias", False),
+      "mlp_bias=true": _get(hf, "mlp_bias", False)})
   d, h = hf["hidden_size"], hf["num_attention_heads"]
   return dict(family="decoder", vocab_size=hf["vocab_size"], d_model=d,
               **_canonical_heads(d, h, _get(hf, "num_key_value_heads", h),
