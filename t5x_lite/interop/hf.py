@@ -233,16 +233,6 @@ def _read_params(family: Family, cfg: TransformerConfig, weights: SafetensorsWei
   return params
 
 
-def model_gin(cfg: TransformerConfig, comment: str) -> str:
-  """A complete gin model config (every TransformerConfig field) that rebuilds the model."""
-  name = MODEL_CLASSES[cfg.family].__name__
-  lines = [f"# {comment}", "import t5x_lite.config", "import t5x_lite.models", "",
-           f"MODEL = @{name}()", f"{name}.config = @TransformerConfig()"]
-  lines += [f"TransformerConfig.{f.name} = {getattr(cfg, f.name)!r}"
-            for f in dataclasses.fields(cfg)]
-  return "\n".join(lines) + "\n"
-
-
 def convert_from_hf(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
                     param_dtype: Optional[str] = None, dtype: Optional[str] = None):
   """Write a t5x_lite params checkpoint (params/ + model.gin) from an HF checkpoint."""
@@ -250,8 +240,8 @@ def convert_from_hf(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
                             dtype=dtype)
   hf = read_hf_config(hf_dir)
   arch = family_of_hf_config(hf).architecture
-  gin_text = model_gin(model.config, f"Converted from the Hugging Face {arch} checkpoint "
-                       f"{os.path.abspath(hf_dir)} by tools/convert_checkpoint.py.")
+  gin_text = (f"# Converted from the Hugging Face {arch} checkpoint {os.path.abspath(hf_dir)}.\n"
+              + checkpoints.model_gin(model))
   checkpoints.save_params(out_dir, params, gin_text)
   with open(os.path.join(out_dir, HF_CONFIG_COPY), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
