@@ -198,6 +198,32 @@ def test_bf16_weights_import_as_bf16_and_match_hf(tmp_path):
     assert json.load(f)["dtype"] == "bfloat16"
 
 
+def test_checkpoints_in_older_layouts_are_read(tmp_path):
+  # As on the Hub: GPT-2's original file has no "transformer." prefix and carries attention-mask
+  # buffers; bert-base-* files use LayerNorm gamma/beta and hold BertForPreTraining's extra heads.
+  gpt2 = save_hf("gpt2", tmp_path / "gpt2")
+
+  def strip_prefix(tensors):
+    for name in list(tensors):
+      tensors[name[len("transformer."):]] = tensors.pop(name)
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+
+  _edit_weights(gpt2, strip_prefix)
+  bert = save_hf("bert", tmp_path / "bert")
+
+  def old_bert(tensors):
+    for name in [n for n in tensors if "LayerNorm" in n]:
+      tensors[name.replace(".weight", ".gamma").replace(".bias", ".beta")] = tensors.pop(name)
+    tensors["bert.pooler.dense.weight"] = np.zeros((32, 32), np.float32)
+    tensors["cls.seq_relationship.weight"] = np.zeros((2, 32), np.float32)
+
+  _edit_weights(bert, old_bert)
+  for name, hf_dir in (("gpt2", gpt2), ("bert", bert)):
+    model, params = hf.import_hf(hf_dir)
+    np.testing.assert_allclose(our_logits(model, params), hf_logits(name, hf_dir), atol=1e-4,
+                               rtol=0)
+
+
 def test_export_keeps_special_token_ids_of_the_imported_config(tmp_path):
   hf_dir = save_hf("llama_gqa", tmp_path / "hf")
   hf.convert_from_hf(hf_dir, str(tmp_path / "ckpt"))
@@ -264,12 +290,12 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
 
   def edit(tensors):
     del tensors["bert.encoder.layer.1.output.LayerNorm.bias"]
-    tensors["bert.pooler.dense.weight"] = np.zeros((32, 32), np.float32)
+    tensors["bert.encoder.layer.2.output.dense.weight"] = np.zeros((32, 64), np.float32)
 
   _edit_weights(hf_dir, edit)
   with pytest.raises(ValueError, match=r"missing tensors \(1\): bert\.encoder\.layer\.1\.output"
                                        r"\.LayerNorm\.bias\n.*unexpected tensors \(1\): "
-                                       r"bert\.pooler\.dense\.weight"):
+                                       r"bert\.encoder\.layer\.2\.output\.dense\.weight"):
     hf.import_hf(hf_dir)
 
 

@@ -50,9 +50,14 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 class SafetensorsWeights:
-  """The tensors of one checkpoint (a single file or an index of shards), read lazily."""
+  """The tensors of one checkpoint (a single file or an index of shards), read lazily.
 
-  def __init__(self, hf_dir: str):
+  Names are those of the current transformers classes, as from_pretrained sees them: tensors
+  saved from the base model (GPT-2's original "h.0...", no "transformer.") gain the
+  architecture's `prefix`, and old LayerNorm "gamma"/"beta" become "weight"/"bias".
+  """
+
+  def __init__(self, hf_dir: str, prefix: str = ""):
     single, index = os.path.join(hf_dir, SAFETENSORS), os.path.join(hf_dir, SAFETENSORS_INDEX)
     if os.path.isfile(single):
       files = [single]
@@ -63,23 +68,33 @@ class SafetensorsWeights:
       raise FileNotFoundError(
           f"No {SAFETENSORS} or {SAFETENSORS_INDEX} in {hf_dir!r}. Only safetensors are read "
           "(no PyTorch needed); re-save the model with save_pretrained(safe_serialization=True).")
-    self._files = {}  # tensor name -> open safetensors file
+    stored = {}  # stored name -> open safetensors file
     for path in files:
       handle = safe_open(path, framework="np")
-      for name in handle.keys():
-        self._files[name] = handle
+      stored.update((name, handle) for name in handle.keys())
+    add_prefix = prefix and not any(name.startswith(prefix) for name in stored)
+    self._files = {}  # our name for a tensor -> (file, stored name)
+    for name, handle in stored.items():
+      canonical = (prefix if add_prefix else "") + name
+      for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+        if canonical.endswith(old):
+          canonical = canonical[:-len(old)] + new
+      self._files[canonical] = (handle, name)
 
   def names(self) -> set[str]:
     return set(self._files)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._files[name].get_slice(name).get_shape())
+    handle, stored = self._files[name]
+    return tuple(handle.get_slice(stored).get_shape())
 
   def dtype(self, name: str) -> str:
-    return self._files[name].get_slice(name).get_dtype()
+    handle, stored = self._files[name]
+    return handle.get_slice(stored).get_dtype()
 
   def get(self, name: str) -> np.ndarray:
-    return self._files[name].get_tensor(name)
+    handle, stored = self._files[name]
+    return handle.get_tensor(stored)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +182,7 @@ def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: Optional[st
   """
   hf = read_hf_config(hf_dir)
   family = family_of_hf_config(hf)
-  weights = SafetensorsWeights(hf_dir)
+  weights = SafetensorsWeights(hf_dir, family.prefix)
   if param_dtype is None:
     probe = config_from_hf(hf)  # Only to name the token embedding, whose dtype we adopt.
     first = family.tensors(probe)[0].hf
@@ -180,41 +195,18 @@ def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: Optional[st
 
 def _read_params(family: Family, cfg: TransformerConfig, weights: SafetensorsWeights,
                  shapes: dict[str, tuple[int, ...]], where: str) -> dict[str, np.ndarray]:
+  """{our path: array} for every parameter of the model, after checking the file holds exactly
+  the tensors config.json implies."""
   expected = _expand(family, cfg)
   present = weights.names()
-  tied, fallbacks = family.tied_copies(cfg), family.fallbacks(cfg)
+  fallbacks = family.fallbacks(cfg)
   source = {n: n if n in present else fallbacks.get(n) for n in expected}
-  missing = [n for n, src in source.items() if src not in present]
-  unexpected = [n for n in present - expected.keys() - tied.keys() if not family.is_ignored(n)]
-  summary = ", ".join(f"{k}={getattr(cfg, k)}" for k in (
-      "num_layers", "num_decoder_layers", "tie_embeddings", "gated_mlp"))
-  if missing or unexpected:
-    raise ValueError(
-        f"{where}: the safetensors weights do not match config.json ({family.architecture}: "
-        f"{summary}).\n  missing tensors ({len(missing)}): {_listing(missing)}\n  unexpected "
-        f"tensors ({len(unexpected)}): {_listing(unexpected)}\nCheck that config.json was saved "
-        "with these weights (layer counts, tied embeddings, gated MLP).")
-
   scanned = cfg.scan_layers
 
   def our_shapes(spec, i):
     return [_layer_shape(shapes[_our_path(p, i, scanned)], i, scanned) for p in spec.ours]
 
-  misshapen = []
-  for name, (spec, i) in expected.items():
-    want, got = spec.hf_shape(our_shapes(spec, i)), weights.shape(source[name])
-    if want != got:
-      misshapen.append(f"{source[name]}: config.json implies {list(want)}, file has {list(got)}")
-  if misshapen:
-    raise ValueError(f"{where}: tensor shapes do not match config.json ({family.architecture}):\n"
-                     + "\n".join("  " + m for m in misshapen[:8]))
-  for copy, original in tied.items():
-    if copy in present and not np.array_equal(weights.get(copy), weights.get(original)):
-      raise ValueError(
-          f"{where}: config.json ties {copy} to {original}, but the file holds different values "
-          "for them; the checkpoint is untied, so set tie_word_embeddings=false in config.json "
-          f"(not supported for {family.architecture} if it raises again).")
-
+  _check_weights(family, cfg, weights, expected, source, our_shapes, where)
   layers = collections.defaultdict(dict)  # our path -> {layer index: array}
   dtype = jax.numpy.dtype(cfg.param_dtype)
   for name, (spec, i) in expected.items():
@@ -231,6 +223,35 @@ def _read_params(family: Family, cfg: TransformerConfig, weights: SafetensorsWei
     raise AssertionError(f"hf_families.{family.architecture} tables cover "
                          f"{sorted(params.keys() ^ shapes.keys())} wrongly.")
   return params
+
+
+def _check_weights(family, cfg, weights, expected, source, our_shapes, where):
+  """Raise naming every missing, unexpected or misshapen tensor, and untied "tied" copies."""
+  present, tied = weights.names(), family.tied_copies(cfg)
+  missing = [n for n, src in source.items() if src not in present]
+  unexpected = [n for n in present - expected.keys() - tied.keys() if not family.is_ignored(n)]
+  if missing or unexpected:
+    summary = ", ".join(f"{k}={getattr(cfg, k)}" for k in (
+        "num_layers", "num_decoder_layers", "tie_embeddings", "gated_mlp"))
+    raise ValueError(
+        f"{where}: the safetensors weights do not match config.json ({family.architecture}: "
+        f"{summary}).\n  missing tensors ({len(missing)}): {_listing(missing)}\n  unexpected "
+        f"tensors ({len(unexpected)}): {_listing(unexpected)}\nCheck that config.json was saved "
+        "with these weights (layer counts, tied embeddings, gated MLP).")
+  misshapen = []
+  for name, (spec, i) in expected.items():
+    want, got = spec.hf_shape(our_shapes(spec, i)), weights.shape(source[name])
+    if want != got:
+      misshapen.append(f"{source[name]}: config.json implies {list(want)}, file has {list(got)}")
+  if misshapen:
+    raise ValueError(f"{where}: {len(misshapen)} tensor shapes do not match config.json "
+                     f"({family.architecture}):\n" + "\n".join("  " + m for m in misshapen[:8]))
+  for copy, original in tied.items():
+    if copy in present and not np.array_equal(weights.get(copy), weights.get(original)):
+      raise ValueError(
+          f"{where}: config.json ties {copy} to {original}, but the file holds different values "
+          "for them; the checkpoint is untied, so set tie_word_embeddings=false in config.json "
+          f"(not supported for {family.architecture} if it raises again).")
 
 
 def convert_from_hf(hf_dir: str, out_dir: str, *, scan_layers: bool = True,

@@ -77,7 +77,10 @@ class Family:
   tensors: Callable  # TransformerConfig -> list[Tensor].
   tied_copies: Callable  # TransformerConfig -> {HF name: name of the tensor it must equal}.
   fallbacks: Callable = lambda cfg: {}  # {HF name: HF name to read when the first is absent}.
-  ignored: tuple[str, ...] = ()  # Regexes of non-weight buffers that old checkpoints carry.
+  # Regexes of tensors some checkpoints of this architecture carry that it does not use (old
+  # non-weight buffers, heads of sibling classes); transformers skips them too.
+  ignored: tuple[str, ...] = ()
+  prefix: str = ""  # The base model's name prefix (base_model_prefix + ".").
 
   def is_ignored(self, name: str) -> bool:
     return any(re.fullmatch(p, name) for p in self.ignored)
@@ -198,7 +201,7 @@ GPT2 = Family(
     "GPT2LMHeadModel", "gpt2", _gpt2_from_hf, _gpt2_to_hf, _gpt2_tensors,
     tied_copies=lambda cfg: {"lm_head.weight": "transformer.wte.weight"} if cfg.tie_embeddings
     else {},
-    ignored=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",))
+    ignored=(r"transformer\.h\.\d+\.attn\.(masked_)?bias",), prefix="transformer.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +270,9 @@ BERT = Family(
     tied_copies=lambda cfg: {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings"
                                                                 ".weight",
                              "cls.predictions.decoder.bias": "cls.predictions.bias"},
-    ignored=(r"bert\.embeddings\.position_ids",))
+    # bert-base-* files hold BertForPreTraining's pooler and next-sentence head as well.
+    ignored=(r"bert\.embeddings\.position_ids", r"bert\.pooler\..*", r"cls\.seq_relationship\..*"),
+    prefix="bert.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +432,7 @@ LLAMA = Family(
     "LlamaForCausalLM", "llama", _llama_from_hf, _llama_to_hf, _llama_tensors,
     tied_copies=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"}
     if cfg.tie_embeddings else {},
-    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
+    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",), prefix="model.")
 
 
 FAMILIES = {f.architecture: f for f in (GPT2, BERT, T5, LLAMA)}
