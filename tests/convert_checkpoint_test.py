@@ -1,5 +1,6 @@
 """tools/convert_checkpoint.py: the command line a user runs, both directions."""
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -50,10 +51,30 @@ def test_from_hf_then_to_hf_on_the_command_line(tmp_path, capsys):
   assert loaded.dtype == torch.bfloat16
 
 
+def test_export_of_a_checkpoint_without_the_import_copy_takes_hf_config(tmp_path):
+  # A fine-tuning run's MODEL_DIR has params/ and model.gin only; token ids come from --hf_config.
+  hf_dir = _hf_t5(tmp_path / "hf")
+  ckpt = str(tmp_path / "ckpt")
+  convert_checkpoint.main(["--from_hf", hf_dir, "--to", ckpt])
+  os.remove(os.path.join(ckpt, "hf_config.json"))
+  convert_checkpoint.main(["--from", ckpt, "--to_hf", str(tmp_path / "plain")])
+  with open(tmp_path / "plain" / "config.json") as f:
+    assert "eos_token_id" not in json.load(f)
+  convert_checkpoint.main(["--from", ckpt, "--to_hf", str(tmp_path / "back"), "--hf_config",
+                           os.path.join(hf_dir, "config.json")])
+  with open(tmp_path / "back" / "config.json") as f:
+    config = json.load(f)
+  assert (config["eos_token_id"], config["pad_token_id"], config["d_model"]) == (1, 0, 16)
+  with pytest.raises(FileNotFoundError, match="No config.json at"):
+    convert_checkpoint.main(["--from", ckpt, "--to_hf", str(tmp_path / "x"), "--hf_config",
+                             str(tmp_path / "nowhere.json")])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--from_hf", "a"], "either --from_hf DIR --to DIR"),
     (["--from_hf", "a", "--to_hf", "b"], "either --from_hf DIR --to DIR"),
     (["--from", "a", "--to_hf", "b", "--dtype", "bfloat16"], "--dtype apply to import"),
+    (["--from_hf", "a", "--to", "b", "--hf_config", "c"], "--hf_config applies to export"),
 ])
 def test_bad_command_lines_say_what_to_give(argv, message, capsys):
   with pytest.raises(SystemExit):

@@ -4,6 +4,9 @@
   python tools/convert_checkpoint.py --from_hf ~/hf/TinyLlama-1.1B --to ckpt/tinyllama
   # t5x_lite -> HF directory that transformers' from_pretrained loads:
   python tools/convert_checkpoint.py --from ckpt/tinyllama --to_hf ~/hf/tinyllama-finetuned
+  # after fine-tuning, keep the original's special token ids:
+  python tools/convert_checkpoint.py --from runs/finetuned --to_hf ~/hf/finetuned \
+      --hf_config ~/hf/TinyLlama-1.1B/config.json
 
 Supports GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration (v1.0 and v1.1) and
 LlamaForCausalLM. No PyTorch is needed.
@@ -28,6 +31,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--to", help="t5x_lite params checkpoint directory to write.")
   parser.add_argument("--from", dest="from_dir", help="t5x_lite params checkpoint to export.")
   parser.add_argument("--to_hf", help="Hugging Face directory to write.")
+  parser.add_argument("--hf_config",
+                      help="Export: a config.json whose other fields (special token ids) to keep "
+                           "(default: the copy an import wrote into the --from directory).")
   parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True,
                       help="Import with params stacked on a leading layer axis (nn.scan, the "
                            "default) or as layers_0, layers_1, ...")
@@ -43,6 +49,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  "(export).")
   if exporting and (args.param_dtype or args.dtype):
     parser.error("--param_dtype/--dtype apply to import; export writes the params' own dtype.")
+  if importing and args.hf_config:
+    parser.error("--hf_config applies to export (--to_hf).")
   return args
 
 
@@ -53,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                param_dtype=args.param_dtype, dtype=args.dtype)
     out = args.to
   else:
-    model = hf.convert_to_hf(args.from_dir, args.to_hf)
+    model = hf.convert_to_hf(args.from_dir, args.to_hf, args.hf_config)
     out = args.to_hf
   print(f"Wrote {out} ({type(model).__name__}, {model.num_params():,} parameters, "
         f"{model.config.param_dtype}).")

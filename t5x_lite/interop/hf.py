@@ -310,8 +310,13 @@ def export_hf(model: models.BaseModel, params, out_dir: str,
   return config
 
 
-def convert_to_hf(ckpt_dir: str, out_dir: str):
-  """Write an HF checkpoint from a t5x_lite params checkpoint (params/ + model.gin)."""
+def convert_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = None):
+  """Write an HF checkpoint from a t5x_lite params checkpoint (params/ + model.gin).
+
+  `hf_config` is a config.json whose other fields (special token ids) to keep; it
+  defaults to the copy an import leaves in `ckpt_dir` (a fine-tuning run's MODEL_DIR has none,
+  so pass the original one).
+  """
   gin_path = os.path.join(ckpt_dir, checkpoints.MODEL_GIN)
   if not os.path.isfile(gin_path):
     raise FileNotFoundError(f"No {checkpoints.MODEL_GIN} in {ckpt_dir!r}: export needs a params "
@@ -320,10 +325,13 @@ def convert_to_hf(ckpt_dir: str, out_dir: str):
   family_of_config(model.config).config_to_hf(model.config)  # Fail before reading any weights.
   shapes, _ = model.abstract_params(model.dummy_batch(1, {"inputs": 8, "targets": 8}))
   params = checkpoints.load_params(ckpt_dir, shapes)
+  if hf_config is None and os.path.isfile(os.path.join(ckpt_dir, HF_CONFIG_COPY)):
+    hf_config = os.path.join(ckpt_dir, HF_CONFIG_COPY)
   base = None
-  copy = os.path.join(ckpt_dir, HF_CONFIG_COPY)
-  if os.path.isfile(copy):
-    with open(copy) as f:
+  if hf_config is not None:
+    if not os.path.isfile(hf_config):
+      raise FileNotFoundError(f"No config.json at {hf_config!r} (given as hf_config).")
+    with open(hf_config) as f:
       base = json.load(f)
   export_hf(model, params, out_dir, base)
   return model
