@@ -283,7 +283,7 @@ def export_hf(model: models.BaseModel, params, out_dir: str,
   cfg = model.config
   family = family_of_config(cfg)
   hf_fields = family.config_to_hf(cfg)
-  flat = _flatten(params)
+  flat = {path: np.asarray(x) for path, x in _flatten(params).items()}  # Device -> host once.
   shapes = _flat_shapes(model)
   wrong = sorted(p for p in flat.keys() | shapes.keys()
                  if p not in flat or p not in shapes or tuple(flat[p].shape) != shapes[p])
@@ -294,7 +294,7 @@ def export_hf(model: models.BaseModel, params, out_dir: str,
   scanned = cfg.scan_layers
   tensors = {}
   for name, (spec, i) in _expand(family, cfg).items():
-    arrays = [np.asarray(flat[_our_path(p, i, scanned)]) for p in spec.ours]
+    arrays = [flat[_our_path(p, i, scanned)] for p in spec.ours]
     if scanned and i is not None:
       arrays = [a[i] for a in arrays]
     tensors[name] = spec.to_hf(arrays)
