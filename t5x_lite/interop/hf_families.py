@@ -47,21 +47,25 @@ class Tensor:
   n_in: int = 1
   stack: Optional[str] = None
 
+  @property
+  def _in_axes(self) -> int:
+    return 0 if self.layout == "vector" else self.n_in
+
   def hf_shape(self, our_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
-    n_in = 0 if self.layout == "vector" else self.n_in
+    n_in = self._in_axes
     rows = math.prod(our_shapes[0][:n_in])
     cols = sum(math.prod(s[n_in:]) for s in our_shapes)
     return {"linear": (cols, rows), "in_out": (rows, cols), "vector": (cols,)}[self.layout]
 
   def to_ours(self, w: np.ndarray, our_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     matrix = {"linear": w.T, "in_out": w, "vector": w.reshape(1, -1)}[self.layout]
-    n_in = 0 if self.layout == "vector" else self.n_in
+    n_in = self._in_axes
     splits = np.cumsum([math.prod(s[n_in:]) for s in our_shapes])[:-1]
     return [np.ascontiguousarray(part).reshape(shape)
             for part, shape in zip(np.split(matrix, splits, axis=1), our_shapes)]
 
   def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
-    n_in = 0 if self.layout == "vector" else self.n_in
+    n_in = self._in_axes
     matrix = np.concatenate([a.reshape(math.prod(a.shape[:n_in]), -1) for a in arrays], axis=1)
     out = {"linear": matrix.T, "in_out": matrix, "vector": matrix.reshape(-1)}[self.layout]
     return np.ascontiguousarray(out)
