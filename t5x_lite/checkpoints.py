@@ -98,7 +98,8 @@ def check_shapes(found: Any, expected: Any, where: str) -> None:
       + "; ".join(filter(None, [f"missing {missing[:3]}" if missing else "",
                                 f"unexpected {extra[:3]}" if extra else "",
                                 f"shapes differ: {differ[:3]}" if differ else ""]))
-      + ". Use the model gin the checkpoint was trained with, or point to another directory.")
+      + ". Use the model gin the checkpoint was written with, or another directory (a fresh "
+        "MODEL_DIR, or the right INITIAL_CHECKPOINT_PATH).")
 
 
 def params_metadata(directory: str) -> Any:
@@ -123,8 +124,10 @@ class CheckpointManager:
       raise ValueError(f"save_interval_steps ({save_interval_steps}) and max_to_keep "
                        f"({max_to_keep}) must be >= 1.")
     self.directory = os.path.join(os.path.abspath(model_dir), self.SUBDIR)
+    self.save_interval_steps = save_interval_steps
+    # The interval is applied in `save` (Orbax alone would also save the very first step).
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        save_interval_steps=1, max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True),
         # Named handlers let a fresh manager read metadata of existing steps before any save.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -137,8 +140,9 @@ class CheckpointManager:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, batches_consumed: int, force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether a save was started."""
-    if step in self._manager.all_steps():
+    """Saves if `step` is a multiple of the interval (or `force`); returns whether a save was
+    started."""
+    if (step % self.save_interval_steps and not force) or step in self._manager.all_steps():
       return False
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -152,7 +156,8 @@ class CheckpointManager:
       raise FileNotFoundError(f"No train-state checkpoint in {self.directory}.")
     metadata = self._manager.item_metadata(step)["state"]
     tree = getattr(metadata, "tree", metadata)
-    check_shapes(tree["params"], abstract_state.params, f"Checkpoint {self.directory}/{step}")
+    if hasattr(abstract_state, "params"):  # a TrainState: name the parameters that differ
+      check_shapes(tree["params"], abstract_state.params, f"Checkpoint {self.directory}/{step}")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     logging.info("Restored step %d from %s.", step, self.directory)

@@ -241,8 +241,7 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       interval_start, interval_steps, history = time.perf_counter(), 0, []
     if progress is not None:
       progress.update(1)
-    if step % checkpoint_every == 0:
-      ckpt.save(step, state, consumed)
+    ckpt.save(step, state, consumed)  # when step is a multiple of checkpoint_every
     if step % eval_every == 0 or step == train_steps:
       last_eval = evaluate_now(step)
   if progress is not None:

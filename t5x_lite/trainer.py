@@ -108,7 +108,7 @@ def train_step(model, optimizer: Optimizer, num_microbatches: int, state: TrainS
   updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, learning_rate=jnp.asarray(optimizer.schedule(state.step), jnp.float32),
-                 grad_norm=optax.global_norm(grads))
+                 grad_norm=optax.tree.norm(grads))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

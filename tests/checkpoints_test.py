@@ -1,0 +1,106 @@
+"""Params checkpoints, the model gin, and train-state checkpoints across meshes."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from t5x_lite import checkpoints, models, optimizers, partitioning, trainer as trainer_lib
+
+
+def gpt2_trainer(mesh, preset="gpt2_tiny", bindings=()):
+  model = models.from_gin(preset, bindings)
+  shapes = {k: (8, 16) for k in model.REQUIRED_FEATURES}
+  return trainer_lib.Trainer(model, optimizers.create_optimizer("adamw"), mesh, shapes)
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def saved_on_8_devices(tmp_path_factory):
+  """A train state (not at its initial values) saved from a (2, 2, 2) mesh."""
+  trainer = gpt2_trainer(partitioning.make_mesh(2, 2, 2))
+  state = trainer.init_state(seed=1)
+  state = state.replace(step=state.step + 5, opt_state=jax.tree.map(
+      lambda x: x + 0.5 if x.dtype == np.float32 else x, state.opt_state))
+  model_dir = str(tmp_path_factory.mktemp("run"))
+  with checkpoints.CheckpointManager(model_dir, save_interval_steps=5) as manager:
+    assert manager.save(5, state, batches_consumed=17)
+    manager.wait_until_finished()
+  return model_dir, jax.device_get(state)
+
+
+@pytest.mark.parametrize("num_devices, mesh_sizes", [(4, (1, 2, 2)), (1, (1, 1, 1))])
+def test_a_state_saved_on_8_devices_restores_onto_fewer(saved_on_8_devices, num_devices,
+                                                        mesh_sizes):
+  model_dir, saved = saved_on_8_devices
+  mesh = partitioning.make_mesh(*mesh_sizes, devices=jax.devices()[:num_devices])
+  trainer = gpt2_trainer(mesh)
+  with checkpoints.CheckpointManager(model_dir) as manager:
+    assert manager.latest_step() == 5
+    state, consumed = manager.restore(trainer.abstract_state)
+  assert consumed == 17 and int(state.step) == 5
+  assert_trees_equal(state, saved)
+  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(trainer.state_shardings)):
+    assert leaf.sharding == sharding and len(leaf.sharding.device_set) == num_devices
+
+
+def test_a_checkpoint_of_another_model_shape_is_refused(saved_on_8_devices):
+  model_dir, _ = saved_on_8_devices
+  wider = gpt2_trainer(partitioning.make_mesh(), bindings=["TransformerConfig.d_model = 128"])
+  with checkpoints.CheckpointManager(model_dir) as manager:
+    with pytest.raises(ValueError, match=r"different model.*checkpoint \(64,\) vs model "
+                                         r"\(128,\).*a fresh MODEL_DIR"):
+      manager.restore(wider.abstract_state)
+
+
+def test_manager_saves_on_interval_keeps_the_last_k_and_ignores_unfinished(tmp_path):
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  with checkpoints.CheckpointManager(str(tmp_path), save_interval_steps=2,
+                                     max_to_keep=2) as manager:
+    saved = [step for step in range(1, 8) if manager.save(step, state, batches_consumed=step)]
+    assert manager.save(7, state, batches_consumed=7, force=True)  # the final save
+    manager.wait_until_finished()
+    assert saved == [2, 4, 6]
+    assert manager.all_steps() == [6, 7]
+  # A save that died half-way sits in a temporary directory that no resume picks up.
+  os.makedirs(tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234" / "state")
+  with checkpoints.CheckpointManager(str(tmp_path)) as manager:
+    assert manager.latest_step() == 7
+    restored, consumed = manager.restore(jax.eval_shape(lambda: state))
+  assert consumed == 7
+  np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_params_checkpoint_round_trips_with_a_loadable_model_gin(tmp_path):
+  model = models.from_gin("t5_tiny", ["EncoderDecoderModel.z_loss = 0.001",
+                                      "TransformerConfig.dropout_rate = 0.1"])
+  batch = model.dummy_batch(2, {"inputs": 8, "targets": 8})
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+  checkpoints.save_params(str(tmp_path), params, checkpoints.model_gin(model))
+  rebuilt = models.from_gin(str(tmp_path / "model.gin"))
+  assert type(rebuilt) is type(model) and rebuilt.config == model.config
+  assert rebuilt.z_loss == 0.001
+  shapes, specs = rebuilt.abstract_params(batch)
+  mesh = partitioning.make_mesh(2, 2, 2)
+  abstract = checkpoints.abstract_with_shardings(
+      shapes, partitioning.tree_shardings(shapes, specs, mesh))
+  loaded = checkpoints.load_params(str(tmp_path), abstract)
+  assert_trees_equal(loaded, params)
+  kernel = loaded["encoder"]["layers"]["mlp"]["wo"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+
+
+def test_loading_params_into_another_shape_or_from_nowhere_says_so(tmp_path):
+  model = models.from_gin("gpt2_tiny")
+  batch = model.dummy_batch(1, {"targets": 8})
+  checkpoints.save_params(str(tmp_path), jax.jit(model.init)(jax.random.PRNGKey(0), batch))
+  other = models.from_gin("gpt2_tiny", ["TransformerConfig.num_layers = 3"])
+  shapes, _ = other.abstract_params(batch)
+  with pytest.raises(ValueError, match=r"shapes differ.*\(2, 64, 256\) vs model \(3, 64, 256\)"):
+    checkpoints.load_params(str(tmp_path), shapes)
+  with pytest.raises(FileNotFoundError, match="No params checkpoint"):
+    checkpoints.load_params(str(tmp_path / "missing"), shapes)
