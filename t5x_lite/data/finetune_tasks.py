@@ -9,11 +9,12 @@ download):
 """
 from __future__ import annotations
 
-import ast
 import collections
+import inspect
+import io
 import re
 import textwrap
-import threading
+import tokenize
 from typing import Sequence
 
 import seqio
@@ -22,9 +23,6 @@ import tensorflow as tf
 from t5x_lite.data import sources
 
 AUTOTUNE = tf.data.AUTOTUNE
-# CPython 3.11's parser keeps recursion bookkeeping that breaks ("AST constructor recursion depth
-# mismatch") when tf.data's threads parse concurrently; the GIL serialises parsing anyway.
-_PARSE_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------ code_to_docstring
@@ -36,31 +34,71 @@ def first_sentence(docstring: str) -> str:
   return match.group(1) if match else paragraph
 
 
+def _logical_lines(source: str) -> list[tuple[int, list[tokenize.TokenInfo]]]:
+  """(indent depth, significant tokens) of each logical line, comments and blank lines dropped."""
+  lines, current, depth = [], [], 0
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.INDENT:
+      depth += 1
+    elif tok.type == tokenize.DEDENT:
+      depth -= 1
+    elif tok.type == tokenize.NEWLINE:
+      if current:
+        lines.append((depth, current))
+      current = []
+    elif tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER):
+      current.append(tok)
+  return lines
+
+
+def _string_value(tok: tokenize.TokenInfo) -> str | None:
+  """The value of a plain string-literal token (None for bytes/f-strings, like ast docstrings)."""
+  prefix = tok.string[:len(tok.string) - len(tok.string.lstrip("rRuUbBfF"))].lower()
+  if "b" in prefix or "f" in prefix:
+    return None
+  try:  # compiling a lone literal is safe and, unlike ast, thread-safe (see extract_functions)
+    value = eval(compile(tok.string, "<docstring>", "eval"), {"__builtins__": {}})  # pylint: disable=eval-used
+  except (SyntaxError, ValueError):
+    return None
+  return value if isinstance(value, str) else None
+
+
 def extract_functions(source: str, max_chars: int = 4000) -> list[tuple[str, str]]:
   """(function source without its docstring, first sentence of the docstring) pairs.
 
-  Skipped: functions whose docstring is their whole body (nothing left to describe), docstrings
-  sharing a line with code, and very short/long docstring sentences or very long functions.
+  Works on tokens rather than `ast`: in CPython 3.11 `ast.parse` is not safe to call from
+  tf.data's threads while another thread (e.g. TF autograph tracing) also builds an AST - it fails
+  with "AST constructor recursion depth mismatch". Results match `ast` (see the test).
+
+  Skipped: one-line functions, functions whose docstring is their whole body (nothing left to
+  describe), docstrings sharing a line with code, very short/long first sentences, huge functions.
   """
   try:
-    with _PARSE_LOCK:
-      tree = ast.parse(source)
-  except (SyntaxError, ValueError):  # e.g. deliberately broken files in Lib/test
+    logical = _logical_lines(source)
+  except (tokenize.TokenError, SyntaxError):  # e.g. deliberately broken files in Lib/test
     return []
   lines = source.splitlines(keepends=True)
   pairs = []
-  for node in ast.walk(tree):
-    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+  for i, (depth, toks) in enumerate(logical):
+    is_def = toks[0].string == "def" or [t.string for t in toks[:2]] == ["async", "def"]
+    if not is_def or toks[-1].string != ":":  # not a def, or a one-line def
       continue
-    docstring = ast.get_docstring(node)
-    if not docstring or len(node.body) < 2:
+    body = []
+    for line in logical[i + 1:]:
+      if line[0] <= depth:
+        break
+      body.append(line)
+    statements = [toks_ for d, toks_ in body if d == depth + 1]
+    if len(statements) < 2 or len(statements[0]) != 1 or statements[0][0].type != tokenize.STRING:
       continue
-    doc = node.body[0]
-    if doc.lineno == node.lineno or lines[doc.end_lineno - 1][doc.end_col_offset:].strip():
+    doc_tok = statements[0][0]
+    docstring = _string_value(doc_tok)
+    if not docstring or not docstring.strip():
       continue
-    kept = lines[node.lineno - 1:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+    def_line, end_line = toks[0].start[0], body[-1][1][-1].end[0]
+    kept = lines[def_line - 1:doc_tok.start[0] - 1] + lines[doc_tok.end[0]:end_line]
     code = textwrap.dedent("".join(kept)).rstrip() + "\n"
-    target = first_sentence(docstring)
+    target = first_sentence(inspect.cleandoc(docstring))
     if 8 <= len(target) <= 300 and len(code) <= max_chars:
       pairs.append((code, target))
   return pairs
@@ -106,7 +144,7 @@ class CodeToDocstringSource(seqio.DataSource):
       doc.set_shape([None])
       return {"code": code, "docstring": doc}
 
-    # Parsing is Python (ast), so parallelism is bounded by the GIL; 2 calls overlap file I/O.
+    # Tokenizing is Python, so parallelism is bounded by the GIL; 2 calls overlap file I/O.
     return ds.map(parse, num_parallel_calls=2).unbatch()
 
 
@@ -120,8 +158,7 @@ class AdditionSource(seqio.DataSource):
   def __init__(self, max_digits: int = 4, num_validation: int = 2000):
     self._max_digits = max_digits
     self._num_validation = num_validation
-    super().__init__(splits=sources.SPLITS,
-                     num_input_examples={"validation": num_validation})
+    super().__init__(splits=sources.SPLITS)
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -129,6 +166,9 @@ class AdditionSource(seqio.DataSource):
 
   def list_shards(self, split: str) -> Sequence[str]:
     return [split]
+
+  def num_input_examples(self, split: str) -> int | None:
+    return self._num_validation if split == "validation" else None  # train never ends
 
   def _operand(self, seed):
     digits = tf.random.stateless_uniform([], seed, 1, self._max_digits + 1, dtype=tf.int64)

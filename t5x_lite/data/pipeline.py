@@ -8,7 +8,10 @@ task does not have, or a converter that does not fit the task's features.
 """
 from __future__ import annotations
 
+import atexit
 import difflib
+import gc
+import weakref
 from typing import Any, Iterator, Mapping
 
 import gin
@@ -61,11 +64,23 @@ def default_model_family(name: str) -> str:
   return "encoder_decoder" if "inputs" in features else "decoder"
 
 
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+  # tf.data threads running a py_function (JSON Lines parsing, code_to_docstring) deadlock with
+  # interpreter shutdown if their iterator is still alive then; stop them while Python still runs.
+  for iterator in list(_LIVE_ITERATORS):
+    iterator.close()
+
+
 class BatchIterator:
   """Iterator of numpy batches (dicts of [batch, length] int32 arrays).
 
   `dataset` is the underlying tf.data.Dataset. `save`/`restore` write and read the iterator's
-  position with tf.train.Checkpoint, so training can resume mid-epoch.
+  position with tf.train.Checkpoint, so training can resume mid-epoch. `close()` stops the
+  background threads (done automatically at exit).
   """
 
   def __init__(self, dataset: tf.data.Dataset, description: str):
@@ -73,11 +88,18 @@ class BatchIterator:
     self._description = description
     self._iterator = iter(dataset)
     self._started = False
+    _LIVE_ITERATORS.add(self)
+
+  def close(self):
+    self._iterator = None
+    gc.collect()  # frees the TF iterator resource now, which cancels its threads
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      raise StopIteration
     try:
       batch = next(self._iterator)
     except StopIteration:
