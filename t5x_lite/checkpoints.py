@@ -54,11 +54,14 @@ def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
     raise FileNotFoundError(
         f"No params checkpoint at {directory!r} (expected a {PARAMS_DIR}/ directory written by "
         "t5x_lite.checkpoints.save_params or tools/convert_checkpoint.py).")
-  if abstract_params is not None:
-    check_shapes(params_metadata(directory), abstract_params, f"Params checkpoint {directory!r}")
+  metadata = params_metadata(directory)
+  if abstract_params is None:
+    # Onto this process's first device, whatever devices the checkpoint was written from.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  check_shapes(metadata, abstract_params, f"Params checkpoint {directory!r}")
   with ocp.StandardCheckpointer() as checkpointer:
-    if abstract_params is None:
-      return checkpointer.restore(target)
     return checkpointer.restore(target, abstract_params)
 
 

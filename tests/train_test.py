@@ -1,0 +1,166 @@
+"""The training job end to end on the embedded stdlib corpus, on the 8 simulated devices."""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from t5x_lite import checkpoints, models
+from t5x_lite import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small and fast: few corpus files, short sequences, a (2, 2, 2) mesh.
+COMMON = [
+    "stdlib_corpus.max_files = 40",
+    "TASK_FEATURE_LENGTHS = {'targets': 32}",
+    "BATCH_SIZE = 8",
+    "MIXTURE_OR_TASK_NAME = 'stdlib_clm'",
+    "make_mesh.data = 2", "make_mesh.fsdp = 2", "make_mesh.tensor = 2",
+    "create_optimizer.name = 'adamw'",
+    "create_schedule.kind = 'constant'", "create_schedule.peak_value = 0.003",
+    "create_schedule.warmup_steps = 0",
+    "train.log_every = 1", "train.eval_every = 2", "train.eval_batches = 1",
+    "train.checkpoint_every = 2",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The runs here compile the same train step several times (straight, then stopped and
+  resumed, ...): a persistent compilation cache makes the repeats cheap."""
+  from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  cache.reset_cache()
+
+
+def run_job(model_dir, *bindings, preset="models/gpt2_tiny.gin", run_file="runs/pretrain.gin"):
+  """`python -m t5x_lite.train --gin_file=PRESET --gin_file=RUN --gin.X=...`, in-process."""
+  train_lib.configure([preset, run_file],
+                      [f"MODEL_DIR = '{model_dir}'"] + COMMON + list(bindings))
+  return train_lib.run()
+
+
+def params_of(model_dir):
+  return checkpoints.load_params(str(model_dir))
+
+
+def read_scalars(event_dir):
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import plot_metrics  # pylint: disable=g-import-not-at-top
+  return plot_metrics.read_scalars(str(event_dir))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """Four steps in one go (the reference for resuming)."""
+  model_dir = tmp_path_factory.mktemp("straight")
+  metrics = run_job(model_dir, "TRAIN_STEPS = 4")
+  return model_dir, metrics
+
+
+def test_resumed_run_equals_the_straight_run(straight_run, tmp_path):
+  reference, _ = straight_run
+  run_job(tmp_path, "TRAIN_STEPS = 2")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  run_job(tmp_path, "TRAIN_STEPS = 4")  # restarts from step 2 and skips the 2 batches used
+  for a, b in zip(jax.tree.leaves(params_of(reference)), jax.tree.leaves(params_of(tmp_path)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_run_writes_config_metrics_and_an_exported_model(straight_run):
+  model_dir, metrics = straight_run
+  assert metrics["loss"] > 0 and 0 <= metrics["accuracy"] <= 1
+  config = (model_dir / "config.gin").read_text()
+  assert "TRAIN_STEPS = 4" in config and "stdlib_clm" in config
+  model = models.from_gin(str(model_dir / "model.gin"))
+  assert model.config.d_model == 64 and model.config.family == "decoder"
+  train_scalars = read_scalars(model_dir / "train")
+  assert [step for step, _ in train_scalars["loss"]] == [2, 3, 4]  # step 1 carries compilation
+  assert {"learning_rate", "grad_norm", "tokens_per_second", "mfu", "z_loss"} <= set(
+      train_scalars)
+  validation = read_scalars(model_dir / "validation")
+  assert [step for step, _ in validation["loss"]] == [0, 2, 4]
+  import plot_metrics  # pylint: disable=g-import-not-at-top
+  assert os.path.getsize(plot_metrics.plot(str(model_dir))) > 10_000
+
+
+@pytest.mark.parametrize("preset, task, lengths", [
+    ("models/t5_tiny.gin", "stdlib_span_corruption", "{'inputs': 64, 'targets': 16}"),
+    ("models/bert_tiny.gin", "stdlib_mlm", "{'inputs': 32, 'targets': 32}"),
+])
+def test_other_families_train_on_their_objectives(tmp_path, preset, task, lengths):
+  run_job(tmp_path, "TRAIN_STEPS = 2", f"MIXTURE_OR_TASK_NAME = '{task}'",
+          f"TASK_FEATURE_LENGTHS = {lengths}", "train.eval_batches = 0", preset=preset)
+  losses = [loss for _, loss in read_scalars(tmp_path / "train")["loss"]]
+  assert len(losses) == 1 and np.isfinite(losses[0])
+  assert os.path.isdir(tmp_path / "params")
+
+
+def test_finetuning_starts_from_the_initial_checkpoint(straight_run, tmp_path):
+  pretrained, _ = straight_run
+  run_job(tmp_path, "TRAIN_STEPS = 0", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
+          "train.eval_batches = 0", preset=str(pretrained / "model.gin"),
+          run_file="runs/finetune.gin")
+  for a, b in zip(jax.tree.leaves(params_of(pretrained)), jax.tree.leaves(params_of(tmp_path))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_job_reports_a_checkpoint(straight_run):
+  model_dir, _ = straight_run
+  train_lib.configure([str(model_dir / "model.gin"), "runs/eval.gin"], [
+      f"CHECKPOINT_PATH = '{model_dir}'", "MIXTURE_OR_TASK_NAME = 'stdlib_clm'",
+      "TASK_FEATURE_LENGTHS = {'targets': 32}", "BATCH_SIZE = 8", "evaluate.eval_batches = 2",
+      "stdlib_corpus.max_files = 40"])
+  metrics = train_lib.run()
+  assert metrics["batches"] == 2 and np.isfinite(metrics["loss"])
+  with open(model_dir / "eval_stdlib_clm_validation.json") as f:
+    assert json.load(f)["loss"] == pytest.approx(metrics["loss"])
+
+
+@pytest.mark.parametrize("bindings, error, message", [
+    (["INITIAL_CHECKPOINT_PATH = '/nonexistent/run'"], FileNotFoundError,
+     "INITIAL_CHECKPOINT_PATH='/nonexistent/run' is not a params checkpoint"),
+    (["BATCH_SIZE = 6"], ValueError, "BATCH_SIZE=6 is not divisible by the data-parallel size"),
+    (["TransformerConfig.vocab_size = 256"], ValueError,
+     "vocab_size=360"),
+])
+def test_bad_runs_say_what_to_change(tmp_path, bindings, error, message):
+  with pytest.raises(error, match=message):
+    run_job(tmp_path, "TRAIN_STEPS = 1", *bindings)
+
+
+def test_a_model_dir_of_another_model_is_refused(straight_run):
+  model_dir, _ = straight_run
+  with pytest.raises(ValueError, match="different model.*a fresh MODEL_DIR"):
+    run_job(model_dir, "TRAIN_STEPS = 5", "TransformerConfig.d_model = 32")
+
+
+@pytest.mark.parametrize("flag, binding", [
+    ("--gin.MODEL_DIR=/tmp/run 1", "MODEL_DIR = '/tmp/run 1'"),
+    ("--gin.TRAIN_STEPS=100", "TRAIN_STEPS = 100"),
+    ("--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "TASK_FEATURE_LENGTHS = {'targets': 64}"),
+    ("--gin.train.optimizer=@create_optimizer()", "train.optimizer = @create_optimizer()"),
+    ("--gin.MODEL_DIR='/quoted'", "MODEL_DIR = '/quoted'"),
+])
+def test_gin_flags_become_bindings(flag, binding):
+  args = train_lib.parse_flags(["--gin_file=runs/quickstart.gin", flag])
+  assert args.gin_bindings == [binding]
+
+
+def test_unknown_gin_names_and_flags_are_refused():
+  with pytest.raises(ValueError, match="no gin file defines the macro TRAIN_STEP"):
+    train_lib.configure(["runs/quickstart.gin"], ["TRAIN_STEP = 5"])
+  with pytest.raises(ValueError, match="No configurable matching 'trian'"):
+    train_lib.configure(["runs/quickstart.gin"], ["trian.seed = 5"])
+  with pytest.raises(FileNotFoundError, match="runs/nope.gin"):
+    train_lib.configure(["runs/nope.gin"], [])
+  with pytest.raises(SystemExit):
+    train_lib.parse_flags(["--gin_file=runs/quickstart.gin", "--train_steps=5"])
