@@ -259,14 +259,23 @@ class Attention(nn.Module):
 
   Used for self-attention (`inputs_kv` is `inputs_q`) and cross-attention alike. RoPE, when the
   config asks for it, rotates queries and keys by their positions.
+
+  With a `cache` ({"key", "value"}, each [b, s, k, e]) the call also returns the updated cache:
+    - self-attention (`cache_index` given): this call's keys and values are written into slots
+      [cache_index, cache_index + l) and the queries attend over all s slots (the caller's `mask`
+      says which slots are filled and visible). Keys are stored after RoPE, at their own positions.
+    - cross-attention (`cache_index` None): the projected encoder keys and values are stored when
+      `inputs_kv` is given (the first decoding call) and reused as they are when it is None.
   """
   config: TransformerConfig
   deterministic: bool = True
   rotary: bool = False  # Self-attention of RoPE models; cross-attention carries no positions.
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array, bias: Optional[Array] = None,
-               q_positions: Optional[Array] = None, k_positions: Optional[Array] = None) -> Array:
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], mask: Array,
+               bias: Optional[Array] = None, q_positions: Optional[Array] = None,
+               k_positions: Optional[Array] = None, cache: Optional[dict] = None,
+               cache_index: Optional[Array] = None):
     cfg = self.config
     h, k, e = cfg.num_heads, cfg.resolved_num_kv_heads, cfg.resolved_head_dim
     proj = lambda heads, head_axis, name, fan_in_scale=1.0: DenseGeneral(
@@ -274,11 +283,22 @@ class Attention(nn.Module):
         fan_in_scale=fan_in_scale, name=name)
     # T5 does not scale the logits; it folds 1/sqrt(e) into the query's initialisation instead.
     query = proj(h, "heads", "query", 1.0 if cfg.scale_attention else e ** -0.5)(inputs_q)
-    key = proj(k, "kv_heads", "key")(inputs_kv)
-    value = proj(k, "kv_heads", "value")(inputs_kv)
     if self.rotary:
       query = apply_rope(query, q_positions, cfg.rope_theta)
-      key = apply_rope(key, k_positions, cfg.rope_theta)
+    if inputs_kv is not None:
+      key = proj(k, "kv_heads", "key")(inputs_kv)
+      value = proj(k, "kv_heads", "value")(inputs_kv)
+      if self.rotary:
+        key = apply_rope(key, q_positions if cache is not None else k_positions, cfg.rope_theta)
+    else:  # Cross-attention after the first decoding step: the encoder's keys are cached.
+      key, value = cache["key"], cache["value"]
+    if cache is not None and cache_index is not None:
+      key, value = (jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
+                                                        cache_index, axis=1)
+                    for name, new in (("key", key), ("value", value)))
+    if cache is not None:
+      key = constrain(key, ("batch", "length", "kv_heads", "kv"))
+      value = constrain(value, ("batch", "length", "kv_heads", "kv"))
     query = constrain(query, ("batch", "length", "heads", "kv"))
 
     use_dropout = cfg.dropout_rate > 0.0 and not self.deterministic
@@ -289,5 +309,8 @@ class Attention(nn.Module):
         dropout_rate=cfg.dropout_rate if use_dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if use_dropout else None)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    return DenseGeneral((cfg.d_model,), ("heads", "kv"), ("embed",), cfg.use_bias, cfg.dtype,
-                        cfg.param_dtype, name="out")(out)
+    out = DenseGeneral((cfg.d_model,), ("heads", "kv"), ("embed",), cfg.use_bias, cfg.dtype,
+                       cfg.param_dtype, name="out")(out)
+    if cache is None:
+      return out
+    return out, {"key": key, "value": value}

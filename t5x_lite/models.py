@@ -1,11 +1,13 @@
-"""Models: a Flax module plus what training needs around it — batch validation, parameter
-initialisation with logical axes, and `loss_fn` — for each family.
+"""Models: a Flax module plus what training and inference need around it — batch validation,
+parameter initialisation with logical axes, `loss_fn`, and `score_batch` / `predict_batch` /
+`fill_mask` — for each family.
 
 The batch features are those of seqio's feature converters (T5X names); `FEATURE_CONVERTER`
 names the converter that produces them, so a task only needs to provide `inputs`/`targets`.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from t5x_lite import losses, transformer
+from t5x_lite import decoding, losses, transformer
 from t5x_lite.config import TransformerConfig
 
 Array = jax.Array
@@ -36,6 +38,9 @@ class BaseModel:
     self.config = config
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
+    # Defaults of `predict_batch`; each call may override any field.
+    self.decode_params = decoding.DecodeParams()
+    self._compiled_fns = {}
 
   # -- subclass hooks ---------------------------------------------------------------------------
   @property
@@ -105,6 +110,47 @@ class BaseModel:
         logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
 
 
+  # -- inference --------------------------------------------------------------------------------
+  def score_batch(self, params, batch: Batch) -> Array:
+    """Log-likelihood of each row's targets [b]: sum of log p(target) over weighted tokens.
+
+    For BERT this is the (pseudo-)log-likelihood of the tokens chosen for the MLM loss.
+    """
+    self.check_batch(batch)
+    return self._compiled("_score")(params, dict(batch))
+
+  def _score(self, params, batch):
+    log_probs = jax.nn.log_softmax(self.logits(params, batch))
+    targets, weights = self._targets(batch)
+    token_scores = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_scores * weights, axis=-1)
+
+  def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
+                    **decode_overrides) -> tuple[Array, Array]:
+    """Decodes from the batch's prompts: tokens [b, n, N] and scores [b, n], best first.
+
+    n is `num_decodes` (sampling) or `beam_size` (beam search); N is `max_new_tokens`; rows
+    end at EOS and hold 0 after it. Any `decoding.DecodeParams` field may be given as a keyword
+    to override `self.decode_params` for this call. Sampling uses `rng` (default PRNGKey(0)).
+    Scores are log-likelihoods for samples and length-penalised ones for beams.
+    """
+    raise ValueError(f"{type(self).__name__} does not generate text; "
+                     "use a decoder-only or encoder-decoder model.")
+
+  def _decode_options(self, overrides) -> decoding.DecodeParams:
+    return self.decode_params.replace(**overrides).validate(self.config.vocab_size)
+
+  def _compiled(self, method: str, *static):
+    """`jax.jit` of a method, with leading static arguments, compiled once per distinct value."""
+    key = (method,) + static
+    if key not in self._compiled_fns:
+      self._compiled_fns[key] = jax.jit(functools.partial(getattr(self, method), *static))
+    return self._compiled_fns[key]
+
+  def _apply(self, params, *args, **kwargs):
+    return self.module.apply({"params": params}, *args, **kwargs)
+
+
 @gin.configurable(module="t5x_lite.models")
 class EncoderOnlyModel(BaseModel):
   """BERT-style masked LM: loss only where `encoder_loss_weights` is nonzero (masked tokens)."""
@@ -122,6 +168,24 @@ class EncoderOnlyModel(BaseModel):
 
   def _targets(self, batch):
     return batch["encoder_target_tokens"], batch["encoder_loss_weights"]
+
+
+  def fill_mask(self, params, tokens: Array, mask_id: int,
+                top_k: int = 5) -> tuple[Array, Array, Array]:
+    """The top_k predictions at each [MASK] of `tokens` [b, l] (0 is padding).
+
+    Returns ids [b, l, k] and probabilities [b, l, k], best first, at every position, and the
+    boolean [b, l] positions holding `mask_id`, where the predictions are the answer.
+    """
+    if not 1 <= top_k <= self.config.vocab_size:
+      raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}.")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    probs, ids = self._compiled("_fill_mask", top_k)(params, tokens)
+    return ids, probs, tokens == mask_id
+
+  def _fill_mask(self, top_k, params, tokens):
+    probs = jax.nn.softmax(self._apply(params, tokens), axis=-1)
+    return jax.lax.top_k(probs, top_k)
 
 
 @gin.configurable(module="t5x_lite.models")
@@ -152,6 +216,46 @@ class DecoderOnlyModel(BaseModel):
     return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
 
 
+  def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
+                    **decode_overrides) -> tuple[Array, Array]:
+    """Continues each row's prompt (see `BaseModel.predict_batch` for the outputs).
+
+    The prompt of a row is its first sum(decoder_causal_attention) tokens of
+    `decoder_input_tokens` (what seqio's PrefixLM converter marks: BOS and the inputs), or BOS
+    alone without that feature. Prompts are right-padded; the whole batch is prefilled in one
+    pass and every row continues from its own length.
+    """
+    options = self._decode_options(decode_overrides)
+    if "decoder_input_tokens" not in batch:
+      raise ValueError("DecoderOnlyModel.predict_batch needs decoder_input_tokens (BOS = 0, then "
+                       f"the prompt), and decoder_causal_attention marking it; got {sorted(batch)}.")
+    tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+    if "decoder_causal_attention" in batch:
+      lengths = jnp.sum(jnp.asarray(batch["decoder_causal_attention"], jnp.int32), axis=1)
+    else:
+      lengths = jnp.ones(tokens.shape[:1], jnp.int32)
+    static, traced = options.split()
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return self._compiled("_predict", static)(params, tokens, lengths, rng, traced)
+
+  def _predict(self, options, params, tokens, lengths, rng, traced):
+    b, prompt_length = tokens.shape
+    cache = transformer.init_cache(self.config, b, prompt_length + options.max_new_tokens)
+    segment_ids = (jnp.arange(prompt_length)[None, :] < lengths[:, None]).astype(jnp.int32)
+    prefix = segment_ids if self.inputs_bidirectional_attention else None
+    # Prefill: the whole prompt in one pass; each row continues after its last prompt token.
+    logits, cache = self._apply(params, tokens * segment_ids, segment_ids, None, prefix,
+                                cache=cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    def step(token, positions, cache):
+      logits, cache = self._apply(params, token[:, None], None, positions[:, None], cache=cache)
+      return logits[:, 0], cache
+
+    return decoding.decode(step, last, cache, lengths, rng, options.join(traced),
+                           transformer.cache_logical_axes(cache))
+
+
 @gin.configurable(module="t5x_lite.models")
 class EncoderDecoderModel(BaseModel):
   """T5: encoder over `encoder_input_tokens`, decoder teacher-forced on `decoder_input_tokens`."""
@@ -171,6 +275,41 @@ class EncoderDecoderModel(BaseModel):
 
   def _targets(self, batch):
     return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+
+
+  def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
+                    **decode_overrides) -> tuple[Array, Array]:
+    """Decodes targets for `encoder_input_tokens` (0 is padding), starting from BOS = 0 (see
+    `BaseModel.predict_batch` for the outputs)."""
+    options = self._decode_options(decode_overrides)
+    if "encoder_input_tokens" not in batch:
+      raise ValueError("EncoderDecoderModel.predict_batch needs encoder_input_tokens; got "
+                       f"{sorted(batch)}.")
+    static, traced = options.split()
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return self._compiled("_predict", static)(
+        params, jnp.asarray(batch["encoder_input_tokens"], jnp.int32),
+        batch.get("encoder_segment_ids"), rng, traced)
+
+  def _predict(self, options, params, encoder_tokens, encoder_segment_ids, rng, traced):
+    b = encoder_tokens.shape[0]
+    module = self.module
+    encoded = self._apply(params, encoder_tokens, encoder_segment_ids, method=module.encode)
+    # Slot 0 holds BOS; generated token t is fed back at position t + 1.
+    cache = transformer.init_cache(self.config, b, 1 + options.max_new_tokens,
+                                   encoder_tokens.shape[1])
+    logits, cache = self._apply(params, encoded, encoder_tokens,
+                                jnp.zeros((b, 1), jnp.int32), encoder_segment_ids,
+                                method=module.decode, cache=cache)
+
+    def step(token, positions, cache):
+      logits, cache = self._apply(params, None, None, token[:, None],
+                                  decoder_positions=positions[:, None], method=module.decode,
+                                  cache=cache)
+      return logits[:, 0], cache
+
+    return decoding.decode(step, logits[:, 0], cache, jnp.ones((b,), jnp.int32), rng,
+                           options.join(traced), transformer.cache_logical_axes(cache))
 
 
 def param_logical_specs_to_str(specs) -> dict:

@@ -30,9 +30,13 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, self_mask, self_bias, positions, encoded, cross_mask, encoded_positions):
+  def __call__(self, x, self_mask, self_bias, positions, encoded, cross_mask, encoded_positions,
+               cache=None, cache_index=None):
+    """With `cache` (this layer's {"self": {key, value}[, "cross": {key, value}]}), returns the
+    updated cache as the per-layer output; otherwise None."""
     cfg = self.config
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    new_cache = None if cache is None else {}
 
     def residual(x, name, sublayer):
       norm = layers.make_norm(cfg, f"{name}_norm")
@@ -40,16 +44,26 @@ class Block(nn.Module):
         return x + dropout(sublayer(norm(x)))
       return norm(x + dropout(sublayer(x)))
 
-    x = residual(x, "self_attention", lambda y: layers.Attention(
-        cfg, self.deterministic, cfg.position_type == "rope", name="self_attention")(
-            y, y, self_mask, self_bias, positions, positions))
+    def attention(name, rotary, mask, bias, k_positions, index):
+      """The sub-layer; with a cache it also records the attention's updated cache."""
+      def sublayer(y):
+        module = layers.Attention(cfg, self.deterministic, rotary, name=f"{name}_attention")
+        kv = y if name == "self" else encoded  # None once the cross-attention cache is filled.
+        if cache is None:
+          return module(y, kv, mask, bias, positions, k_positions)
+        out, new_cache[name] = module(y, kv, mask, bias, positions, k_positions, cache[name],
+                                      index)
+        return out
+      return sublayer
+
+    x = residual(x, "self_attention", attention(
+        "self", cfg.position_type == "rope", self_mask, self_bias, positions, cache_index))
     if self.cross_attention:
-      x = residual(x, "cross_attention", lambda y: layers.Attention(
-          cfg, self.deterministic, name="cross_attention")(
-              y, encoded, cross_mask, None, positions, encoded_positions))
+      x = residual(x, "cross_attention", attention(
+          "cross", False, cross_mask, None, encoded_positions, None))
     x = residual(x, "mlp", lambda y: layers.Mlp(cfg, self.deterministic, name="mlp")(y))
     x = layers.constrain(x, ("batch", "length", "embed"))
-    return x, None  # (carry, per-layer output) as nn.scan expects.
+    return x, new_cache  # (carry, per-layer output) as nn.scan expects.
 
 
 REMAT_POLICIES = {
@@ -68,25 +82,43 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, self_mask, positions, self_bias=None, encoded=None, cross_mask=None,
-               encoded_positions=None, *, deterministic=True):
+               encoded_positions=None, *, deterministic=True, cache=None, cache_index=None):
+    """Returns x, or (x, updated cache) when a cache is given.
+
+    `cache` holds every layer's attention cache stacked on a leading layers axis (leaves
+    [n, b, s, k, e]), whether the layers are scanned or not, so its layout never depends on
+    `scan_layers`.
+    """
     cfg = self.config
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, prevent_cse=not cfg.scan_layers,
                        policy=REMAT_POLICIES[cfg.remat_policy])
     args = (self_mask, self_bias, positions, encoded, cross_mask, encoded_positions)
+    if cache is not None:
+      args += (cache, cache_index)
     if cfg.scan_layers:
+      in_axes = [nn.broadcast] * len(args)
+      if cache is not None:
+        in_axes[-2] = 0  # Each layer gets its own slice of the cache.
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                          "dropout": True},
-                        in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                        in_axes=tuple(in_axes), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.cross_attention, deterministic, name="layers")(x, *args)
+      x, new_cache = scanned(cfg, self.cross_attention, deterministic, name="layers")(x, *args)
     else:
+      per_layer = []
       for i in range(self.num_layers):
-        x, _ = block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(x, *args)
+        layer_args = args
+        if cache is not None:
+          layer_args = args[:-2] + (jax.tree.map(lambda c, i=i: c[i], cache), cache_index)
+        x, layer_cache = block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(
+            x, *layer_args)
+        per_layer.append(layer_cache)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
     if cfg.norm_position == "pre":
       x = layers.make_norm(cfg, "final_norm")(x)
-    return x
+    return x if cache is None else (x, new_cache)
 
 
 class Embedder(nn.Module):
@@ -174,12 +206,17 @@ class EncoderOnly(nn.Module):
 
 class DecoderOnly(nn.Module):
   """GPT-2 / LLaMA: a causal decoder; with `prefix` (seqio's `decoder_causal_attention`), the
-  tokens of the inputs part attend to each other bidirectionally (prefix LM)."""
+  tokens of the inputs part attend to each other bidirectionally (prefix LM).
+
+  With a `cache` (from `init_cache`) the call decodes incrementally and returns (logits, cache):
+  the tokens given are appended to the cache's slots and attend to every filled slot at an
+  earlier or equal position (see `init_cache`).
+  """
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, prefix=None, *,
-               deterministic=True) -> Array:
+               deterministic=True, cache=None):
     cfg = self.config
     _check_length(cfg, tokens.shape[1], "decoder_input_tokens")
     if segment_ids is None:
@@ -188,15 +225,23 @@ class DecoderOnly(nn.Module):
     segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions)
     embed = _token_embed(cfg)
     x = Embedder(cfg, name="embedder")(embed, tokens, positions, deterministic=deterministic)
-    mask = layers.attention_mask(segment_ids, segment_ids, causal=True, q_positions=positions,
-                                 k_positions=positions, q_prefix=prefix, k_prefix=prefix)
+    keys = (segment_ids, positions, prefix) if cache is None else _append_to_slots(
+        cache, segment_ids, positions, prefix)
+    mask = layers.attention_mask(segment_ids, keys[0], causal=True, q_positions=positions,
+                                 k_positions=keys[1], q_prefix=prefix, k_prefix=keys[2])
     bias = None
     if cfg.position_type == "relative":
-      bias = layers.RelativePositionBias(cfg, False, name="relpos_bias")(positions, positions)
-    x = Stack(cfg, cfg.num_layers, name="decoder")(x, mask, positions, bias,
-                                                   deterministic=deterministic)
+      bias = layers.RelativePositionBias(cfg, False, name="relpos_bias")(positions, keys[1])
+    stack = Stack(cfg, cfg.num_layers, name="decoder")
+    if cache is None:
+      x = stack(x, mask, positions, bias, deterministic=deterministic)
+    else:
+      x, layer_cache = stack(x, mask, positions, bias, deterministic=deterministic,
+                             cache=cache["layers"], cache_index=cache["index"])
+      cache = _advance(cache, keys, layer_cache, tokens.shape[1])
     logits = embed.attend(x) if cfg.tie_embeddings else _untied_head(cfg)(x)
-    return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits if cache is None else (logits, cache)
 
 
 class EncoderDecoder(nn.Module):
@@ -232,29 +277,49 @@ class EncoderDecoder(nn.Module):
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
              encoder_positions=None, decoder_segment_ids=None, decoder_positions=None, *,
-             deterministic=True):
+             deterministic=True, cache=None):
+    """Decoder logits [b, l, v] for the encoder outputs `encoded` [b, L, d].
+
+    With a `cache` (from `init_cache`) returns (logits, cache). The first cached call passes the
+    encoder outputs and tokens, which fill the cross-attention cache; later calls pass
+    `encoded=None, encoder_tokens=None` and read the encoder from the cache.
+    """
     cfg = self.config
     _check_length(cfg, decoder_tokens.shape[1], "decoder_input_tokens")
-    enc_segments, enc_positions = _segments_and_positions(
-        encoder_tokens, encoder_segment_ids, encoder_positions)
+    if encoder_tokens is not None:
+      enc_segments, enc_positions = _segments_and_positions(
+          encoder_tokens, encoder_segment_ids, encoder_positions)
+      if cache is not None:
+        cache = dict(cache, encoder_segment_ids=enc_segments)
+    else:
+      enc_segments, enc_positions = cache["encoder_segment_ids"], None
     if decoder_segment_ids is None:
       decoder_segment_ids = jnp.ones_like(decoder_tokens, dtype=jnp.int32)
     dec_segments, dec_positions = _segments_and_positions(
         decoder_tokens, decoder_segment_ids, decoder_positions)
     x = self.decoder_embedder(self.token_embed, decoder_tokens, dec_positions,
                               deterministic=deterministic)
-    self_mask = layers.attention_mask(dec_segments, dec_segments, causal=True,
-                                      q_positions=dec_positions, k_positions=dec_positions)
+    keys = (dec_segments, dec_positions, None) if cache is None else _append_to_slots(
+        cache, dec_segments, dec_positions, None)
+    self_mask = layers.attention_mask(dec_segments, keys[0], causal=True,
+                                      q_positions=dec_positions, k_positions=keys[1])
     cross_mask = layers.attention_mask(dec_segments, enc_segments)
-    bias = (self.decoder_relpos(dec_positions, dec_positions)
+    bias = (self.decoder_relpos(dec_positions, keys[1])
             if cfg.position_type == "relative" else None)
-    x = self.decoder(x, self_mask, dec_positions, bias, encoded, cross_mask, enc_positions,
-                     deterministic=deterministic)
+    if cache is None:
+      x = self.decoder(x, self_mask, dec_positions, bias, encoded, cross_mask, enc_positions,
+                       deterministic=deterministic)
+    else:
+      x, layer_cache = self.decoder(x, self_mask, dec_positions, bias, encoded, cross_mask,
+                                    enc_positions, deterministic=deterministic,
+                                    cache=cache["layers"], cache_index=cache["index"])
+      cache = _advance(cache, keys, layer_cache, decoder_tokens.shape[1])
     if cfg.tie_embeddings:
       logits = self.token_embed.attend(x * cfg.d_model ** -0.5)
     else:
       logits = self.lm_head(x)
-    return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits if cache is None else (logits, cache)
 
   def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *,
@@ -264,3 +329,70 @@ class EncoderDecoder(nn.Module):
     return self.decode(encoded, encoder_tokens, decoder_tokens, encoder_segment_ids,
                        encoder_positions, decoder_segment_ids, decoder_positions,
                        deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding cache
+# ----------------------------------------------------------------------------------------------
+def init_cache(config: TransformerConfig, batch_size: int, length: int,
+               encoder_length: Optional[int] = None) -> dict:
+  """An empty decoding cache: `length` slots per row for the decoder's self-attention.
+
+  A plain pytree, threaded through `DecoderOnly(..., cache=)` / `EncoderDecoder.decode(...,
+  cache=)` and returned updated, so jit, scan and sharding see ordinary arrays:
+    index             int32 []              next slot to write (shared by all rows)
+    positions         int32 [b, s]          position of the token held in each slot
+    segment_ids       int32 [b, s]          1 where a slot holds a token of the row, 0 if empty
+    layers.self       key, value [n, b, s, k, e]   per decoder layer, keys after RoPE
+  and for encoder-decoder models
+    encoder_segment_ids int32 [b, L]         the encoder's padding, for the cross-attention mask
+    layers.cross      key, value [n, b, L, k, e]   projected encoder outputs, filled once
+  Slots are not positions: a prompt batch right-padded to P fills slots [0, P) (padding slots keep
+  segment id 0 and are never attended to) and the t-th generated token of every row goes to slot
+  P + t with that row's own position. Causality, RoPE and relative bias all follow the stored
+  positions, so rows of different prompt lengths decode together exactly.
+  """
+  if length > config.max_length:
+    raise ValueError(
+        f"Decoding needs {length} positions (prompt + new tokens) but the model accepts at most "
+        f"max_length={config.max_length}; shorten the prompt or ask for fewer new tokens.")
+  num_layers = (config.num_layers if config.family == "decoder"
+                else config.resolved_num_decoder_layers)
+  shape = lambda s: (num_layers, batch_size, s, config.resolved_num_kv_heads,
+                     config.resolved_head_dim)
+  kv = lambda s: {"key": jnp.zeros(shape(s), config.dtype),
+                  "value": jnp.zeros(shape(s), config.dtype)}
+  slots = jnp.zeros((batch_size, length), jnp.int32)
+  cache = {"index": jnp.zeros((), jnp.int32), "positions": slots, "segment_ids": slots,
+           "layers": {"self": kv(length)}}
+  if config.family == "encoder_decoder":
+    if encoder_length is None:
+      raise ValueError("An encoder-decoder cache needs encoder_length (the encoder input length).")
+    cache["encoder_segment_ids"] = jnp.zeros((batch_size, encoder_length), jnp.int32)
+    cache["layers"]["cross"] = kv(encoder_length)
+  elif config.family != "decoder":
+    raise ValueError(f"Only decoders decode; family={config.family!r} has no decoding cache.")
+  return cache
+
+
+def cache_logical_axes(cache: dict) -> dict:
+  """Logical axis names of every cache leaf: K/V shard like the attention activations."""
+  def axes(path, leaf):
+    if path[0].key == "layers":
+      return ("layers", "batch", "length", "kv_heads", "kv")
+    return ("batch", "length") if leaf.ndim == 2 else ()
+  return jax.tree_util.tree_map_with_path(axes, cache)
+
+
+def _append_to_slots(cache, segment_ids, positions, prefix):
+  """Writes this call's segment ids / positions at the next slots and returns those of all
+  slots (and of the prefix, if any) as the attention's keys: ([b, s], [b, s], [b, s] | None)."""
+  write = lambda slots, x: jax.lax.dynamic_update_slice_in_dim(
+      slots, x.astype(slots.dtype), cache["index"], axis=1)
+  k_prefix = None if prefix is None else write(jnp.zeros_like(cache["segment_ids"]), prefix)
+  return write(cache["segment_ids"], segment_ids), write(cache["positions"], positions), k_prefix
+
+
+def _advance(cache, keys, layer_cache, num_tokens):
+  return dict(cache, index=cache["index"] + num_tokens, segment_ids=keys[0], positions=keys[1],
+              layers=layer_cache)

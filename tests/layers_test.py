@@ -1,5 +1,6 @@
 """Attention (grouped K/V heads, masks), positions (RoPE, sinusoidal, T5 buckets), norms."""
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,13 @@ import pytest
 
 from t5x_lite import layers
 from t5x_lite.config import TransformerConfig
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+  """TransformerConfig is gin-configurable: bindings left by another test's `models.from_gin`
+  (e.g. `TransformerConfig.use_bias = True`) must not leak into configs built here."""
+  gin.clear_config()
 
 
 def _attention(num_kv_heads):
@@ -105,3 +113,41 @@ def test_rmsnorm_and_layernorm_normalise():
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(y**2, -1)), 1.0, rtol=1e-3)
     if norm_type == "layernorm":
       np.testing.assert_allclose(jnp.mean(y, -1), 0.0, atol=1e-4)
+
+
+def test_attention_over_a_cache_filled_in_two_calls_equals_one_pass():
+  """Keys are cached after RoPE at their own positions; the second call sees the first's."""
+  attention = _attention(2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 32))
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  ones = jnp.ones((2, 6), jnp.int32)
+  mask = layers.attention_mask(ones, ones, causal=True, q_positions=positions,
+                               k_positions=positions)
+  params = attention.init(jax.random.PRNGKey(1), x, x, mask, None, positions, positions)
+  whole = attention.apply(params, x, x, mask, None, positions, positions)
+
+  cache = {"key": jnp.zeros((2, 8, 2, 8)), "value": jnp.zeros((2, 8, 2, 8))}
+  slot_positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  filled = lambda n: jnp.broadcast_to(jnp.arange(8) < n, (2, 8)).astype(jnp.int32)
+  outputs = []
+  for start, stop in ((0, 4), (4, 6)):
+    q_pos = positions[:, start:stop]
+    step_mask = layers.attention_mask(ones[:, start:stop], filled(stop), causal=True,
+                                      q_positions=q_pos, k_positions=slot_positions)
+    out, cache = attention.apply(params, x[:, start:stop], x[:, start:stop], step_mask, None,
+                                 q_pos, None, cache, jnp.int32(start))
+    outputs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), whole, atol=1e-5)
+  assert jnp.all(cache["key"][:, 6:] == 0)  # Slots past the written ones are untouched.
+
+  # Cross-attention: the first call stores the projected memory, later calls read it back.
+  cross = layers.Attention(attention.config)
+  memory = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 32))
+  cross_mask = jnp.ones((2, 1, 1, 5), bool)
+  cross_params = cross.init(jax.random.PRNGKey(3), x[:, :1], memory, cross_mask)
+  empty = {"key": jnp.zeros((2, 5, 2, 8)), "value": jnp.zeros((2, 5, 2, 8))}
+  first, stored = cross.apply(cross_params, x[:, :1], memory, cross_mask, cache=empty)
+  again, _ = cross.apply(cross_params, x[:, :1], None, cross_mask, cache=stored)
+  np.testing.assert_allclose(first, cross.apply(cross_params, x[:, :1], memory, cross_mask),
+                             atol=1e-6)
+  np.testing.assert_allclose(again, first, atol=1e-6)

@@ -1,5 +1,6 @@
 """The three families: causality, bidirectionality, and packed rows that never mix examples."""
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,13 @@ import pytest
 
 from t5x_lite import transformer
 from t5x_lite.config import TransformerConfig
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+  """TransformerConfig is gin-configurable: bindings left by another test's `models.from_gin`
+  (e.g. `TransformerConfig.use_bias = True`) must not leak into configs built here."""
+  gin.clear_config()
 
 POSITION_TYPES = ("learned", "sinusoidal", "rope", "relative")
 
@@ -134,3 +142,63 @@ def test_scanned_and_unrolled_layers_compute_the_same_function(family):
   unrolled.params = unstack(nn.meta.unbox(scanned.params))
   enc, dec = _tokens(3, (2, 8)), _tokens(4, (2, 8))
   np.testing.assert_allclose(scanned(enc, dec), unrolled(enc, dec), atol=1e-5)
+
+
+@pytest.mark.parametrize("family, position_type, scan_layers", [
+    ("decoder", "learned", True), ("decoder", "relative", True), ("decoder", "rope", False),
+    ("encoder_decoder", "relative", True),
+])
+def test_cached_decoding_equals_the_full_forward_pass(family, position_type, scan_layers):
+  """Prefill a right-padded prompt batch of mixed lengths, then feed one token per step: every
+  step's logits equal those of the full sequence run at once (positions, RoPE, relative bias)."""
+  cls = transformer.DecoderOnly if family == "decoder" else transformer.EncoderDecoder
+  module = cls(_config(family, position_type, scan_layers=scan_layers))
+  example = (_tokens(0, (1, 8)),) * (1 if family == "decoder" else 2)
+  params = jax.jit(module.init)(jax.random.PRNGKey(2), *example)["params"]
+  apply = jax.jit(lambda params, *args, method=None, **kwargs: module.apply(
+      {"params": params}, *args, method=method, **kwargs), static_argnames="method")
+  seqs = _tokens(20, (2, 9))
+  steps = 5
+  if family == "decoder":
+    lengths = np.array([4, 2])  # Row 1's prompt is padded with 2 slots nobody may see.
+    full = apply(params, seqs)  # Causal: row i's first lengths[i] + steps logits are its own.
+    prompt_segments = jnp.asarray(np.arange(4)[None] < lengths[:, None], jnp.int32)
+    cache = transformer.init_cache(module.config, 2, 4 + steps)
+    logits, cache = apply(params, seqs[:, :4] * prompt_segments, prompt_segments,
+                          cache=cache)
+    for i in range(2):
+      np.testing.assert_allclose(logits[i, :lengths[i]], full[i, :lengths[i]], atol=2e-5)
+    positions = lengths
+  else:
+    enc = _tokens(21, (2, 7)).at[1, 4:].set(0)  # Row 1's encoder input is padded.
+    full = apply(params, enc, seqs)
+    encoded = apply(params, enc, method=transformer.EncoderDecoder.encode)
+    cache = transformer.init_cache(module.config, 2, 1 + steps, encoder_length=7)
+    logits, cache = apply(params, encoded, enc, seqs[:, :1], cache=cache,
+                          method=transformer.EncoderDecoder.decode)
+    np.testing.assert_allclose(logits[:, 0], full[:, 0], atol=2e-5)
+    full = full[:, 1:]
+    positions, lengths = np.ones(2, int), np.zeros(2, int)
+  for t in range(steps):
+    token = jnp.asarray([seqs[i, lengths[i] + t + (family != "decoder")] for i in range(2)])
+    step_positions = jnp.asarray(positions + t)[:, None]
+    if family == "decoder":
+      logits, cache = apply(params, token[:, None], None, step_positions, cache=cache)
+    else:
+      logits, cache = apply(params, None, None, token[:, None], decoder_positions=step_positions,
+                            cache=cache, method=transformer.EncoderDecoder.decode)
+    for i in range(2):
+      np.testing.assert_allclose(logits[i, 0], full[i, lengths[i] + t], atol=2e-5)
+  assert int(cache["index"]) == (4 if family == "decoder" else 1) + steps
+
+
+def test_decoding_cache_is_laid_out_like_the_activations():
+  cfg = _config("encoder_decoder", num_decoder_layers=3)
+  cache = transformer.init_cache(cfg, batch_size=8, length=12, encoder_length=10)
+  axes = transformer.cache_logical_axes(cache)
+  assert cache["layers"]["self"]["key"].shape == (3, 8, 12, 2, 8)
+  assert cache["layers"]["cross"]["value"].shape == (3, 8, 10, 2, 8)
+  assert axes["layers"]["self"]["key"] == ("layers", "batch", "length", "kv_heads", "kv")
+  assert axes["segment_ids"] == ("batch", "length") and axes["index"] == ()
+  with pytest.raises(ValueError, match="max_length=32.*fewer new tokens"):
+    transformer.init_cache(cfg, 1, 40, encoder_length=4)
