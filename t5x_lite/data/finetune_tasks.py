@@ -154,6 +154,7 @@ class AdditionSource(seqio.DataSource):
   """{"question": "a + b", "answer": "a+b"} with operands of 1..max_digits digits."""
 
   VALIDATION_BUCKETS = 20  # 1 in 20 pairs (by hash of the question) is held out
+  BLOCK = 1024  # examples drawn per random op: per-example tf.data overhead would dominate
 
   def __init__(self, max_digits: int = 4, num_validation: int = 2000):
     self._max_digits = max_digits
@@ -170,20 +171,31 @@ class AdditionSource(seqio.DataSource):
   def num_input_examples(self, split: str) -> int | None:
     return self._num_validation if split == "validation" else None  # train never ends
 
-  def _operand(self, seed):
-    digits = tf.random.stateless_uniform([], seed, 1, self._max_digits + 1, dtype=tf.int64)
-    high = tf.cast(10, tf.int64) ** digits
+  def _operands(self, seed):
+    seeds = tf.random.experimental.stateless_split(seed, 2)
     # Draw the digit count first, so short and long numbers are equally common.
-    return tf.random.stateless_uniform([], seed + 1, 0, high, dtype=tf.int64)
+    digits = tf.random.stateless_uniform([self.BLOCK], seeds[0], 1, self._max_digits + 1,
+                                         dtype=tf.int64)
+    high = tf.cast(10.0 ** tf.cast(digits, tf.float64), tf.int64)
+    unit = tf.random.stateless_uniform([self.BLOCK], seeds[1], dtype=tf.float64)
+    return tf.minimum(tf.cast(unit * tf.cast(high, tf.float64), tf.int64), high - 1)
 
-  def _example(self, key, index):
+  def _block(self, key, index):
+    """BLOCK examples from the stateless seed (key, index)."""
     seeds = tf.random.experimental.stateless_split(tf.stack([key, index]), 2)
-    a, b = self._operand(seeds[0]), self._operand(seeds[1])
+    a, b = self._operands(seeds[0]), self._operands(seeds[1])
     question = tf.strings.join([tf.strings.as_string(a), " + ", tf.strings.as_string(b)])
     return {"question": question, "answer": tf.strings.as_string(a + b)}
 
   def _is_validation(self, ex):
     return tf.equal(tf.strings.to_hash_bucket_fast(ex["question"], self.VALIDATION_BUCKETS), 0)
+
+  def _examples(self, key, blocks: tf.data.Dataset, validation: bool) -> tf.data.Dataset:
+    def pick(block):
+      keep = self._is_validation(block)
+      keep = keep if validation else tf.logical_not(keep)
+      return {k: tf.boolean_mask(v, keep) for k, v in block.items()}
+    return blocks.map(lambda i: pick(self._block(key, i)), num_parallel_calls=AUTOTUNE).unbatch()
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
@@ -191,13 +203,11 @@ class AdditionSource(seqio.DataSource):
     del sequence_length, use_cached, num_epochs
     shard, num_shards = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
     if split == "validation":  # fixed, whatever the seed: an eval set must not move
-      ds = tf.data.Dataset.range(1 << 40).map(lambda i: self._example(tf.constant(7, tf.int64), i))
-      ds = ds.filter(self._is_validation).take(self._num_validation)
+      blocks = tf.data.Dataset.range(1 << 40)
+      ds = self._examples(tf.constant(7, tf.int64), blocks, True).take(self._num_validation)
       return ds.shard(num_shards, shard)
     key = tf.constant(seed if (shuffle and seed is not None) else 0, tf.int64)
-    ds = tf.data.Dataset.range(shard, 1 << 62, num_shards)
-    ds = ds.map(lambda i: self._example(key, i), num_parallel_calls=AUTOTUNE)
-    return ds.filter(lambda ex: tf.logical_not(self._is_validation(ex)))
+    return self._examples(key, tf.data.Dataset.range(shard, 1 << 62, num_shards), False)
 
 
 # ------------------------------------------------------------------------------ metrics

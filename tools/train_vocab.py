@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Train a SentencePiece vocabulary for t5x_lite from local text.
+
+    python tools/train_vocab.py --stdlib --vocab_size 8000 --output_prefix /tmp/spm
+    python tools/train_vocab.py --input '/data/corpus/train-*.jsonl' --vocab_size 32000 \
+        --model_type bpe --output_prefix /data/spm32k
+
+The model follows seqio/T5 conventions: pad=0, eos=1, unk=2, no BOS, and a "[MASK]" piece (id 3)
+for BERT MLM; byte fallback so no text is ever unknown; whitespace kept as is (code needs its
+indentation). T5 sentinels (<extra_id_0> ...) are not stored in the file: seqio appends
+`extra_ids` of them when loading it, which is what `get_vocabulary.extra_ids` controls.
+At the end it prints the gin bindings that select the new vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Iterator, Sequence
+
+import sentencepiece as spm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t5x_lite.data import sources  # noqa: E402  pylint: disable=g-import-not-at-top
+from t5x_lite.data import vocabularies  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def iter_documents(config: sources.CorpusConfig, split: str = "train") -> Iterator[str]:
+  """Documents of a corpus, read in Python (same file listing and UTF-8 rules as the tasks)."""
+  import json  # pylint: disable=g-import-not-at-top
+  for path in sources.list_corpus(config, split).files:
+    fmt = config.resolved_format(path)
+    with open(path, encoding="utf-8") as f:
+      if fmt == "files":
+        yield f.read()
+        continue
+      for line in f:
+        if fmt == "jsonl":
+          line = json.loads(line).get(config.text_key) if line.strip() else ""
+        if line and line.strip():
+          yield line
+
+
+def iter_sentences(documents: Iterator[str], max_sentence_bytes: int,
+                   progress: bool = True) -> Iterator[str]:
+  """SentencePiece trains on lines: split documents into non-empty lines, with a progress bar."""
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(unit=" lines", desc="reading text", file=sys.stderr, mininterval=0.5)
+  for doc in documents:
+    for line in doc.splitlines():
+      if line.strip() and len(line.encode("utf-8")) <= max_sentence_bytes:
+        if bar is not None:
+          bar.update()
+        yield line
+  if bar is not None:
+    bar.close()
+
+
+def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 8000,
+          model_type: str = "unigram", max_sentences: int = 2_000_000,
+          character_coverage: float = 0.9995, max_sentence_bytes: int = 4192,
+          progress: bool = True, quiet: bool = False) -> str:
+  """Trains and writes `<output_prefix>.model` (and `.vocab`); returns the model path."""
+  if os.path.dirname(output_prefix):
+    os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter_sentences(iter_documents(config), max_sentence_bytes, progress),
+      model_prefix=output_prefix,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=character_coverage,
+      input_sentence_size=max_sentences,  # SentencePiece samples this many lines at most
+      shuffle_input_sentence=True,
+      max_sentence_length=max_sentence_bytes,
+      pad_id=vocabularies.PAD_ID, eos_id=vocabularies.EOS_ID, unk_id=2, bos_id=-1,
+      user_defined_symbols=[vocabularies.MASK_PIECE],
+      byte_fallback=True,
+      split_digits=True,  # one piece per digit: arithmetic (the `addition` task) stays learnable
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2 if quiet else 0,  # SentencePiece's own training log is its progress display
+  )
+  return output_prefix + ".model"
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--input", nargs="+", help="glob pattern(s) of text / JSONL files")
+  source.add_argument("--stdlib", action="store_true",
+                      help="train on the embedded Python standard-library corpus")
+  parser.add_argument("--format", default="auto", choices=sources.FORMATS,
+                      help="lines: a document per line; files: a document per file; jsonl")
+  parser.add_argument("--text_key", default="text", help="JSONL field holding the text")
+  parser.add_argument("--non_utf8", default="skip", choices=("skip", "fail"))
+  parser.add_argument("--output_prefix", required=True, help="writes <prefix>.model/.vocab")
+  parser.add_argument("--vocab_size", type=int, default=8000)
+  parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
+  parser.add_argument("--max_sentences", type=int, default=2_000_000)
+  parser.add_argument("--character_coverage", type=float, default=0.9995)
+  parser.add_argument("--extra_ids", type=int, default=vocabularies.DEFAULT_EXTRA_IDS,
+                      help="T5 sentinels seqio appends at load time (only for the printed hint)")
+  parser.add_argument("--quiet", action="store_true", help="no progress output")
+  args = parser.parse_args(argv)
+
+  if args.stdlib:
+    config = sources.stdlib_corpus(non_utf8=args.non_utf8)
+  else:
+    config = sources.CorpusConfig(patterns=tuple(args.input), format=args.format,
+                                  text_key=args.text_key, non_utf8=args.non_utf8,
+                                  validation_percent=0.0)  # use all the text
+  path = train(config, args.output_prefix, args.vocab_size, args.model_type, args.max_sentences,
+               args.character_coverage, progress=not args.quiet, quiet=args.quiet)
+  size = spm.SentencePieceProcessor(model_file=path).get_piece_size() + args.extra_ids
+  print(f"\nWrote {path} ({size} ids with {args.extra_ids} sentinels; [MASK] = "
+        f"{spm.SentencePieceProcessor(model_file=path).piece_to_id(vocabularies.MASK_PIECE)}).\n"
+        "Use it with:\n"
+        f"  --gin.get_vocabulary.kind=\"'sentencepiece'\" "
+        f"--gin.get_vocabulary.spm_path=\"'{os.path.abspath(path)}'\" "
+        f"--gin.get_vocabulary.extra_ids={args.extra_ids} "
+        f"--gin.TransformerConfig.vocab_size={size}")
+  return path
+
+
+if __name__ == "__main__":
+  main()
