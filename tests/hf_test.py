@@ -119,6 +119,31 @@ def test_converted_checkpoint_gives_hf_logits(tmp_path, name, scan_layers):
   np.testing.assert_allclose(our_logits(model, params), expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "t5_v1_1"])
+def test_converted_checkpoint_generates_hf_greedy_tokens(tmp_path, name):
+  hf_dir = save_hf(name, tmp_path / "hf")
+  hf.convert_from_hf(hf_dir, str(tmp_path / "ckpt"))
+  model = models.from_gin(str(tmp_path / "ckpt" / "model.gin"))
+  params = checkpoints.load_params(str(tmp_path / "ckpt"))
+  cls, config = _config(name)
+  reference = cls.from_pretrained(hf_dir).eval()
+  prompts, new = ENC_IDS[:, :10], 12
+  options = dict(max_new_tokens=new, do_sample=False, num_beams=1, eos_token_id=2, pad_token_id=0)
+  with torch.no_grad():
+    if config.is_encoder_decoder:
+      expected = reference.generate(input_ids=torch.tensor(prompts), decoder_start_token_id=0,
+                                    **options).numpy()[:, 1:]  # Drop the start token.
+      batch = {"encoder_input_tokens": prompts}
+    else:
+      expected = reference.generate(input_ids=torch.tensor(prompts), **options).numpy()[
+          :, prompts.shape[1]:]
+      batch = {"decoder_input_tokens": prompts, "decoder_causal_attention": np.ones_like(prompts)}
+  # HF stops once every row has ended, then pads with pad_token_id (0), as our rows do after EOS.
+  expected = np.pad(expected, ((0, 0), (0, new - expected.shape[1])))
+  tokens, _ = model.predict_batch(params, batch, max_new_tokens=new, eos_id=2)
+  np.testing.assert_array_equal(np.asarray(tokens)[:, 0], expected)
+
+
 def test_t5_v1_1_saved_by_new_transformers_reads_its_head_from_shared(tmp_path):
   # transformers >= 5 ties T5 v1.1's lm_head to `shared` and saves only `shared`.
   hf_dir = save_hf("t5_v1_1", tmp_path / "hf", untie_t5_head=False)
