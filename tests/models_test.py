@@ -114,3 +114,84 @@ def test_z_loss_and_label_smoothing_reach_the_loss():
   assert float(m_plain["z_loss"]) == 0.0 and float(m_reg["z_loss"]) > 0.0
   assert float(m_reg["cross_entropy"]) != pytest.approx(float(m_plain["cross_entropy"]))
   assert int(m_plain["num_tokens"]) == batch["decoder_loss_weights"].sum()
+
+
+# ------------------------------------------------------------------------------------ inference
+def _prompts(model):
+  """Two prompts of different lengths, right-padded, as seqio's converters lay them out."""
+  if model.family == "decoder":  # BOS then the prompt; decoder_causal_attention marks both.
+    return {"decoder_input_tokens": np.array([[0, 5, 6, 7, 8, 9], [0, 9, 4, 0, 0, 0]], np.int32),
+            "decoder_causal_attention": np.array([[1] * 6, [1, 1, 1, 0, 0, 0]], np.int32)}
+  return {"encoder_input_tokens": np.array([[5, 6, 7, 8, 9, 1], [9, 4, 1, 0, 0, 0]], np.int32)}
+
+
+def _init(model, batch):
+  return jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+
+
+@pytest.mark.parametrize("preset", ["llama_tiny", "t5_tiny"])
+def test_greedy_decoding_equals_one_beam_alone_or_batched_and_on_a_sharded_mesh(preset):
+  model = models.from_gin(preset)
+  prompts = _prompts(model)
+  params = _init(model, model.dummy_batch(2, {"inputs": 6, "targets": 6}))
+  greedy, scores = model.predict_batch(params, prompts, max_new_tokens=6)
+  beam, beam_scores = model.predict_batch(params, prompts, max_new_tokens=6, beam_size=1,
+                                          alpha=0.0)
+  assert greedy.shape == (2, 1, 6) and scores.shape == (2, 1)
+  np.testing.assert_array_equal(greedy, beam)
+  np.testing.assert_allclose(scores, beam_scores, rtol=1e-5)
+
+  # The short prompt decoded on its own (no padding) continues exactly as inside the batch.
+  alone = {name: value[1:, :3] for name, value in prompts.items()}
+  np.testing.assert_array_equal(model.predict_batch(params, alone, max_new_tokens=6)[0],
+                                greedy[1:])
+
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  shapes, specs = model.abstract_params(model.dummy_batch(2, {"inputs": 6, "targets": 6}))
+  sharded = jax.device_put(params, partitioning.tree_shardings(shapes, specs, mesh))
+  with partitioning.activation_sharding(mesh):
+    on_mesh, _ = model.predict_batch(sharded, jax.device_put(
+        {k: np.tile(v, (4, 1)) for k, v in prompts.items()}, partitioning.batch_sharding(mesh)),
+        max_new_tokens=6)
+  np.testing.assert_array_equal(on_mesh[:2], greedy)
+
+
+@pytest.mark.parametrize("preset", ["bert_tiny", "gpt2_tiny", "t5_tiny"])
+def test_score_batch_is_the_log_likelihood_of_the_weighted_targets(preset):
+  model = models.from_gin(preset, [f"{type(models.from_gin(preset)).__name__}.z_loss = 0.0"])
+  batch = _random_batch(model, batch_size=2)
+  params = _init(model, batch)
+  scores = model.score_batch(params, batch)
+  loss_fn = jax.jit(model.loss_fn)
+  for row in range(2):
+    one = {name: value[row:row + 1] for name, value in batch.items()}
+    _, metrics = loss_fn(params, one)
+    np.testing.assert_allclose(scores[row], -metrics["cross_entropy"] * metrics["num_tokens"],
+                               rtol=1e-4)
+
+
+def test_fill_mask_ranks_the_encoders_predictions_at_mask_positions():
+  model = models.from_gin("bert_tiny")
+  tokens = np.array([[5, 300, 7, 1, 0], [300, 300, 9, 1, 0]], np.int32)
+  params = _init(model, model.dummy_batch(2, {"inputs": 5}))
+  ids, probs, is_mask = model.fill_mask(params, tokens, mask_id=300, top_k=3)
+  np.testing.assert_array_equal(is_mask, tokens == 300)
+  logits = jax.jit(model.logits)(params, {"encoder_input_tokens": tokens})
+  np.testing.assert_array_equal(ids[..., 0], np.argmax(logits, -1))
+  np.testing.assert_allclose(probs[..., 0], np.max(jax.nn.softmax(logits), -1), rtol=1e-5)
+  assert ids.shape == (2, 5, 3) and np.all(np.diff(np.asarray(probs), axis=-1) <= 0)
+
+
+def test_decoding_bad_input_is_refused_with_the_fix():
+  model = models.from_gin("gpt2_tiny")  # max_length 512
+  params = _init(model, model.dummy_batch(1, {"targets": 4}))
+  prompts = _prompts(model)
+  with pytest.raises(ValueError, match="prompt \\+ new tokens.*max_length=512"):
+    model.predict_batch(params, prompts, max_new_tokens=510)
+  with pytest.raises(ValueError, match="top_p must be in \\(0, 1\\]"):
+    model.predict_batch(params, prompts, top_p=1.5)
+  with pytest.raises(ValueError, match="needs decoder_input_tokens"):
+    model.predict_batch(params, {"encoder_input_tokens": np.ones((1, 4), np.int32)})
+  bert = models.from_gin("bert_tiny")
+  with pytest.raises(ValueError, match="does not generate text"):
+    bert.predict_batch(None, {})
