@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sysconfig
 import threading
 from typing import Callable, Sequence
@@ -333,6 +334,10 @@ def tfds_corpus(name: str | None = None, data_dir: str | None = None, text_key: 
   return TfdsConfig(name, data_dir, text_key, train_split, validation_split)
 
 
+def _default_tfds_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
 class TfdsTextSource(seqio.DataSource):
   """seqio.TfdsDataSource built lazily from `config`, with `text_key` renamed to "text"."""
 
@@ -342,10 +347,22 @@ class TfdsTextSource(seqio.DataSource):
 
   def _resolve(self) -> tuple[TfdsConfig, seqio.TfdsDataSource]:
     config = self._config() if callable(self._config) else self._config
+    name = config.name
     if config.data_dir and not os.path.isdir(config.data_dir):
       raise CorpusError(f"TFDS data_dir {config.data_dir!r} does not exist.")
+    if ":" not in name:  # seqio wants "name:version": take the newest one prepared in data_dir
+      found = glob.glob(os.path.join(config.data_dir or _default_tfds_dir(), name, "*.*.*"))
+      versions = sorted((tuple(int(p) for p in v.split(".")), v) for v in map(os.path.basename,
+                                                                             found)
+                        if re.fullmatch(r"\d+\.\d+\.\d+", v))
+      if not versions:
+        raise CorpusError(
+            f"No prepared TFDS dataset {name!r} in {config.data_dir or _default_tfds_dir()!r} "
+            "(expected <data_dir>/<name>/<version>/). Prepare it there first (nothing is "
+            "downloaded at run time) or set tfds_corpus.data_dir.")
+      name = f"{name}:{versions[-1][1]}"
     split_map = {"train": config.train_split, "validation": config.validation_split}
-    return config, seqio.TfdsDataSource(tfds_name=config.name, tfds_data_dir=config.data_dir,
+    return config, seqio.TfdsDataSource(tfds_name=name, tfds_data_dir=config.data_dir,
                                         splits=split_map)
 
   @property
