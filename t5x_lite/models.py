@@ -333,5 +333,7 @@ def from_gin(preset: str, bindings: Sequence[str] = ()) -> BaseModel:
     names = sorted(f[:-4] for f in os.listdir(PRESET_DIR) if f.endswith(".gin"))
     raise ValueError(f"No model preset {preset!r}: not a file, and not one of {names}.")
   gin.clear_config()
-  gin.parse_config_files_and_bindings([path], list(bindings))
+  # Not finalized: a locked config would refuse modules imported later that register
+  # configurables (e.g. t5x_lite.data after loading a model).
+  gin.parse_config_files_and_bindings([path], list(bindings), finalize_config=False)
   return gin.query_parameter("%MODEL").scoped_configurable_fn()

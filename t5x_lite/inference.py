@@ -1,0 +1,233 @@
+"""The notebook API: from a params checkpoint to text in three lines, no gin knowledge needed.
+
+    import t5x_lite
+    m = t5x_lite.load("/tmp/t5x_lite_quickstart")         # any params checkpoint directory
+    m.generate(["def fib(n):"], max_new_tokens=40, temperature=0.7)
+    m.score(["def fib(n):"], ["\n    return n"])            # log-likelihoods
+    t5x_lite.load(bert_dir).fill_mask("import [MASK]s")      # encoder-only (BERT) models
+
+The vocabulary that turns text into ids comes from, in order: `load(..., vocabulary=)`, a
+SentencePiece `vocab.model` file in the checkpoint directory, the `get_vocabulary` bindings of
+the `config.gin` a training run writes there, and otherwise seqio's byte vocabulary.
+
+What the text means follows the seqio tasks the models train on: a decoder-only model continues
+the prompt ([BOS] + prompt, as `*_clm` tasks), an encoder-decoder model reads it as its inputs
+with EOS appended (as text-to-text and span-corruption tasks); both stop at EOS.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from t5x_lite import checkpoints, models
+
+SPM_FILE = "vocab.model"
+TRAIN_CONFIG = "config.gin"
+MASK = "[MASK]"
+
+
+def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
+  """A model and its parameters from a params checkpoint (params/ + model.gin), ready to use.
+
+  Args:
+    checkpoint_dir: written by `checkpoints.save_params`, a training run's MODEL_DIR, or
+      tools/convert_checkpoint.py.
+    vocabulary: a seqio Vocabulary or a SentencePiece model path; default: see module docstring.
+  """
+  gin_path = os.path.join(checkpoint_dir, checkpoints.MODEL_GIN)
+  if not os.path.exists(gin_path):
+    raise FileNotFoundError(
+        f"{checkpoint_dir!r} has no {checkpoints.MODEL_GIN}: t5x_lite.load needs a params "
+        "checkpoint (params/ + model.gin), as written by checkpoints.save_params, a training run's "
+        "MODEL_DIR or tools/convert_checkpoint.py.")
+  model = models.from_gin(gin_path)
+  vocab = _vocabulary(checkpoint_dir, vocabulary)
+  if vocab.vocab_size > model.config.vocab_size:
+    raise ValueError(
+        f"The vocabulary ({vocab}, {vocab.vocab_size} ids) does not fit the checkpoint's model "
+        f"(vocab_size={model.config.vocab_size}): it is not the vocabulary the model was trained "
+        f"with. Pass load(..., vocabulary=) the right one, or put its SentencePiece model in "
+        f"{os.path.join(checkpoint_dir, SPM_FILE)}.")
+  return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab)
+
+
+def _vocabulary(checkpoint_dir: str, vocabulary):
+  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top  # TensorFlow
+  if vocabulary is not None:
+    if isinstance(vocabulary, str):
+      return vocabularies.get_vocabulary("sentencepiece", vocabulary)
+    return vocabulary
+  spm_path = os.path.join(checkpoint_dir, SPM_FILE)
+  if os.path.exists(spm_path):
+    return vocabularies.get_vocabulary("sentencepiece", spm_path)
+  return vocabularies.get_vocabulary(**_trained_vocabulary_bindings(checkpoint_dir))
+
+
+def _trained_vocabulary_bindings(checkpoint_dir: str) -> dict:
+  """`get_vocabulary.NAME = VALUE` lines of a training run's config.gin, as keyword arguments."""
+  path = os.path.join(checkpoint_dir, TRAIN_CONFIG)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    found = re.findall(r"^get_vocabulary\.(\w+)\s*=\s*(.+?)\s*$", f.read(), re.MULTILINE)
+  return {name: ast.literal_eval(value) for name, value in found}
+
+
+class LoadedModel:
+  """A model, its parameters and its vocabulary: text in, text (or scores) out."""
+
+  def __init__(self, model: models.BaseModel, params, vocabulary):
+    self.model = model
+    self.params = params
+    self.vocabulary = vocabulary
+    self.family = model.config.family
+
+  def __repr__(self):
+    return (f"LoadedModel({type(self.model).__name__}, {self.model.num_params():,} parameters, "
+            f"max_length={self.model.config.max_length}, vocabulary={self.vocabulary})")
+
+  # -- generation -------------------------------------------------------------------------------
+  def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               num_decodes: int = 1, beam_size: int = 0, alpha: float = 0.6,
+               seed: int = 0) -> list:
+    """The text generated for each prompt (without the prompt, up to EOS).
+
+    temperature 0 is greedy; top_k / top_p restrict sampling; beam_size >= 1 runs beam search
+    with T5X's length penalty `alpha`. With num_decodes > 1 or beam search, each prompt gets a
+    list of all its samples or beams, best first; otherwise one string.
+    """
+    if isinstance(prompts, str):
+      raise TypeError("generate takes a list of prompts, e.g. generate([\"Hello\"]).")
+    self._check_generates()
+    encoded = [self._encode(p, eos=self.family == "encoder_decoder") for p in prompts]
+    limit = (self.model.config.max_length - max_new_tokens if self.family == "decoder"
+             else self.model.config.max_length)
+    self._check_lengths(encoded, limit - (self.family == "decoder"),
+                        f"with max_new_tokens={max_new_tokens} ")
+    rows = _bucket(len(encoded))
+    if self.family == "decoder":
+      width = min(_bucket(1 + max(map(len, encoded))), limit)
+      tokens = np.zeros((rows, width), np.int32)
+      prompt = np.zeros((rows, width), np.int32)
+      prompt[len(encoded):, 0] = 1  # Filler rows: BOS alone.
+      for row, ids in enumerate(encoded):
+        tokens[row, 1:1 + len(ids)] = ids
+        prompt[row, :1 + len(ids)] = 1
+      batch = {"decoder_input_tokens": tokens, "decoder_causal_attention": prompt}
+    else:
+      batch = {"encoder_input_tokens": _pad(encoded, rows, min(_bucket(max(map(len, encoded))),
+                                                                limit))}
+    outputs, _ = self.model.predict_batch(
+        self.params, batch, rng=jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, num_decodes=num_decodes,
+        beam_size=beam_size, alpha=alpha)
+    texts = [[self._decode(seq) for seq in row] for row in np.asarray(outputs)[:len(prompts)]]
+    return [row[0] for row in texts] if num_decodes == 1 and not beam_size else texts
+
+  def score(self, inputs: Sequence[str], targets: Sequence[str]) -> list[float]:
+    """log p(target | input) for each pair (natural log, summed over the target's tokens).
+
+    A decoder-only model scores the target as a continuation of the input; an encoder-decoder
+    model scores it (with EOS) as the output for the input (with EOS).
+    """
+    if isinstance(inputs, str) or isinstance(targets, str) or len(inputs) != len(targets):
+      raise ValueError("score takes two lists of the same length: inputs and their targets.")
+    self._check_generates()
+    ende = self.family == "encoder_decoder"
+    sources = [self._encode(text, eos=ende) for text in inputs]
+    outputs = [self._encode(text, eos=ende) for text in targets]
+    if any(not ids for ids in outputs):
+      raise ValueError("Every target needs at least one token; an empty target has nothing to "
+                       "score.")
+    max_length = self.model.config.max_length
+    rows = _bucket(len(inputs))
+    if ende:
+      self._check_lengths(sources, max_length, "")
+      self._check_lengths(outputs, max_length, "")
+      width = min(_bucket(max(map(len, outputs))), max_length)
+      targets_array = _pad(outputs, rows, width)
+      batch = {"encoder_input_tokens": _pad(sources, rows, min(_bucket(max(map(len, sources))),
+                                                                max_length)),
+               "decoder_target_tokens": targets_array,
+               "decoder_input_tokens": np.pad(targets_array[:, :-1], ((0, 0), (1, 0))),
+               "decoder_loss_weights": (targets_array > 0).astype(np.int32)}
+    else:
+      joined = [s + t for s, t in zip(sources, outputs)]
+      self._check_lengths(joined, max_length - 1, "(input + target) ")
+      width = min(_bucket(1 + max(map(len, joined))), max_length)
+      targets_array = _pad(joined, rows, width)
+      weights = np.zeros_like(targets_array)
+      prompt = np.zeros_like(targets_array)  # BOS and the input, as seqio's PrefixLM marks them.
+      for row, (source, output) in enumerate(zip(sources, outputs)):
+        weights[row, len(source):len(source) + len(output)] = 1
+        prompt[row, :1 + len(source)] = 1
+      batch = {"decoder_target_tokens": targets_array,
+               "decoder_input_tokens": np.pad(targets_array[:, :-1], ((0, 0), (1, 0))),
+               "decoder_loss_weights": weights, "decoder_causal_attention": prompt}
+    return [float(s) for s in np.asarray(self.model.score_batch(self.params, batch))[:len(inputs)]]
+
+  # -- masked LM --------------------------------------------------------------------------------
+  def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
+    """For each [MASK] in `text`, the top_k tokens an encoder-only model predicts there:
+    [{"token": id, "text": str, "prob": p}, ...] best first, one list per [MASK]."""
+    if self.family != "encoder":
+      raise ValueError(f"fill_mask needs an encoder-only (BERT) model; this checkpoint is "
+                       f"family={self.family!r}: use generate or score.")
+    if MASK not in text:
+      raise ValueError(f"fill_mask: put {MASK} where a token should be predicted, e.g. "
+                       f"'import [MASK]s'; got {text!r}.")
+    from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top
+    mask_id = vocabularies.mask_id(self.vocabulary)
+    ids = []
+    for i, piece in enumerate(text.split(MASK)):
+      ids += ([mask_id] if i else []) + (self._encode(piece, eos=False) if piece else [])
+    ids.append(self.vocabulary.eos_id)  # MLM tasks append EOS to their inputs.
+    self._check_lengths([ids], self.model.config.max_length, "")
+    tokens = _pad([ids], 1, min(_bucket(len(ids)), self.model.config.max_length))
+    top_ids, probs, is_mask = self.model.fill_mask(self.params, tokens, mask_id, top_k)
+    top_ids, probs = np.asarray(top_ids)[0], np.asarray(probs)[0]
+    return [[{"token": int(t), "text": self.vocabulary.decode([int(t)]), "prob": float(p)}
+             for t, p in zip(top_ids[position], probs[position])]
+            for position in np.flatnonzero(np.asarray(is_mask)[0])]
+
+  # -- helpers ----------------------------------------------------------------------------------
+  def _check_generates(self):
+    if self.family == "encoder":
+      raise ValueError("This checkpoint is an encoder-only (BERT) model: it does not generate or "
+                       "score text left to right; use fill_mask.")
+
+  def _encode(self, text: str, eos: bool) -> list[int]:
+    return list(self.vocabulary.encode(text)) + ([self.vocabulary.eos_id] if eos else [])
+
+  def _decode(self, ids) -> str:
+    ids = [int(t) for t in ids]
+    if self.vocabulary.eos_id in ids:
+      ids = ids[:ids.index(self.vocabulary.eos_id)]
+    return self.vocabulary.decode([t for t in ids if t != 0])
+
+  def _check_lengths(self, encoded, limit: int, what: str):
+    for i, ids in enumerate(encoded):
+      if len(ids) > limit:
+        raise ValueError(
+            f"Text {i} is {len(ids)} tokens long; {what}this model (max_length="
+            f"{self.model.config.max_length}) takes at most {limit}. Shorten it"
+            + (" or ask for fewer new tokens." if what.startswith("with") else "."))
+
+
+def _bucket(n: int) -> int:
+  """n rounded up to a power of two (at least 8): calls with similar sizes share one compiled
+  decoder instead of compiling for every new prompt length or batch size."""
+  return max(8, 1 << (n - 1).bit_length())
+
+
+def _pad(rows: Sequence[Sequence[int]], num_rows: int, width: int) -> np.ndarray:
+  out = np.zeros((num_rows, width), np.int32)
+  for i, ids in enumerate(rows):
+    out[i, :len(ids)] = ids
+  return out

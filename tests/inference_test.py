@@ -1,0 +1,112 @@
+"""The notebook API on params checkpoints written here: t5x_lite.load -> generate / score /
+fill_mask, with the byte vocabulary."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import t5x_lite
+from t5x_lite import checkpoints, models
+
+PATTERN = "abcd" * 40
+
+
+def _save(directory, model, params):
+  checkpoints.save_params(str(directory), params, checkpoints.model_gin(model))
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+  """gpt2_tiny trained until it continues "abcd" repeated."""
+  model = models.from_gin("gpt2_tiny")
+  ids = np.array([[0] + [ord(c) + 3 for c in PATTERN]], np.int32)  # Byte ids are byte + 3.
+  batch = {"decoder_input_tokens": ids[:, :-1], "decoder_target_tokens": ids[:, 1:],
+           "decoder_loss_weights": np.ones_like(ids[:, 1:])}
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+  optimizer = optax.adam(3e-3)
+
+  @jax.jit
+  def train(params):
+    def step(carry, _):
+      params, opt_state = carry
+      grads = jax.grad(lambda p: model.loss_fn(p, batch)[0])(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), None
+    return jax.lax.scan(step, (params, optimizer.init(params)), None, length=60)[0][0]
+  return _save(tmp_path_factory.mktemp("gpt"), model, train(params))
+
+
+def test_import_is_cheap_and_load_is_imported_on_first_use():
+  code = ("import sys, t5x_lite; heavy = [m for m in ('jax', 'tensorflow') if m in sys.modules]; "
+          "assert not heavy, heavy; assert callable(t5x_lite.load)")
+  subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_generate_continues_the_learned_pattern(gpt_dir):
+  m = t5x_lite.load(gpt_dir)
+  assert m.generate(["abcdab", "cd"], max_new_tokens=10) == ["cdabcdabcd", "abcdabcdab"]
+  samples = m.generate(["abcdab"], max_new_tokens=6, temperature=0.5, top_k=2, num_decodes=3,
+                       seed=1)
+  assert len(samples) == 1 and len(samples[0]) == 3 and all(len(s) == 6 for s in samples[0])
+  assert m.generate(["abcdab"], max_new_tokens=6, beam_size=2)[0][0] == "cdabcd"
+
+
+def test_score_follows_the_chain_rule_and_prefers_the_pattern(gpt_dir):
+  m = t5x_lite.load(gpt_dir)
+  conditional, wrong = m.score(["abcdab", "abcdab"], ["cdab", "dcba"])
+  joint, prefix = m.score(["", ""], ["abcdabcdab", "abcdab"])
+  np.testing.assert_allclose(conditional, joint - prefix, rtol=1e-4, atol=1e-3)
+  assert conditional > wrong and conditional > -1.0
+
+
+def test_long_prompts_and_bad_decoding_parameters_are_refused(gpt_dir):
+  m = t5x_lite.load(gpt_dir)  # max_length 512
+  with pytest.raises(ValueError, match="Text 0 is 600 tokens long; with max_new_tokens=20"):
+    m.generate(["x" * 600], max_new_tokens=20)
+  with pytest.raises(ValueError, match="temperature must be >= 0"):
+    m.generate(["abc"], temperature=-1.0)
+  with pytest.raises(ValueError, match="fill_mask needs an encoder-only"):
+    m.fill_mask("a[MASK]c")
+
+
+def test_encoder_decoder_generates_the_same_text_alone_or_batched(tmp_path):
+  model = models.from_gin("t5_tiny")
+  params = jax.jit(model.init)(jax.random.PRNGKey(0),
+                               model.dummy_batch(1, {"inputs": 8, "targets": 8}))
+  m = t5x_lite.load(_save(tmp_path, model, params))
+  batched = m.generate(["translate: hello", "hi"], max_new_tokens=8)
+  assert m.generate(["hi"], max_new_tokens=8) == batched[1:]
+  assert len(m.score(["hi"], ["there"])) == 1
+
+
+def test_fill_mask_returns_the_encoders_top_tokens_as_text(tmp_path):
+  model = models.from_gin("bert_tiny")
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(1, {"inputs": 8}))
+  params["mlm_bias"] = params["mlm_bias"].at[ord("z") + 3].set(50.0)  # Force "z" everywhere.
+  m = t5x_lite.load(_save(tmp_path, model, params))
+  predictions = m.fill_mask("pi[MASK]a and [MASK]", top_k=3)
+  assert len(predictions) == 2 and all(len(p) == 3 for p in predictions)
+  assert predictions[0][0]["text"] == "z" and predictions[0][0]["prob"] > 0.99
+  assert predictions[1][0]["token"] == ord("z") + 3
+  with pytest.raises(ValueError, match="put \\[MASK\\] where"):
+    m.fill_mask("no mask here")
+  with pytest.raises(ValueError, match="use fill_mask"):
+    m.generate(["pizza"])
+
+
+def test_a_vocabulary_the_model_cannot_hold_is_refused(tmp_path):
+  model = models.from_gin("gpt2_tiny", ["TransformerConfig.vocab_size = 256"])
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(1, {"targets": 4}))
+  directory = _save(tmp_path, model, params)
+  with pytest.raises(ValueError, match="360 ids.*vocab_size=256.*not the vocabulary"):
+    t5x_lite.load(directory)
+  with open(os.path.join(directory, "config.gin"), "w") as f:  # What a training run leaves.
+    f.write("get_vocabulary.kind = 'sentencepiece'\nget_vocabulary.spm_path = '/nonexistent.model'\n")
+  with pytest.raises(FileNotFoundError, match="nonexistent.model"):
+    t5x_lite.load(directory)
