@@ -12,11 +12,15 @@ A *train-state checkpoint* (`CheckpointManager`) lives in MODEL_DIR/checkpoints/
   data/    the data-iterator position: how many batches the run has consumed, so a resumed run
            fast-forwards its (seeded, deterministic) input pipeline to exactly where it stopped.
 Orbax writes each step into a temporary directory and renames it only once complete, so a
-crash mid-save never leaves a checkpoint that a later resume would pick up. Restoring takes
-abstract arrays carrying shardings, so a checkpoint written on one mesh restores onto another.
+crash (or a full disk) mid-save never leaves a checkpoint that a later resume would pick up, and
+the previous one stays usable. A finished checkpoint damaged later (truncated by a copy, a disk
+error) is set aside as <step>.corrupt and the resume falls back to the previous good step.
+Restoring takes abstract arrays carrying shardings, so a checkpoint written on one mesh restores
+onto another.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -128,9 +132,12 @@ class CheckpointManager:
                        f"({max_to_keep}) must be >= 1.")
     self.directory = os.path.join(os.path.abspath(model_dir), self.SUBDIR)
     self.save_interval_steps = save_interval_steps
+    self.restored_step: Optional[int] = None  # the step `restore` read (after any fallback)
+    self._saving: Optional[int] = None  # the step whose asynchronous write may be under way
     # The interval is applied in `save` (Orbax alone would also save the very first step).
+    # Temporary directories of saves cut short (a kill, a full disk) are removed on start-up.
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        save_interval_steps=1, max_to_keep=max_to_keep,
+        save_interval_steps=1, max_to_keep=max_to_keep, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save, create=True),
         # Named handlers let a fresh manager read metadata of existing steps before any save.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -144,33 +151,96 @@ class CheckpointManager:
 
   def save(self, step: int, state: Any, batches_consumed: int, force: bool = False) -> bool:
     """Saves if `step` is a multiple of the interval (or `force`); returns whether a save was
-    started."""
+    started. Raises OSError naming the fix if this or the previous asynchronous save failed."""
     if (step % self.save_interval_steps and not force) or step in self._manager.all_steps():
       return False
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"batches_consumed": int(batches_consumed)})), force=force)
+    with self._explain_save_errors():
+      started = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave({"batches_consumed": int(batches_consumed)})), force=force)
+    self._saving = step if started else self._saving
+    return started
+
+  @contextlib.contextmanager
+  def _explain_save_errors(self):
+    """Orbax reports a failed background write (e.g. no space left) at the next call."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      good = [s for s in self.all_steps() if s != self._saving]
+      raise OSError(
+          f"Saving train-state checkpoint step {self._saving} to {self.directory} failed: "
+          f"{type(e).__name__}: {e}. The unfinished save is ignored on resume; "
+          + (f"the previous checkpoint (step {max(good)}) is intact. " if good else "")
+          + "Free disk space (or point MODEL_DIR to a larger disk) and rerun to resume.") from e
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, int]:
-    """(state, batches_consumed) of `step` (default: the latest), laid out as `abstract_state`
-    says (ShapeDtypeStructs with shardings: any mesh or device count)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """(state, batches_consumed) of `step` (default: the newest readable one), laid out as
+    `abstract_state` says (ShapeDtypeStructs with shardings: any mesh or device count).
+
+    Without `step`, a checkpoint that cannot be read (truncated or damaged files) is renamed to
+    <step>.corrupt, with a warning, and the previous step is tried: a resume never reads a
+    damaged checkpoint and never stops at one. A checkpoint of another model shape is an error.
+    """
+    steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise FileNotFoundError(f"No train-state checkpoint in {self.directory}.")
-    metadata = self._manager.item_metadata(step)["state"]
-    tree = getattr(metadata, "tree", metadata)
-    if hasattr(abstract_state, "params"):  # a TrainState: name the parameters that differ
-      check_shapes(tree["params"], abstract_state.params, f"Checkpoint {self.directory}/{step}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    logging.info("Restored step %d from %s.", step, self.directory)
-    return restored.state, int(restored.data["batches_consumed"])
+    set_aside = []
+    for candidate in steps:
+      try:
+        metadata = self._manager.item_metadata(candidate)["state"]
+        tree = getattr(metadata, "tree", metadata)
+        if tree is None:
+          raise FileNotFoundError("no state/ metadata")
+      except Exception as e:  # pylint: disable=broad-except  # any damage: try the previous step
+        if step is not None:
+          raise
+        set_aside.append(self._set_aside(candidate, e))
+        continue
+      if hasattr(abstract_state, "params"):  # a TrainState: name the parameters that differ
+        check_shapes(tree["params"], abstract_state.params,
+                     f"Checkpoint {self.directory}/{candidate}")
+      try:
+        restored = self._manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        consumed = int(restored.data["batches_consumed"])
+      except Exception as e:  # pylint: disable=broad-except
+        if step is not None:
+          raise
+        set_aside.append(self._set_aside(candidate, e))
+        continue
+      if set_aside:
+        logging.warning("Resuming from step %d, the newest readable checkpoint in %s.",
+                        candidate, self.directory)
+      self.restored_step = candidate
+      return restored.state, consumed
+    raise ValueError(
+        f"No readable train-state checkpoint in {self.directory}: all were damaged and set "
+        f"aside as {set_aside}. Rerun to start from step 0, or copy good checkpoints back.")
+
+  def _set_aside(self, step: int, error: Exception) -> str:
+    """Renames a damaged step directory so that no resume (nor a later save of the same step)
+    trips over it again; it is kept for inspection."""
+    path = os.path.join(self.directory, str(step))
+    target = path + ".corrupt"
+    if jax.process_index() == 0:
+      suffix = 1
+      while os.path.exists(target):
+        target, suffix = f"{path}.corrupt{suffix}", suffix + 1
+      os.rename(path, target)
+    logging.warning("Train-state checkpoint %s is unreadable (%s: %s); set aside as %s, falling "
+                    "back to the previous step.", path, type(error).__name__,
+                    str(error)[:300], target)
+    self._manager.reload()
+    return target
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    with self._explain_save_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._explain_save_errors():
+      self._manager.close()
 
   def __enter__(self):
     return self

@@ -1,5 +1,7 @@
 """Params checkpoints, the model gin, and train-state checkpoints across meshes."""
 import os
+import resource
+import signal
 
 import jax
 import numpy as np
@@ -104,3 +106,72 @@ def test_loading_params_into_another_shape_or_from_nowhere_says_so(tmp_path):
     checkpoints.load_params(str(tmp_path), shapes)
   with pytest.raises(FileNotFoundError, match="No params checkpoint"):
     checkpoints.load_params(str(tmp_path / "missing"), shapes)
+
+
+def small_state(step):
+  """200 kB of incompressible numbers, different at every step."""
+  return {"w": np.random.default_rng(step).random(50_000, dtype=np.float32)}
+
+
+def small_run(directory, steps=(2, 4)):
+  """A manager holding train-state checkpoints of a small state at `steps`."""
+  manager = checkpoints.CheckpointManager(str(directory), save_interval_steps=2)
+  for step in steps:
+    manager.save(step, small_state(step), batches_consumed=10 * step)
+  manager.wait_until_finished()
+  return manager
+
+
+ABSTRACT = {"w": jax.ShapeDtypeStruct((50_000,), np.float32)}
+
+
+@pytest.mark.parametrize("damage", ["truncate arrays", "delete metadata", "garble position"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_step_restored(tmp_path, damage):
+  small_run(tmp_path).close()
+  step_dir = tmp_path / "checkpoints" / "4"
+  if damage == "truncate arrays":  # e.g. a copy cut short
+    for path in (step_dir / "state").rglob("d/*"):
+      os.truncate(path, path.stat().st_size // 2)
+  elif damage == "delete metadata":
+    os.remove(step_dir / "state" / "_METADATA")
+  else:
+    (step_dir / "data" / "metadata").write_text('{"batches_cons')
+  with checkpoints.CheckpointManager(str(tmp_path), save_interval_steps=2) as manager:
+    state, consumed = manager.restore(ABSTRACT)
+    assert manager.restored_step == 2 and consumed == 20
+    np.testing.assert_array_equal(state["w"], small_state(2)["w"])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4.corrupt"]  # kept to inspect
+    # Training on re-saves step 4, which the next resume reads.
+    assert manager.save(4, small_state(4), batches_consumed=40)
+    manager.wait_until_finished()
+    assert manager.restore(ABSTRACT)[1] == 40
+
+
+def test_all_checkpoints_damaged_says_so(tmp_path):
+  small_run(tmp_path, steps=(2,)).close()
+  os.remove(tmp_path / "checkpoints" / "2" / "state" / "_METADATA")
+  with checkpoints.CheckpointManager(str(tmp_path)) as manager:
+    with pytest.raises(ValueError, match=r"No readable train-state checkpoint.*2\.corrupt.*Rerun"):
+      manager.restore(ABSTRACT)
+
+
+def test_a_disk_filling_up_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+  """A file-size limit (RLIMIT_FSIZE, as a quota would) makes the write of step 4 fail."""
+  manager = small_run(tmp_path, steps=(2,))
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+  resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+  try:
+    with pytest.raises(OSError, match=r"step 4 .*File too large.*the previous checkpoint "
+                                      r"\(step 2\) is intact.*Free disk space"):
+      manager.save(4, small_state(4), batches_consumed=40)
+      manager.wait_until_finished()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  manager.close()
+  with checkpoints.CheckpointManager(str(tmp_path)) as manager:
+    state, consumed = manager.restore(ABSTRACT)
+    assert manager.restored_step == 2 and consumed == 20
+    np.testing.assert_array_equal(state["w"], small_state(2)["w"])
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # the partial save is cleaned up
