@@ -102,13 +102,22 @@ def accumulate_gradients(model, params, batch, rng, num_microbatches: int):
 
 def train_step(model, optimizer: Optimizer, num_microbatches: int, state: TrainState,
                batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on `batch`; a pure function of (state, batch)."""
+  """One optimizer update on `batch`; a pure function of (state, batch).
+
+  If the loss or the gradient norm is not finite (NaN/Inf), the update is skipped: parameters
+  and optimizer state stay as they were, the step still advances (so the data position and the
+  schedule stay aligned), and metrics["nonfinite"] is 1. The caller decides whether to go on.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
   grads, metrics = accumulate_gradients(model, state.params, batch, rng, num_microbatches)
   updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                   (params, opt_state), (state.params, state.opt_state))
   metrics = dict(metrics, learning_rate=jnp.asarray(optimizer.schedule(state.step), jnp.float32),
-                 grad_norm=optax.tree.norm(grads))
+                 grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -79,6 +79,26 @@ def test_batches_of_another_shape_are_refused(gpt2):
     trainer.train_step(trainer.init_state(), partitioning.host_to_global(short, trainer.mesh))
 
 
+def test_a_step_with_a_non_finite_loss_is_skipped_and_flagged(gpt2):
+  """An embedding row that overflows makes the loss NaN: the update is skipped bitwise and
+  flagged (the train job's on_nonfinite policy decides what happens next)."""
+  trainer, batch = gpt2
+  batch = partitioning.host_to_global(batch, trainer.mesh)
+  state = trainer.init_state(seed=3)
+  embedding = state.params["token_embed"]["embedding"]
+  embedding = jax.device_put(embedding.at[7].set(3e38), embedding.sharding)
+  state = trainer.state_from_params(dict(state.params, token_embed={"embedding": embedding}))
+  before = jax.device_get(state)
+  state, metrics = trainer.train_step(state, batch)
+  assert not np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 1.0
+  assert int(state.step) == 1  # the step (and so the data position) still advances
+  for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
+                  jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state), strict=True):
+    np.testing.assert_array_equal(a, b)
+  _, metrics = trainer.train_step(trainer.init_state(seed=3), batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["nonfinite"]) == 0.0
+
+
 def test_state_from_params_starts_fresh_around_given_parameters(gpt2):
   trainer, _ = gpt2
   params = trainer.init_state(seed=7).params
