@@ -25,15 +25,19 @@ if __name__ == "__main__":
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import ast
+import contextlib
 import itertools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from t5x_lite import checkpoints, optimizers, partitioning, trainer as trainer_lib
@@ -118,6 +122,142 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+# ---------------------------------------------------------------------------- reliability
+
+class Preempted(SystemExit):
+  """Raised once SIGTERM's final checkpoint is written. Exit status 143 (as if killed by SIGTERM)
+  tells a scheduler the run was interrupted, not finished: rerunning resumes it."""
+
+  def __init__(self, message: str):
+    super().__init__(143)
+    self.message = message
+
+
+@contextlib.contextmanager
+def sigterm_received():
+  """Yields a list that becomes non-empty when SIGTERM arrives: the preemption notice that TPU
+  VMs, spot instances and Kubernetes send before killing. Off the main thread (where Python
+  cannot install handlers) it never fills."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+class NonFiniteGuard:
+  """Acts on the steps whose loss or gradient norm was NaN/Inf (the trainer skipped their
+  update). The per-step flags stay on the device and are fetched with the logged metrics or
+  before a checkpoint, so the guard adds no host sync of its own.
+
+  policy: "skip" counts and reports such steps and goes on; "stop" raises FloatingPointError
+  before any further checkpoint is written.
+  """
+  POLICIES = ("skip", "stop")
+
+  def __init__(self, policy: str, where: str):
+    if policy not in self.POLICIES:
+      raise ValueError(f"train.on_nonfinite={policy!r}: choose one of {self.POLICIES}.")
+    self.policy, self.where, self.skipped = policy, where, 0
+    self._pending = []  # (step, index of its batch in the training stream, device flag)
+
+  def add(self, step: int, batch_index: int, flag: jax.Array) -> None:
+    self._pending.append((step, batch_index, flag))
+
+  def check(self) -> None:
+    pending, self._pending = jax.device_get(self._pending), []
+    for step, batch_index, flag in pending:
+      if not flag:
+        continue
+      self.skipped += 1
+      message = (f"Step {step}: the loss or gradient norm is not finite; its update was skipped. "
+                 f"It trained on batch {batch_index} of {self.where} (read it with "
+                 f"train.train_batches(..., skip={batch_index}) and next()).")
+      if self.policy == "stop":
+        raise FloatingPointError(
+            message + " No checkpoint was written after it. Inspect that batch, lower the "
+            "learning rate (or clip gradients), or set train.on_nonfinite = 'skip' to skip "
+            "such steps and go on.")
+      _log(f"{message} ({self.skipped} skipped so far)")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_finite_before_saving(state, step: int) -> None:
+  """The last line of defence: a checkpoint holding NaN/Inf is never written."""
+  if not bool(_all_finite((state.params, state.opt_state))):
+    raise FloatingPointError(
+        f"Step {step}: the parameters or optimizer state hold NaN/Inf, so no checkpoint was "
+        "written (the last one is still good). Was INITIAL_CHECKPOINT_PATH already non-finite? "
+        "Otherwise lower the learning rate or enable gradient clipping.")
+
+
+def estimate_memory_per_device(trainer) -> dict[str, float]:
+  """Bytes per device a train step needs, estimated before compiling: the train state's shard
+  and the gradients (exact, from the shardings), activations kept for the backward pass (an
+  estimate: ~16 [b, l, d]-sized and 3 [b, l, f]-sized tensors per layer, 2 [b, h, l, l]
+  attention maps, 3 [b, l, vocab] logits; only the layer inputs with remat)."""
+  def shard_bytes(leaf):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    return float(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  state = sum(shard_bytes(x) for x in jax.tree.leaves(trainer.abstract_state))
+  grads = sum(shard_bytes(x) for x in jax.tree.leaves(trainer.abstract_state.params))
+  cfg = trainer.model.config
+  data_shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+  tensor = trainer.mesh.shape["tensor"]
+  itemsize = np.dtype(cfg.dtype).itemsize
+  activations = 0.0
+  for name, shape in trainer.batch_shapes.items():
+    if name not in ("encoder_input_tokens", "decoder_input_tokens"):
+      continue
+    b = shape[0] / data_shards / trainer.num_microbatches
+    l = shape[1]
+    layers = cfg.num_layers if name == "encoder_input_tokens" or cfg.family == "decoder" else (
+        cfg.resolved_num_decoder_layers)
+    if cfg.remat_policy == "none":
+      per_layer = b * l * (16 * cfg.d_model + 3 * cfg.d_ff / tensor) + (
+          2 * b * cfg.num_heads / tensor * l * l)
+    else:
+      per_layer = 2 * b * l * cfg.d_model
+    activations += layers * per_layer * itemsize + 3 * b * l * cfg.vocab_size / tensor * 4
+  return {"state": state, "gradients": grads, "activations": activations,
+          "total": state + grads + activations}
+
+
+def available_memory_per_device() -> float:
+  """Free bytes per local device: the accelerator's limit, or on CPU the host's available
+  memory shared by the (possibly simulated) local devices."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  with open("/proc/meminfo") as f:
+    meminfo = dict(line.split(":", 1) for line in f)
+  return float(meminfo["MemAvailable"].split()[0]) * 1024 / jax.local_device_count()
+
+
+def check_memory(trainer) -> None:
+  """Refuses, with the estimate, a run that cannot fit before spending minutes compiling it."""
+  need, have = estimate_memory_per_device(trainer), available_memory_per_device()
+  if need["total"] > have:
+    gib = {k: f"{v / 2**30:.2f}" for k, v in need.items()}
+    raise MemoryError(
+        f"This run needs about {gib['total']} GiB per device (train state {gib['state']}, "
+        f"gradients {gib['gradients']}, activations {gib['activations']}) but "
+        f"{have / 2**30:.2f} GiB are available per device. Lower BATCH_SIZE or the "
+        "TASK_FEATURE_LENGTHS, raise train.num_microbatches, set TransformerConfig.remat_policy, "
+        "shard more (make_mesh.fsdp / .tensor), or use a smaller model.")
+
+
 # ---------------------------------------------------------------------------- the job
 
 @gin.configurable(module="t5x_lite.train")
@@ -128,18 +268,24 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           mesh_fn: Callable = partitioning.make_mesh, initial_checkpoint_path: Optional[str] = None,
           seed: int = 0, num_microbatches: int = 1, log_every: int = 50, eval_every: int = 500,
           eval_batches: int = 10, checkpoint_every: int = 1000, keep_checkpoints: int = 3,
-          sample_prompts: Sequence[str] = (), sample_length: int = 64,
-          sample_temperature: float = 0.0) -> dict[str, float]:
+          on_nonfinite: str = "skip", sample_prompts: Sequence[str] = (),
+          sample_length: int = 64, sample_temperature: float = 0.0) -> dict[str, float]:
   """Trains `model` for `train_steps` optimizer steps on global batches of `batch_size`.
 
   Resumes from the newest checkpoint in `model_dir` if there is one; otherwise starts from
   `initial_checkpoint_path` (a params checkpoint: its parameters, a fresh optimizer) if given,
   else from a random initialisation. Returns the last validation metrics.
 
+  Crash safety: checkpoints are written asynchronously every `checkpoint_every` steps, a
+  damaged one is skipped on resume, and SIGTERM (a preemption notice) writes a final checkpoint
+  and exits with status 143. A step whose loss or gradient is NaN/Inf is not applied;
+  `on_nonfinite` ("skip" or "stop") says whether the run goes on (see NonFiniteGuard).
+
   After training, `sample_prompts` are continued for `sample_length` tokens with the model's
   `predict_batch` (greedy, or sampled at `sample_temperature`) and printed.
   """
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
+  guard = NonFiniteGuard(on_nonfinite, f"{mixture_or_task_name!r} split 'train' (seed {seed})")
   optimizer = optimizer or optimizers.create_optimizer()
   mesh = mesh_fn()
   family = model.config.family
@@ -169,9 +315,10 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   first = next(first_batches)
   batch_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
   trainer = trainer_lib.Trainer(model, optimizer, mesh, batch_shapes, num_microbatches)
+  check_memory(trainer)
   if resume_step is not None:
-    state, consumed = ckpt.restore(trainer.abstract_state)
-    _log(f"Resumed from {ckpt.directory}/{resume_step} ({consumed} batches consumed).")
+    state, consumed = ckpt.restore(trainer.abstract_state)  # the newest undamaged step
+    _log(f"Resumed from {ckpt.directory}/{ckpt.restored_step} ({consumed} batches consumed).")
     batches = train_batches(mixture_or_task_name, task_feature_lengths, per_host_batch, family,
                             seed, (shard_index, num_shards), skip=consumed)
   else:
@@ -210,44 +357,63 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   history, interval_start, interval_steps = [], None, 0
 
   def next_batch():
-    nonlocal consumed
-    consumed += 1
     return partitioning.host_to_global(next(batches), mesh)
 
-  batch = next_batch() if step < train_steps else None
-  while step < train_steps:
-    state, metrics = trainer.train_step(state, batch)
-    step += 1
-    history.append(metrics)
-    interval_steps += 1
-    if step < train_steps:
-      batch = next_batch()  # overlaps with the step running on the device
-    if interval_start is None:  # The first step includes compilation: time from its end.
-      jax.block_until_ready(metrics)
-      _log(f"First step (with compilation) took {time.perf_counter() - _START:.1f}s since "
-           "start-up.")
-      interval_start, interval_steps, history = time.perf_counter(), 0, []
-    elif step % log_every == 0 or step == train_steps:
-      scalars = trainer_lib.mean_metrics(history)  # the only host sync between logs
-      elapsed = time.perf_counter() - interval_start
-      scalars["steps_per_second"] = interval_steps / elapsed
-      scalars["tokens_per_second"] = interval_steps * tokens_per_step / elapsed
-      scalars["mfu"] = interval_steps * flops_per_step / elapsed / peak
-      train_writer.write(step, scalars)
+  def save(force=False):
+    if force or step % checkpoint_every == 0:
+      guard.check()  # "stop" raises here, before a step it refuses is checkpointed
+      if step not in ckpt.all_steps():
+        check_finite_before_saving(state, step)
+    ckpt.save(step, state, consumed, force=force)
+
+  # `consumed` counts the batches trained on: what a checkpoint records and a resume skips.
+  with sigterm_received() as sigterm:
+    batch = next_batch() if step < train_steps else None
+    while step < train_steps:
+      state, metrics = trainer.train_step(state, batch)
+      guard.add(step + 1, consumed, metrics["nonfinite"])
+      step, consumed = step + 1, consumed + 1
+      history.append(metrics)
+      interval_steps += 1
+      if step < train_steps and not sigterm:
+        batch = next_batch()  # overlaps with the step running on the device
+      if interval_start is None:  # The first step includes compilation: time from its end.
+        jax.block_until_ready(metrics)
+        _log(f"First step (with compilation) took {time.perf_counter() - _START:.1f}s since "
+             "start-up.")
+        interval_start, interval_steps, history = time.perf_counter(), 0, []
+      elif step % log_every == 0 or step == train_steps:
+        guard.check()
+        scalars = trainer_lib.mean_metrics(history)  # the only host sync between logs
+        elapsed = time.perf_counter() - interval_start
+        scalars["steps_per_second"] = interval_steps / elapsed
+        scalars["tokens_per_second"] = interval_steps * tokens_per_step / elapsed
+        scalars["mfu"] = interval_steps * flops_per_step / elapsed / peak
+        train_writer.write(step, scalars)
+        if progress is not None:
+          progress.set_postfix(loss=f"{scalars['loss']:.3f}",
+                               tok_s=f"{scalars['tokens_per_second']:,.0f}",
+                               mfu=f"{scalars['mfu']:.1%}")
+        interval_start, interval_steps, history = time.perf_counter(), 0, []
       if progress is not None:
-        progress.set_postfix(loss=f"{scalars['loss']:.3f}",
-                             tok_s=f"{scalars['tokens_per_second']:,.0f}",
-                             mfu=f"{scalars['mfu']:.1%}")
-      interval_start, interval_steps, history = time.perf_counter(), 0, []
-    if progress is not None:
-      progress.update(1)
-    ckpt.save(step, state, consumed)  # when step is a multiple of checkpoint_every
-    if step % eval_every == 0 or step == train_steps:
-      last_eval = evaluate_now(step)
+        progress.update(1)
+      if sigterm and step < train_steps:
+        if progress is not None:
+          progress.close()
+        save(force=True)
+        ckpt.wait_until_finished()
+        ckpt.close()
+        message = (f"SIGTERM received: saved checkpoint {ckpt.directory}/{step}; rerun the same "
+                   "command to resume.")
+        _log(message)
+        raise Preempted(message)
+      save()  # when step is a multiple of checkpoint_every
+      if step % eval_every == 0 or step == train_steps:
+        last_eval = evaluate_now(step)
   if progress is not None:
     progress.close()
 
-  ckpt.save(step, state, consumed, force=True)
+  save(force=True)
   ckpt.wait_until_finished()
   ckpt.close()
   checkpoints.save_params(model_dir, state.params, checkpoints.model_gin(model))

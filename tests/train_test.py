@@ -1,6 +1,7 @@
 """The training job end to end on the embedded stdlib corpus, on the 8 simulated devices."""
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -67,8 +68,9 @@ def straight_run(tmp_path_factory):
 
 def test_resumed_run_equals_the_straight_run(straight_run, tmp_path):
   reference, _ = straight_run
-  run_job(tmp_path, "TRAIN_STEPS = 2")
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  run_job(tmp_path, "TRAIN_STEPS = 3")  # step 2 is saved mid-run, its next batch already fetched
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+  shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if killed before the last save
   run_job(tmp_path, "TRAIN_STEPS = 4")  # restarts from step 2 and skips the 2 batches used
   for a, b in zip(jax.tree.leaves(params_of(reference)), jax.tree.leaves(params_of(tmp_path)),
                   strict=True):
@@ -131,6 +133,16 @@ def test_evaluate_job_reports_a_checkpoint(straight_run):
     (["BATCH_SIZE = 6"], ValueError, "BATCH_SIZE=6 is not divisible by the data-parallel size"),
     (["TransformerConfig.vocab_size = 256"], ValueError,
      "vocab_size=360"),
+    (["MIXTURE_OR_TASK_NAME = 'stdlib_clmm'"], ValueError,
+     "No task or mixture named 'stdlib_clmm'. Did you mean"),
+    (["TASK_FEATURE_LENGTHS = {'targets': 1024}"], ValueError,
+     "length 1024 but the model accepts at most max_length=512; shorten TASK_FEATURE_LENGTHS"),
+    (["TransformerConfig.d_model = 8192", "TransformerConfig.d_ff = 32768",
+      "TransformerConfig.num_heads = 64", "TransformerConfig.num_layers = 64"], MemoryError,
+     r"needs about [\d.]+ GiB per device \(train state .* GiB are available per device. Lower "
+     "BATCH_SIZE"),
+    (["train.on_nonfinite = 'ignore'"], ValueError,
+     r"train.on_nonfinite='ignore': choose one of \('skip', 'stop'\)"),
 ])
 def test_bad_runs_say_what_to_change(tmp_path, bindings, error, message):
   with pytest.raises(error, match=message):
@@ -164,3 +176,36 @@ def test_unknown_gin_names_and_flags_are_refused():
     train_lib.configure(["runs/nope.gin"], [])
   with pytest.raises(SystemExit):
     train_lib.parse_flags(["--gin_file=runs/quickstart.gin", "--train_steps=5"])
+
+
+@pytest.fixture(scope="module")
+def poisoned_checkpoint(straight_run, tmp_path_factory):
+  """The straight run's params with NaN embeddings: every step's loss is NaN."""
+  model_dir, _ = straight_run
+  params = jax.tree.map(np.array, params_of(model_dir))  # writable host copies
+  params["token_embed"]["embedding"][5] = np.nan
+  directory = tmp_path_factory.mktemp("poisoned")
+  checkpoints.save_params(str(directory), params, (model_dir / "model.gin").read_text())
+  return directory
+
+
+def finetune_from(checkpoint, model_dir, *bindings):
+  return run_job(model_dir, "TRAIN_STEPS = 2", f"INITIAL_CHECKPOINT_PATH = '{checkpoint}'",
+                 "train.eval_batches = 0", *bindings, preset=str(checkpoint / "model.gin"),
+                 run_file="runs/finetune.gin")
+
+
+def test_a_non_finite_loss_stops_the_run_naming_step_and_batch(poisoned_checkpoint, tmp_path):
+  with pytest.raises(FloatingPointError, match=r"Step 1: the loss or gradient norm is not finite.*"
+                                               r"batch 0 of 'stdlib_clm' split 'train' \(seed 0\)"
+                                               r".*train.on_nonfinite = 'skip'"):
+    finetune_from(poisoned_checkpoint, tmp_path, "train.on_nonfinite = 'stop'")
+  assert os.listdir(tmp_path / "checkpoints") == []  # nothing was saved after it
+
+
+def test_skipping_never_writes_a_non_finite_checkpoint(poisoned_checkpoint, tmp_path, capsys):
+  with pytest.raises(FloatingPointError, match=r"Step 2: the parameters or optimizer state hold "
+                                               r"NaN/Inf, so no checkpoint was written"):
+    finetune_from(poisoned_checkpoint, tmp_path, "train.on_nonfinite = 'skip'")
+  assert "Step 2: the loss or gradient norm is not finite" in capsys.readouterr().out
+  assert os.listdir(tmp_path / "checkpoints") == []
