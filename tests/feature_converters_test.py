@@ -51,8 +51,9 @@ def test_model_features_equal_seqios(ours, stock, lengths):
     assert sorted(x) == sorted(y)
     for k in x:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-  unpacked = convert(ours(pack=False), rows, lengths)
-  assert len(unpacked) == len(rows) and not any("segment_ids" in k for k in unpacked[0])
+  if "inputs" not in lengths:  # once is enough: without packing rows are examples
+    unpacked = convert(ours(pack=False), rows, lengths)
+    assert len(unpacked) == len(rows) and not any("segment_ids" in k for k in unpacked[0])
 
 
 def test_mlm_converter_weights_every_chosen_token_also_when_packed():

@@ -53,11 +53,13 @@ def duplicate_line_fraction(text: str) -> float:
 
 
 def top_ngram_fraction(words: Sequence[str], n: int = 2) -> float:
-  """Share of the characters covered by the most frequent word n-gram (Gopher's repetition)."""
+  """Share of the characters covered by the most frequent repeated word n-gram (as in Gopher)."""
   if len(words) < n + 1:
     return 0.0
   counts = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
   gram, count = counts.most_common(1)[0]
+  if count == 1:  # nothing repeats
+    return 0.0
   total = sum(len(w) for w in words)
   return count * sum(len(w) for w in gram) / total if total else 0.0
 

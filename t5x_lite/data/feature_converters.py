@@ -25,6 +25,9 @@ from t5x_lite.data import packing
 from t5x_lite.data import vocabularies
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Our dataset functions use no Python control flow on tensors, so AutoGraph conversion would only
+# cost tracing time (tens of ms per function, seconds per pipeline).
+plain = tf.autograph.experimental.do_not_convert
 
 
 class _FastPacking:
@@ -89,7 +92,7 @@ class MLMFeatureConverter(_FastPacking, seqio.EncoderFeatureConverter):
         out["encoder_positions"] = ex["inputs_positions"]
       return out
 
-    return ds.map(convert, num_parallel_calls=AUTOTUNE)
+    return ds.map(plain(convert), num_parallel_calls=AUTOTUNE)
 
 
 # Model family -> converter class. Model classes expose the same thing as FEATURE_CONVERTER_CLS.
@@ -100,6 +103,17 @@ CONVERTERS = {
 }
 
 
+def converter_family(converter: seqio.FeatureConverter) -> str | None:
+  """The model family a converter instance feeds, or None if it is not one of the three."""
+  if isinstance(converter, seqio.EncoderFeatureConverter):
+    return "encoder"
+  if isinstance(converter, seqio.EncDecFeatureConverter):
+    return "encoder_decoder"
+  if isinstance(converter, (seqio.DecoderFeatureConverter, seqio.LMFeatureConverter)):
+    return "decoder"  # the prefix-LM converter is an LMFeatureConverter too
+  return None
+
+
 def make_feature_converter(converter, pack: bool = True) -> seqio.FeatureConverter:
   """An instance from a converter instance, class (e.g. a model's FEATURE_CONVERTER_CLS) or family."""
   if isinstance(converter, seqio.FeatureConverter):
@@ -108,11 +122,14 @@ def make_feature_converter(converter, pack: bool = True) -> seqio.FeatureConvert
     if converter not in CONVERTERS:
       raise ValueError(f"Unknown model family {converter!r}; choose one of {sorted(CONVERTERS)}.")
     converter = CONVERTERS[converter]
+  # The task already trims every feature to its length, and packing/padding produce exact
+  # shapes, so seqio's per-example length asserts only cost time (and tracing time).
+  kwargs = dict(pack=pack, apply_length_check=False)
   if isinstance(converter, type) and issubclass(converter, seqio.EncoderFeatureConverter):
-    if converter is MLMFeatureConverter:
-      return converter(pack=pack)
-    return converter(mask_id=vocabularies.mask_id(), pack=pack)
+    if issubclass(converter, MLMFeatureConverter):
+      return converter(**kwargs)
+    return converter(mask_id=vocabularies.mask_id(), **kwargs)
   if isinstance(converter, type) and issubclass(converter, seqio.FeatureConverter):
-    return converter(pack=pack)
+    return converter(**kwargs)
   raise TypeError(f"Expected a seqio FeatureConverter class/instance or a model family name, "
                   f"got {converter!r}.")

@@ -136,6 +136,12 @@ def get_tf_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
     raise ValueError(f"{mixture_or_task_name!r} has splits {list(provider.splits)}, not {split!r}.")
   converter = feature_converters.make_feature_converter(
       feature_converter or default_model_family(mixture_or_task_name), pack=pack)
+  family = feature_converters.converter_family(converter)
+  allowed = tasks_lib.MODEL_FAMILIES.get(mixture_or_task_name)
+  if family and allowed and family not in allowed:
+    raise ValueError(f"{mixture_or_task_name!r} is made for {' or '.join(allowed)} models, not "
+                     f"{family} ({type(converter).__name__}); pick a task of the model's "
+                     "objective (e.g. *_clm for decoders, *_mlm for encoders).")
   if isinstance(shard_info, tuple):
     shard_info = seqio.ShardInfo(index=shard_info[0], num_shards=shard_info[1])
   lengths = {k: int(v) for k, v in task_feature_lengths.items()}
