@@ -1,5 +1,8 @@
-"""tools/benchmark.py: the `data` sub-command measures each task it is given (no time asserted)."""
+"""tools/benchmark.py: the `data` sub-command measures each task it is given; `train` and
+`decode` run on the tiny presets (beside HF PyTorch), and the analytic FLOP count they report
+agrees with XLA's cost analysis. No time is asserted."""
 import importlib.util
+import json
 import os
 import sys
 
@@ -29,3 +32,77 @@ def test_default_lengths_per_objective():
   assert benchmark.data_lengths("stdlib_span_corruption_prefix_lm")["targets"] == 114
   with pytest.raises(ValueError, match="--lengths"):
     benchmark.data_lengths("mystery")
+
+
+# ---------------------------------------------------------------------------- train and decode
+
+@pytest.mark.parametrize("preset", ["gpt2_tiny", "llama_tiny", "t5_tiny", "bert_tiny"])
+def test_analytic_train_flops_are_within_10_percent_of_xla(preset):
+  from t5x_lite import models, trainer  # pylint: disable=g-import-not-at-top
+  model = models.from_gin(preset)
+  batch = benchmark.make_batch(model, 8, {"inputs": 64, "targets": 32})
+  shapes = {k: v.shape for k, v in batch.items()}
+  xla = benchmark.xla_train_flops(preset, (), shapes)
+  analytic = trainer.model_flops_per_step(model.config, shapes)
+  assert abs(analytic - xla) < 0.1 * xla
+
+
+def test_named_shapes_are_the_issue_models():
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  gpt = models.from_gin("gpt2_small", benchmark.SHAPES["gpt-small"].bindings).config
+  assert (gpt.num_layers, gpt.d_model, gpt.num_heads, gpt.vocab_size) == (6, 512, 8, 32000)
+  t5 = models.from_gin("t5_1_1_small", benchmark.SHAPES["t5-small"].bindings).config
+  assert (t5.num_layers, t5.resolved_num_decoder_layers, t5.d_ff) == (6, 6, 1024)
+  assert benchmark.SHAPES["t5-small"].lengths == {"inputs": 256, "targets": 64}
+
+
+def test_bert_batches_carry_the_loss_on_15_percent_in_both_frameworks():
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  batch = benchmark.make_batch(models.from_gin("bert_tiny"), 8, {"inputs": 256})
+  assert 0.1 < batch["encoder_loss_weights"].mean() < 0.2
+  hf = benchmark.hf_batch("encoder", batch)
+  assert ((hf["labels"] != -100) == (batch["encoder_loss_weights"] > 0)).all()
+  assert benchmark.token_counts(batch) == (batch["encoder_loss_weights"].sum(), 8 * 256)
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+  """The tool's child processes see one CPU device (as a user's run does), not the 8 simulated
+  ones of the test harness: compiling for one is much faster."""
+  monkeypatch.setenv("XLA_FLAGS", "")
+
+
+def test_train_runs_a_tiny_preset_beside_hf(tmp_path, one_device):
+  path = str(tmp_path / "train.json")
+  rows = benchmark.main(["train", "--shapes", "t5_tiny", "--compare", "hf", "--rounds", "1",
+                         "--steps", "1", "--warmup", "0", "--json", path])
+  assert [(r["shape"], r["impl"]) for r in rows] == [("t5_tiny", "t5x_lite"), ("t5_tiny", "hf")]
+  for row in rows:
+    assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0
+    assert row["rss_gib"] > 0
+  ours = rows[0]
+  assert abs(ours["gflop_per_step"] - ours["xla_gflop_per_step"]) < 0.1 * ours["xla_gflop_per_step"]
+  assert ours["vs"]["hf"] > 0
+  # 8 rows x 64 encoder + 8 x 64 decoder tokens; the loss is on the 8 x 64 targets.
+  assert ours["tokens_per_s"] == pytest.approx(ours["target_tokens_per_s"] * 2)
+  with open(path) as f:
+    report = json.load(f)
+  assert report["command"].startswith("python tools/benchmark.py train --shapes t5_tiny")
+  assert [r["impl"] for r in report["results"]] == ["t5x_lite", "hf"]
+
+
+def test_decode_counts_generated_tokens(tmp_path, capsys, one_device):
+  rows = benchmark.main(["decode", "--shapes", "gpt2_tiny", "--batch_sizes", "2",
+                         "--prompt", "8", "--new_tokens", "4", "--rounds", "1", "--steps", "1",
+                         "--warmup", "0", "--json", str(tmp_path / "decode.json")])
+  (row,) = rows
+  assert row["batch_size"] == 2 and 1 <= row["new_tokens"] <= 4
+  assert row["tokens_per_s"] == pytest.approx(2 * row["new_tokens"] / row["call_s"])
+  assert "| gpt2_tiny | t5x_lite | 2 |" in capsys.readouterr().out  # the markdown table
+
+
+def test_unknown_shapes_and_variants_are_refused_with_the_choices():
+  with pytest.raises(ValueError, match="gpt-small"):
+    benchmark.main(["train", "--shapes", "gpt-smal"])
+  with pytest.raises(SystemExit):
+    benchmark.main(["train", "--variants", "fastest"])

@@ -36,7 +36,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# Child processes (spawned, they inherit sys.path) import this module by name to run `_serve`.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+PRESET_DIR = os.path.join(ROOT, "gin_configs", "models")
 
 # T5X-style training lengths for each registered task (the pipeline's cost depends on them).
 DATA_LENGTHS = {
@@ -150,6 +154,10 @@ HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch
 
 def resolve_shape(name: str, batch_size: Optional[int], lengths: Optional[dict]) -> Shape:
   """A named shape, or any model preset (default batch 8, lengths 64); flags override both."""
+  presets = sorted(f[:-4] for f in os.listdir(PRESET_DIR) if f.endswith(".gin"))
+  if name not in SHAPES and name not in presets and not os.path.isfile(name):
+    raise ValueError(f"Unknown shape {name!r}: use one of {sorted(SHAPES)}, a model preset "
+                     f"{presets} or a model gin file.")
   shape = SHAPES.get(name) or Shape(name, (), 8, {"inputs": 64, "targets": 64})
   return dataclasses.replace(shape, batch_size=batch_size or shape.batch_size,
                              lengths=lengths or shape.lengths)
@@ -507,8 +515,6 @@ def _train_rows(shape_name, variant, info, workers, times, peaks) -> list[dict]:
   rows = []
   for name, worker in workers.items():
     step = float(np.median(times[name]))
-    per_round_mfu = [info["flops"] / t / (p["sheet"] or p["measured"])
-                     for t, p in zip(times[name], peaks)]
     row = {"shape": shape_name, "impl": name if name != "jax" else "t5x_lite",
            "variant": variant if name == "jax" else "-", "first_step_s": worker.info[
                "first_step_s"], "step_s": step, "step_s_per_round": times[name],
@@ -516,7 +522,7 @@ def _train_rows(shape_name, variant, info, workers, times, peaks) -> list[dict]:
            "gflop_per_step": info["flops"] / 1e9,
            "xla_gflop_per_step": info["xla_flops"] / 1e9
                                  if "xla_flops" in info and name == "jax" else None,
-           "gflop_per_s": info["flops"] / step / 1e9, "mfu": float(np.median(per_round_mfu)),
+           "gflop_per_s": info["flops"] / step / 1e9, "mfu": info["flops"] / step / (sheet or peak),
            "peak_gflop_per_s": (sheet or peak) / 1e9, "matmul_gflop_per_s": peak / 1e9,
            **worker.call("memory")}
     if name == "jax":
