@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
 import importlib.metadata
 import json
 import multiprocessing
@@ -149,6 +152,7 @@ VARIANTS = {
     "bf16": (("TransformerConfig.dtype = 'bfloat16'",), {}),
     "microbatches-2": ((), {"num_microbatches": 2}),
 }
+MATMUL_OP_NAMES = ("dot", "ynn_fusion", "xnn_fusion", "onednn", "gemm", "cublas")
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
 
 
@@ -250,6 +254,25 @@ class JaxTrain:
 
   def run(self, n: int) -> list[float]:
     return _timed(self._step, n)
+
+  def profile(self, directory: str) -> dict:
+    """One step under `jax.profiler` (trace in `directory`, for TensorBoard or Perfetto), and
+    the time per XLA op it recorded; matmuls are the dot / YNNPACK / oneDNN / GEMM kernels."""
+    with self.jax.profiler.trace(directory, create_perfetto_trace=True):
+      self._step()
+    path = max(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True),
+               key=os.path.getmtime)
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+    ops = collections.Counter()
+    for event in events:
+      op = event.get("args", {}).get("hlo_op")
+      if event.get("ph") == "X" and op and event.get("dur"):
+        ops[op] += event["dur"] / 1e6
+    total = sum(ops.values())
+    matmul = sum(t for op, t in ops.items() if any(k in op for k in MATMUL_OP_NAMES))
+    return {"trace": path, "op_seconds": total, "matmul_share": matmul / max(total, 1e-9),
+            "top_ops": ops.most_common(12)}
 
   def peak_flops(self) -> dict:
     """Measured matmul FLOP/s in the compute dtype; on accelerators also the data-sheet peak."""
@@ -500,11 +523,19 @@ def train_command(args) -> list[dict]:
         times = alternate(workers, args.rounds, args.steps,
                           lambda: peaks.append(workers["jax"].call("peak_flops")))
         rows = _train_rows(shape_name, variant, info, workers, times, peaks)
+        if args.profile:
+          rows[0]["profile"] = workers["jax"].call(
+              "profile", os.path.join(os.path.abspath(args.profile), f"{shape_name}-{variant}"))
       finally:
         for worker in workers.values():
           worker.close()
       for row in rows:
         print(_format_train(row), flush=True)
+      if "profile" in rows[0]:
+        p = rows[0]["profile"]
+        print(f"  profile of one step ({p['trace']}): {p['matmul_share']:.0%} of op time in "
+              "matmuls; top ops: " + ", ".join(f"{op} {t:.2f}s" for op, t in p["top_ops"][:6]),
+              flush=True)
       results += rows
   return results
 
@@ -683,6 +714,9 @@ def main(argv: Sequence[str] | None = None):
   train.add_argument("--steps", type=int, default=4, help="timed steps per round")
   train.add_argument("--batch_size", type=int, default=None)
   train.add_argument("--lengths", default=None, help="e.g. \"{'inputs': 256, 'targets': 64}\"")
+  train.add_argument("--profile", default=None, metavar="DIR",
+                     help="also trace one step of each run with jax.profiler into DIR and "
+                          "print the time per XLA op")
   train.add_argument("--no_xla_flops", action="store_true",
                      help="skip the cross-check of the FLOP count with XLA's cost analysis")
   train.set_defaults(func=train_command)
