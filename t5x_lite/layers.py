@@ -226,23 +226,28 @@ def attention_mask(q_segment_ids: Array, k_segment_ids: Array, *, causal: bool =
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optional[Array] = None,
                           *, scale: float = 1.0, implementation: str = "xla",
-                          dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None) -> Array:
+                          dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None,
+                          kv_heads_first: bool = False) -> Array:
   """softmax(q k^T * scale + bias, masked) v, with grouped K/V heads.
 
-  q [b, l, h, e], k/v [b, s, k, e] where k divides h; mask [b, 1, l, s]; bias [b|1, h, l, s].
-  "xla" runs anywhere (and supports attention dropout); "cudnn" is the fused flash kernel of
-  `jax.nn.dot_product_attention` on NVIDIA GPUs.
+  q [b, l, h, e], k/v [b, s, k, e] where k divides h (or [b, k, s, e] with `kv_heads_first`, the
+  decoding cache's layout, which the einsums read without transposing); mask [b, 1, l, s];
+  bias [b|1, h, l, s]. "xla" runs anywhere (and supports attention dropout); "cudnn" is the fused
+  flash kernel of `jax.nn.dot_product_attention` on NVIDIA GPUs.
   """
   if implementation == "cudnn":
     if dropout_rate > 0.0 and dropout_rng is not None:
       raise ValueError("attention_implementation='cudnn' does not support attention dropout; set "
                        "dropout_rate=0.0 or attention_implementation='xla'.")
+    if kv_heads_first:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                         implementation="cudnn")
   b, l, h, e = q.shape
-  kv_heads = k.shape[2]
+  kv = "bkse" if kv_heads_first else "bske"
+  kv_heads = k.shape[kv.index("k")]
   q = q.reshape(b, l, kv_heads, h // kv_heads, e)
-  logits = jnp.einsum("blkge,bske->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum(f"blkge,{kv}->bkgls", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, l, -1)
   logits = jnp.where(mask[:, :, None], logits, NEG_INF)
@@ -250,7 +255,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("bkgls,bske->blkge", probs.astype(v.dtype), v)
+  out = jnp.einsum(f"bkgls,{kv}->blkge", probs.astype(v.dtype), v)
   return out.reshape(b, l, h, e)
 
 
@@ -260,7 +265,8 @@ class Attention(nn.Module):
   Used for self-attention (`inputs_kv` is `inputs_q`) and cross-attention alike. RoPE, when the
   config asks for it, rotates queries and keys by their positions.
 
-  With a `cache` ({"key", "value"}, each [b, s, k, e]) the call also returns the updated cache:
+  With a `cache` ({"key", "value"}, each [b, k, s, e]: heads before length, so the attention
+  einsums read it without transposing) the call also returns the updated cache:
     - self-attention (`cache_index` given): this call's keys and values are written into slots
       [cache_index, cache_index + l) and the queries attend over all s slots (the caller's `mask`
       says which slots are filled and visible). Keys are stored after RoPE, at their own positions.
@@ -285,21 +291,15 @@ class Attention(nn.Module):
     query = proj(h, "heads", "query", 1.0 if cfg.scale_attention else e ** -0.5)(inputs_q)
     if self.rotary:
       query = apply_rope(query, q_positions, cfg.rope_theta)
+    key = value = None  # Cached cross-attention: the encoder's keys are in the cache.
     if inputs_kv is not None:
       key = proj(k, "kv_heads", "key")(inputs_kv)
       value = proj(k, "kv_heads", "value")(inputs_kv)
       if self.rotary:
         key = apply_rope(key, q_positions if cache is not None else k_positions, cfg.rope_theta)
-    else:  # Cross-attention after the first decoding step: the encoder's keys are cached.
-      key, value = cache["key"], cache["value"]
-    if cache is not None and cache_index is not None:
-      key, value = (jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
-                                                        cache_index, axis=1)
-                    for name, new in (("key", key), ("value", value)))
-    if cache is not None:
-      key = constrain(key, ("batch", "length", "kv_heads", "kv"))
-      value = constrain(value, ("batch", "length", "kv_heads", "kv"))
     query = constrain(query, ("batch", "length", "heads", "kv"))
+    if cache is not None:
+      key, value = self._update_cache(cache, cache_index, key, value)
 
     use_dropout = cfg.dropout_rate > 0.0 and not self.deterministic
     out = dot_product_attention(
@@ -307,10 +307,24 @@ class Attention(nn.Module):
         scale=e ** -0.5 if cfg.scale_attention else 1.0,
         implementation=cfg.attention_implementation,
         dropout_rate=cfg.dropout_rate if use_dropout else 0.0,
-        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+        dropout_rng=self.make_rng("dropout") if use_dropout else None,
+        kv_heads_first=cache is not None)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     out = DenseGeneral((cfg.d_model,), ("heads", "kv"), ("embed",), cfg.use_bias, cfg.dtype,
                        cfg.param_dtype, name="out")(out)
     if cache is None:
       return out
     return out, {"key": key, "value": value}
+
+  @staticmethod
+  def _update_cache(cache, cache_index, key, value):
+    """The cache's keys and values [b, k, s, e] after this call (see the class docstring); `key`
+    and `value` [b, l, k, e] are this call's projections, None for cached cross-attention."""
+    if key is None:
+      return cache["key"], cache["value"]
+    key, value = (x.transpose(0, 2, 1, 3).astype(cache["key"].dtype) for x in (key, value))
+    if cache_index is not None:
+      key, value = (jax.lax.dynamic_update_slice_in_dim(cache[name], new, cache_index, axis=2)
+                    for name, new in (("key", key), ("value", value)))
+    return (constrain(key, ("batch", "kv_heads", "length", "kv")),
+            constrain(value, ("batch", "kv_heads", "length", "kv")))

@@ -147,8 +147,13 @@ class BaseModel:
       self._compiled_fns[key] = jax.jit(functools.partial(getattr(self, method), *static))
     return self._compiled_fns[key]
 
-  def _apply(self, params, *args, **kwargs):
-    return self.module.apply({"params": params}, *args, **kwargs)
+  def _decoder(self, params):
+    """`apply` of the module that decodes: layers unrolled, so that XLA updates each layer's
+    cache in place; scanned parameters are unstacked once per call, outside the decoding loop."""
+    module = type(self.module)(self.config.replace(scan_layers=False))
+    if self.config.scan_layers:
+      params = transformer.unstack_layers(params)
+    return module, functools.partial(module.apply, {"params": params})
 
 
 @gin.configurable(module="t5x_lite.models")
@@ -184,7 +189,7 @@ class EncoderOnlyModel(BaseModel):
     return ids, probs, tokens == mask_id
 
   def _fill_mask(self, top_k, params, tokens):
-    probs = jax.nn.softmax(self._apply(params, tokens), axis=-1)
+    probs = jax.nn.softmax(self.module.apply({"params": params}, tokens), axis=-1)
     return jax.lax.top_k(probs, top_k)
 
 
@@ -240,19 +245,19 @@ class DecoderOnlyModel(BaseModel):
 
   def _predict(self, options, params, tokens, lengths, rng, traced):
     b, prompt_length = tokens.shape
+    _, apply = self._decoder(params)
     cache = transformer.init_cache(self.config, b, prompt_length + options.max_new_tokens)
     segment_ids = (jnp.arange(prompt_length)[None, :] < lengths[:, None]).astype(jnp.int32)
     prefix = segment_ids if self.inputs_bidirectional_attention else None
     # Prefill: the whole prompt in one pass; each row continues after its last prompt token.
-    logits, cache = self._apply(params, tokens * segment_ids, segment_ids, None, prefix,
-                                cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits, cache = apply(tokens * segment_ids, segment_ids, None, prefix, cache=cache,
+                          logits_at=lengths - 1)
 
     def step(token, positions, cache):
-      logits, cache = self._apply(params, token[:, None], None, positions[:, None], cache=cache)
+      logits, cache = apply(token[:, None], None, positions[:, None], cache=cache)
       return logits[:, 0], cache
 
-    return decoding.decode(step, last, cache, lengths, rng, options.join(traced),
+    return decoding.decode(step, logits[:, 0], cache, lengths, rng, options.join(traced),
                            transformer.cache_logical_axes(cache))
 
 
@@ -293,19 +298,17 @@ class EncoderDecoderModel(BaseModel):
 
   def _predict(self, options, params, encoder_tokens, encoder_segment_ids, rng, traced):
     b = encoder_tokens.shape[0]
-    module = self.module
-    encoded = self._apply(params, encoder_tokens, encoder_segment_ids, method=module.encode)
+    module, apply = self._decoder(params)
+    encoded = apply(encoder_tokens, encoder_segment_ids, method=module.encode)
     # Slot 0 holds BOS; generated token t is fed back at position t + 1.
     cache = transformer.init_cache(self.config, b, 1 + options.max_new_tokens,
                                    encoder_tokens.shape[1])
-    logits, cache = self._apply(params, encoded, encoder_tokens,
-                                jnp.zeros((b, 1), jnp.int32), encoder_segment_ids,
-                                method=module.decode, cache=cache)
+    logits, cache = apply(encoded, encoder_tokens, jnp.zeros((b, 1), jnp.int32),
+                          encoder_segment_ids, method=module.decode, cache=cache)
 
     def step(token, positions, cache):
-      logits, cache = self._apply(params, None, None, token[:, None],
-                                  decoder_positions=positions[:, None], method=module.decode,
-                                  cache=cache)
+      logits, cache = apply(None, None, token[:, None], decoder_positions=positions[:, None],
+                            method=module.decode, cache=cache)
       return logits[:, 0], cache
 
     return decoding.decode(step, logits[:, 0], cache, jnp.ones((b,), jnp.int32), rng,

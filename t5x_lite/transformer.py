@@ -83,12 +83,7 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x, self_mask, positions, self_bias=None, encoded=None, cross_mask=None,
                encoded_positions=None, *, deterministic=True, cache=None, cache_index=None):
-    """Returns x, or (x, updated cache) when a cache is given.
-
-    `cache` holds every layer's attention cache stacked on a leading layers axis (leaves
-    [n, b, s, k, e]), whether the layers are scanned or not, so its layout never depends on
-    `scan_layers`.
-    """
+    """Returns x, or (x, updated cache) when decoding with a cache (a list: one per layer)."""
     cfg = self.config
     block = Block
     if cfg.remat_policy != "none":
@@ -96,29 +91,49 @@ class Stack(nn.Module):
                        policy=REMAT_POLICIES[cfg.remat_policy])
     args = (self_mask, self_bias, positions, encoded, cross_mask, encoded_positions)
     if cache is not None:
-      args += (cache, cache_index)
-    if cfg.scan_layers:
-      in_axes = [nn.broadcast] * len(args)
-      if cache is not None:
-        in_axes[-2] = 0  # Each layer gets its own slice of the cache.
+      x, cache = self._decode(x, args, cache, cache_index, deterministic)
+    elif cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                          "dropout": True},
-                        in_axes=tuple(in_axes), length=self.num_layers,
+                        in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_cache = scanned(cfg, self.cross_attention, deterministic, name="layers")(x, *args)
+      x, _ = scanned(cfg, self.cross_attention, deterministic, name="layers")(x, *args)
     else:
-      per_layer = []
       for i in range(self.num_layers):
-        layer_args = args
-        if cache is not None:
-          layer_args = args[:-2] + (jax.tree.map(lambda c, i=i: c[i], cache), cache_index)
-        x, layer_cache = block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(
-            x, *layer_args)
-        per_layer.append(layer_cache)
-      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *per_layer)
+        x, _ = block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(x, *args)
     if cfg.norm_position == "pre":
       x = layers.make_norm(cfg, "final_norm")(x)
-    return x if cache is None else (x, new_cache)
+    return x if cache is None else (x, cache)
+
+  def _decode(self, x, args, cache, cache_index, deterministic):
+    """Decoding runs the layers one after another, each on its own cache arrays, which XLA then
+    updates in place (a scan over layers would copy every layer's cache at every step)."""
+    cfg = self.config
+    if cfg.scan_layers:
+      raise ValueError("Decoding with a cache needs unrolled layers: apply a module built with "
+                       "config.replace(scan_layers=False) to transformer.unstack_layers(params) "
+                       "(the models' predict_batch does this for you).")
+    new_cache = []
+    for i, layer_cache in enumerate(cache):
+      x, layer_cache = Block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(
+          x, *args, layer_cache, cache_index)
+      new_cache.append(layer_cache)
+    return x, new_cache
+
+
+def unstack_layers(params):
+  """Parameters of scanned layers ("layers", stacked on a leading axis) as those of unrolled
+  ones ("layers_0", "layers_1", ...): the same model with scan_layers=False."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for name, value in params.items():
+    if name == "layers":
+      for i in range(jax.tree.leaves(value)[0].shape[0]):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+    else:
+      out[name] = unstack_layers(value)
+  return out
 
 
 class Embedder(nn.Module):
@@ -210,13 +225,14 @@ class DecoderOnly(nn.Module):
 
   With a `cache` (from `init_cache`) the call decodes incrementally and returns (logits, cache):
   the tokens given are appended to the cache's slots and attend to every filled slot at an
-  earlier or equal position (see `init_cache`).
+  earlier or equal position (see `init_cache`). `logits_at` [b] keeps only one position's
+  logits per row ([b, 1, v]): a prefill needs just each prompt's last.
   """
   config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, prefix=None, *,
-               deterministic=True, cache=None):
+               deterministic=True, cache=None, logits_at=None):
     cfg = self.config
     _check_length(cfg, tokens.shape[1], "decoder_input_tokens")
     if segment_ids is None:
@@ -239,6 +255,8 @@ class DecoderOnly(nn.Module):
       x, layer_cache = stack(x, mask, positions, bias, deterministic=deterministic,
                              cache=cache["layers"], cache_index=cache["index"])
       cache = _advance(cache, keys, layer_cache, tokens.shape[1])
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     logits = embed.attend(x) if cfg.tie_embeddings else _untied_head(cfg)(x)
     logits = layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     return logits if cache is None else (logits, cache)
@@ -339,14 +357,17 @@ def init_cache(config: TransformerConfig, batch_size: int, length: int,
   """An empty decoding cache: `length` slots per row for the decoder's self-attention.
 
   A plain pytree, threaded through `DecoderOnly(..., cache=)` / `EncoderDecoder.decode(...,
-  cache=)` and returned updated, so jit, scan and sharding see ordinary arrays:
+  cache=)` and returned updated, so jit and sharding see ordinary arrays:
     index             int32 []              next slot to write (shared by all rows)
     positions         int32 [b, s]          position of the token held in each slot
     segment_ids       int32 [b, s]          1 where a slot holds a token of the row, 0 if empty
-    layers.self       key, value [n, b, s, k, e]   per decoder layer, keys after RoPE
+    layers[i].self    key, value [b, k, s, e]   decoder layer i's keys (after RoPE) and values
   and for encoder-decoder models
     encoder_segment_ids int32 [b, L]         the encoder's padding, for the cross-attention mask
-    layers.cross      key, value [n, b, L, k, e]   projected encoder outputs, filled once
+    layers[i].cross   key, value [b, k, L, e]   projected encoder outputs, filled once
+  K/V carry the attention activations' logical axes (batch, kv_heads, length, kv), so they shard
+  like them; heads come before length so that attention reads them without a transpose. One
+  array per layer, not one stacked over layers, so that each is updated in place.
   Slots are not positions: a prompt batch right-padded to P fills slots [0, P) (padding slots keep
   segment id 0 and are never attended to) and the t-th generated token of every row goes to slot
   P + t with that row's own position. Causality, RoPE and relative bias all follow the stored
@@ -358,19 +379,20 @@ def init_cache(config: TransformerConfig, batch_size: int, length: int,
         f"max_length={config.max_length}; shorten the prompt or ask for fewer new tokens.")
   num_layers = (config.num_layers if config.family == "decoder"
                 else config.resolved_num_decoder_layers)
-  shape = lambda s: (num_layers, batch_size, s, config.resolved_num_kv_heads,
-                     config.resolved_head_dim)
+  shape = lambda s: (batch_size, config.resolved_num_kv_heads, s, config.resolved_head_dim)
   kv = lambda s: {"key": jnp.zeros(shape(s), config.dtype),
                   "value": jnp.zeros(shape(s), config.dtype)}
   slots = jnp.zeros((batch_size, length), jnp.int32)
-  cache = {"index": jnp.zeros((), jnp.int32), "positions": slots, "segment_ids": slots,
-           "layers": {"self": kv(length)}}
+  cache = {"index": jnp.zeros((), jnp.int32), "positions": slots, "segment_ids": slots}
   if config.family == "encoder_decoder":
     if encoder_length is None:
       raise ValueError("An encoder-decoder cache needs encoder_length (the encoder input length).")
     cache["encoder_segment_ids"] = jnp.zeros((batch_size, encoder_length), jnp.int32)
-    cache["layers"]["cross"] = kv(encoder_length)
-  elif config.family != "decoder":
+    cache["layers"] = [{"self": kv(length), "cross": kv(encoder_length)}
+                       for _ in range(num_layers)]
+  elif config.family == "decoder":
+    cache["layers"] = [{"self": kv(length)} for _ in range(num_layers)]
+  else:
     raise ValueError(f"Only decoders decode; family={config.family!r} has no decoding cache.")
   return cache
 
@@ -379,7 +401,7 @@ def cache_logical_axes(cache: dict) -> dict:
   """Logical axis names of every cache leaf: K/V shard like the attention activations."""
   def axes(path, leaf):
     if path[0].key == "layers":
-      return ("layers", "batch", "length", "kv_heads", "kv")
+      return ("batch", "kv_heads", "length", "kv")
     return ("batch", "length") if leaf.ndim == 2 else ()
   return jax.tree_util.tree_map_with_path(axes, cache)
 

@@ -150,31 +150,34 @@ def test_scanned_and_unrolled_layers_compute_the_same_function(family):
 ])
 def test_cached_decoding_equals_the_full_forward_pass(family, position_type, scan_layers):
   """Prefill a right-padded prompt batch of mixed lengths, then feed one token per step: every
-  step's logits equal those of the full sequence run at once (positions, RoPE, relative bias)."""
+  step's logits equal those of the full sequence run at once (positions, RoPE, relative bias).
+  Decoding runs the layers unrolled, on the (unstacked) parameters of the scanned model."""
   cls = transformer.DecoderOnly if family == "decoder" else transformer.EncoderDecoder
   module = cls(_config(family, position_type, scan_layers=scan_layers))
   example = (_tokens(0, (1, 8)),) * (1 if family == "decoder" else 2)
   params = jax.jit(module.init)(jax.random.PRNGKey(2), *example)["params"]
-  apply = jax.jit(lambda params, *args, method=None, **kwargs: module.apply(
-      {"params": params}, *args, method=method, **kwargs), static_argnames="method")
+  decoder = cls(module.config.replace(scan_layers=False))
+  decoder_params = transformer.unstack_layers(params) if scan_layers else params
+  apply = jax.jit(lambda module, params, *args, method=None, **kwargs: module.apply(
+      {"params": params}, *args, method=method, **kwargs), static_argnames=("module", "method"))
   seqs = _tokens(20, (2, 9))
   steps = 5
   if family == "decoder":
     lengths = np.array([4, 2])  # Row 1's prompt is padded with 2 slots nobody may see.
-    full = apply(params, seqs)  # Causal: row i's first lengths[i] + steps logits are its own.
+    full = apply(module, params, seqs)  # Causal: row i's first lengths[i] + steps are its own.
     prompt_segments = jnp.asarray(np.arange(4)[None] < lengths[:, None], jnp.int32)
     cache = transformer.init_cache(module.config, 2, 4 + steps)
-    logits, cache = apply(params, seqs[:, :4] * prompt_segments, prompt_segments,
-                          cache=cache)
+    logits, cache = apply(decoder, decoder_params, seqs[:, :4] * prompt_segments,
+                          prompt_segments, cache=cache)
     for i in range(2):
       np.testing.assert_allclose(logits[i, :lengths[i]], full[i, :lengths[i]], atol=2e-5)
     positions = lengths
   else:
     enc = _tokens(21, (2, 7)).at[1, 4:].set(0)  # Row 1's encoder input is padded.
-    full = apply(params, enc, seqs)
-    encoded = apply(params, enc, method=transformer.EncoderDecoder.encode)
+    full = apply(module, params, enc, seqs)
+    encoded = apply(module, params, enc, method=transformer.EncoderDecoder.encode)
     cache = transformer.init_cache(module.config, 2, 1 + steps, encoder_length=7)
-    logits, cache = apply(params, encoded, enc, seqs[:, :1], cache=cache,
+    logits, cache = apply(decoder, decoder_params, encoded, enc, seqs[:, :1], cache=cache,
                           method=transformer.EncoderDecoder.decode)
     np.testing.assert_allclose(logits[:, 0], full[:, 0], atol=2e-5)
     full = full[:, 1:]
@@ -183,10 +186,12 @@ def test_cached_decoding_equals_the_full_forward_pass(family, position_type, sca
     token = jnp.asarray([seqs[i, lengths[i] + t + (family != "decoder")] for i in range(2)])
     step_positions = jnp.asarray(positions + t)[:, None]
     if family == "decoder":
-      logits, cache = apply(params, token[:, None], None, step_positions, cache=cache)
+      logits, cache = apply(decoder, decoder_params, token[:, None], None, step_positions,
+                            cache=cache)
     else:
-      logits, cache = apply(params, None, None, token[:, None], decoder_positions=step_positions,
-                            cache=cache, method=transformer.EncoderDecoder.decode)
+      logits, cache = apply(decoder, decoder_params, None, None, token[:, None],
+                            decoder_positions=step_positions, cache=cache,
+                            method=transformer.EncoderDecoder.decode)
     for i in range(2):
       np.testing.assert_allclose(logits[i, 0], full[i, lengths[i] + t], atol=2e-5)
   assert int(cache["index"]) == (4 if family == "decoder" else 1) + steps
@@ -196,9 +201,18 @@ def test_decoding_cache_is_laid_out_like_the_activations():
   cfg = _config("encoder_decoder", num_decoder_layers=3)
   cache = transformer.init_cache(cfg, batch_size=8, length=12, encoder_length=10)
   axes = transformer.cache_logical_axes(cache)
-  assert cache["layers"]["self"]["key"].shape == (3, 8, 12, 2, 8)
-  assert cache["layers"]["cross"]["value"].shape == (3, 8, 10, 2, 8)
-  assert axes["layers"]["self"]["key"] == ("layers", "batch", "length", "kv_heads", "kv")
+  assert len(cache["layers"]) == 3
+  assert cache["layers"][0]["self"]["key"].shape == (8, 2, 12, 8)  # [b, k, s, e]
+  assert cache["layers"][2]["cross"]["value"].shape == (8, 2, 10, 8)
+  assert axes["layers"][1]["self"]["key"] == ("batch", "kv_heads", "length", "kv")
   assert axes["segment_ids"] == ("batch", "length") and axes["index"] == ()
   with pytest.raises(ValueError, match="max_length=32.*fewer new tokens"):
     transformer.init_cache(cfg, 1, 40, encoder_length=4)
+
+
+def test_decoding_a_scanned_module_says_how_to_unroll_it():
+  module = transformer.DecoderOnly(_config("decoder"))
+  tokens = _tokens(0, (1, 4))
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), tokens)
+  with pytest.raises(ValueError, match="scan_layers=False.*unstack_layers"):
+    module.apply(params, tokens, cache=transformer.init_cache(module.config, 1, 8))
