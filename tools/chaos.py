@@ -6,8 +6,9 @@ uninterrupted run ends.
 1. Trains a tiny preset (`--preset`, default gpt2_tiny on the stdlib corpus, a (2, 2, 2) mesh of
    8 simulated CPU devices) for `--steps` steps in one go: the reference.
 2. Trains the same config in another MODEL_DIR as a subprocess with a checkpoint every
-   `--checkpoint_every` steps (asynchronous), sends SIGKILL at a random moment after training
-   has started (so some kills land during a checkpoint write), restarts the same command, and
+   `--checkpoint_every` steps (asynchronous), sends SIGKILL at a random moment 1 to
+   2 x checkpoint_every steps after it resumed (anywhere within a step, so some kills land during
+   a checkpoint write), restarts the same command, and
    repeats `--kills` times; then `--sigterms` times SIGTERM (a preemption notice: the run must
    save a final checkpoint and exit with 143, losing no step); then lets it finish.
 3. Reports kills, resumes, steps lost, kills that cut a checkpoint write, damaged checkpoints the
@@ -150,11 +151,14 @@ def compare_params(reference_dir: str, model_dir: str) -> dict[str, float]:
           "max_abs_difference": max(differ, default=0.0)}
 
 
-def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 100,
+def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 120,
               checkpoint_every: int = 2, preset: str = "models/gpt2_tiny.gin",
-              seed: int = 0, max_delay: Optional[float] = None,
-              log=print) -> dict[str, object]:
+              seed: int = 0, log=print) -> dict[str, object]:
   """Runs the experiment in `workdir` (wiped) and returns the figures."""
+  most_per_life = 2 * checkpoint_every + 1
+  if steps <= (kills + sigterms) * most_per_life:
+    raise ValueError(f"--steps={steps} is too few: each interrupted life trains up to "
+                     f"{most_per_life} steps; use more than {(kills + sigterms) * most_per_life}.")
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)
   rng = random.Random(seed)
@@ -170,9 +174,6 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 100
     raise RuntimeError(f"The reference run failed; see {reference.log}")
   log(f"reference: {steps} steps in {time.monotonic() - start:.0f}s "
       f"({seconds_per_step:.3f}s per step)")
-  # Kill within the time of a few checkpoint intervals, so that every life makes progress and
-  # the kills spread over the run (and over checkpoint writes).
-  max_delay = max_delay or 3 * checkpoint_every * seconds_per_step
   figures = {"kills": 0, "kills_during_checkpoint_write": 0, "sigterms": 0, "resumes": 0,
              "steps_lost": 0, "sigterm_steps_lost": 0, "damaged_checkpoints_seen": 0}
   cmd = command(chaos_dir, preset, steps, checkpoint_every)
@@ -191,10 +192,15 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 100
       if signal_name is None:
         break
       continue  # it finished before we could interrupt it: nothing left to interrupt
-    time.sleep(rng.uniform(0, max_delay))
+    # A random step 1 to 2 checkpoint intervals on, then a random moment within the next step:
+    # every life makes progress, and the kills spread over steps and checkpoint writes.
+    target = life.resumed_from() + rng.randint(1, 2 * checkpoint_every)
+    while life.steps_reached() < target and life.process.poll() is None:
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0, seconds_per_step))
     if life.process.poll() is not None:
       raise RuntimeError(f"Life {number} ended (exit {life.process.returncode}) before its "
-                         f"{signal_name}: raise --steps or lower --max_delay; see {life.log}")
+                         f"{signal_name}; see {life.log}")
     if signal_name == "SIGKILL":
       life.process.kill()
       code = life.finish()
@@ -236,16 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--workdir", default="/tmp/t5x_lite_chaos", help="wiped first")
   parser.add_argument("--kills", type=int, default=20)
   parser.add_argument("--sigterms", type=int, default=1)
-  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--steps", type=int, default=120)
   parser.add_argument("--checkpoint_every", type=int, default=2)
   parser.add_argument("--preset", default="models/gpt2_tiny.gin")
   parser.add_argument("--seed", type=int, default=0, help="of the kill times")
-  parser.add_argument("--max_delay", type=float,
-                      help="kill within this many seconds of the first step (default: the time "
-                           "of 3 checkpoint intervals, measured on the reference)")
   args = parser.parse_args(argv)
   figures = run_chaos(args.workdir, args.kills, args.sigterms, args.steps, args.checkpoint_every,
-                      args.preset, args.seed, args.max_delay)
+                      args.preset, args.seed)
   print(json.dumps(figures, indent=1))
   return 0 if figures["ok"] else 1
 
