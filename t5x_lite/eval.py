@@ -1,0 +1,132 @@
+"""The evaluation job: a task's seqio metrics on decoded predictions, and teacher-forced
+perplexity, for one checkpoint or every checkpoint of a training run.
+
+    python -m t5x_lite.eval --gin_file=MODEL_DIR/model.gin --gin_file=runs/eval_metrics.gin \\
+        --gin.MODEL_DIR=/tmp/my_run --gin.MIXTURE_OR_TASK_NAME=addition
+
+For each checkpoint and each task of the mixture: decode the split (as `t5x_lite.infer` does),
+post-process predictions and targets with the task's `postprocess_fn`, run its `metric_fns`
+(exact match, ROUGE, BLEU, ... whatever the task declares), and add
+  log_likelihood  mean over examples of log p(targets | inputs), teacher-forced
+  perplexity      exp(- sum of target log-likelihoods / number of target tokens)
+Results go to TensorBoard events in OUTPUT_DIR/eval_<split>/ (scalars "<task>/<metric>" at each
+checkpoint's step) and to OUTPUT_DIR/metrics_<mixture or task>_<split>.json ({step: {name:
+value}}). OUTPUT_DIR defaults to MODEL_DIR, or CHECKPOINT_PATH.
+
+Checkpoints: CHECKPOINT_PATH, a params checkpoint (reported at step `checkpoint_step`), or
+MODEL_DIR, whose train-state checkpoints MODEL_DIR/checkpoints/<step>/ are all evaluated (only
+their parameters are read).
+"""
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":
+  # Run the importable module, so gin registers its configurables once, under t5x_lite.eval.
+  from t5x_lite import eval as _module  # pylint: disable=import-self
+  sys.exit(_module.main())
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import gin
+import jax
+import orbax.checkpoint as ocp
+
+from t5x_lite import checkpoints, infer, partitioning
+
+
+def checkpoints_to_evaluate(checkpoint_path: Optional[str], model_dir: Optional[str],
+                            checkpoint_step: int = 0) -> list[tuple[int, Callable]]:
+  """(step, load(abstract params) -> params) of every checkpoint to evaluate, by step."""
+  if (checkpoint_path is None) == (model_dir is None):
+    raise ValueError("Give exactly one of CHECKPOINT_PATH (a params checkpoint) and MODEL_DIR "
+                     "(every train-state checkpoint of a run).")
+  if checkpoint_path is not None:
+    return [(checkpoint_step, lambda abstract: checkpoints.load_params(checkpoint_path, abstract))]
+  root = os.path.join(model_dir, checkpoints.CheckpointManager.SUBDIR)
+  steps = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else [])
+                 if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")))
+  if not steps:
+    raise FileNotFoundError(
+        f"No train-state checkpoints in {root} (expected <step>/state/ directories written by "
+        "the training job); for a params checkpoint use CHECKPOINT_PATH instead.")
+  return [(step, lambda abstract, step=step: train_state_params(
+      os.path.join(root, str(step), "state"), abstract)) for step in steps]
+
+
+def train_state_params(state_dir: str, abstract_params: Any) -> Any:
+  """Only the parameters of a train-state checkpoint (no optimizer state is read)."""
+  found = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+  checkpoints.check_shapes(found["params"], abstract_params, f"Checkpoint {state_dir!r}")
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                              abstract_params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True))["params"]
+
+
+def task_metrics(task, records: Sequence[dict]) -> dict[str, float]:
+  """The task's metric_fns on post-processed predictions, plus likelihood and perplexity."""
+  results = {}
+  if task.metric_fns:
+    targets = [task.postprocess_fn(r["targets"], example=r["example"], is_target=True)
+               for r in records]
+    predictions = [task.postprocess_fn(r["prediction"], example=r["example"], is_target=False)
+                   for r in records]
+    for metric_fn in task.metric_fns:
+      results.update({k: float(v) for k, v in metric_fn(targets, predictions).items()})
+  total = sum(r["target_log_likelihood"] for r in records)
+  tokens = sum(r["target_tokens"] for r in records)
+  results["log_likelihood"] = total / len(records)
+  results["perplexity"] = math.exp(-total / max(tokens, 1))
+  results["examples"] = float(len(records))
+  return results
+
+
+@gin.configurable(module="t5x_lite.eval")
+def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+             checkpoint_path: Optional[str] = None, model_dir: Optional[str] = None,
+             checkpoint_step: int = 0, output_dir: Optional[str] = None,
+             split: str = "validation", batch_size: int = 16, max_examples: Optional[int] = None,
+             decode_params: Optional[Mapping[str, Any]] = None,
+             mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> dict[int, dict]:
+  """Evaluates each checkpoint (see module docstring); returns {step: {"task/metric": value}}."""
+  from t5x_lite.train import MetricsWriter  # TensorBoard scalars, as the training job writes
+  to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step)
+  output_dir = output_dir or model_dir or checkpoint_path
+  vocab_source = checkpoint_path or model_dir
+  tasks = infer.tasks_of(mixture_or_task_name)
+  vocabs = [infer.check_vocabulary(model, vocab_source, task) for task in tasks]
+  mesh = mesh_fn()
+  writer = MetricsWriter(output_dir, f"eval_{split}")
+  results = {}
+  for step, load in to_evaluate:
+    params = infer.restore_params(model, mesh, load)
+    results[step] = {}
+    for task, vocab in zip(tasks, vocabs):
+      records = infer.predict_task(model, params, mesh, task, task_feature_lengths, split,
+                                   batch_size, vocab, max_examples, decode_params, seed)
+      results[step].update({f"{task.name}/{k}": v for k, v in task_metrics(task, records).items()})
+    writer.write(step, results[step])
+    print(f"step {step}: {json.dumps(results[step])}", flush=True)
+  if jax.process_index() == 0:
+    path = os.path.join(output_dir, f"metrics_{mixture_or_task_name}_{split}.json")
+    with open(path, "w") as f:
+      json.dump({str(step): metrics for step, metrics in results.items()}, f, indent=1)
+  return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  from t5x_lite import train  # the shared command line: --gin_file, --gin.NAME=VALUE, ...
+  args = train.parse_flags(sys.argv[1:] if argv is None else argv)
+  partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
+                                      args.process_id)
+  train.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin.finalize()
+  eval_checkpoints()
