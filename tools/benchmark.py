@@ -207,20 +207,37 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-def _timed(fn, n: int) -> list[float]:
+def _timed(fn, n: int, cpu: Optional[list] = None) -> list[float]:
+  """Wall seconds of n calls; with `cpu`, also appends the CPU seconds this process (all its
+  threads) spent in each: unlike wall time, that barely grows when other jobs share the cores."""
   times = []
   for _ in range(n):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - start)
+    if cpu is not None:
+      cpu.append(time.process_time() - start_cpu)
   return times
+
+
+class Runner:
+  """What every runner shares: `run(n)` times n calls of `_call` (wall), `cpu_times()` hands
+  over the CPU seconds of the calls timed since the last hand-over."""
+
+  def run(self, n: int) -> list[float]:
+    self._cpu = getattr(self, "_cpu", [])
+    return _timed(self._call, n, self._cpu)
+
+  def cpu_times(self) -> list[float]:
+    times, self._cpu = getattr(self, "_cpu", []), []
+    return times
 
 
 # ---------------------------------------------------------------------------- runners
 # Each runner lives in a child process (`Worker`): __init__ builds and warms up, `info` says
 # what it built, run(n) returns n timings, memory() its peaks.
 
-class JaxTrain:
+class JaxTrain(Runner):
   """`trainer.Trainer.train_step` (what t5x_lite.train runs) on one fixed batch."""
 
   def __init__(self, shape: Shape, bindings: Sequence[str], trainer_kwargs: dict,
@@ -239,27 +256,24 @@ class JaxTrain:
     self.batch = partitioning.host_to_global(batch, mesh)
     self.state = self.trainer.init_state(0)
     self.dtype = model.config.dtype
-    self.info = {"first_step_s": _timed(self._step, 1)[0], "flops": self.trainer.flops_per_step(),
+    self.info = {"first_step_s": _timed(self._call, 1)[0], "flops": self.trainer.flops_per_step(),
                  "params": model.num_params(), "hf_config": _hf_config(model.config),
                  "hf_batch": hf_batch(model.config.family, batch), "family": model.config.family,
                  "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     self.info["target_tokens"], self.info["tokens"] = token_counts(batch)
     if xla_flops:
       self.info["xla_flops"] = xla_train_flops(shape.preset, bindings, shapes)
-    _timed(self._step, warmup)
+    _timed(self._call, warmup)
 
-  def _step(self):
+  def _call(self):
     self.state, metrics = self.trainer.train_step(self.state, self.batch)
     self.jax.block_until_ready(metrics)
-
-  def run(self, n: int) -> list[float]:
-    return _timed(self._step, n)
 
   def profile(self, directory: str) -> dict:
     """One step under `jax.profiler` (trace in `directory`, for TensorBoard or Perfetto), and
     the time per XLA op it recorded; matmuls are the dot / YNNPACK / oneDNN / GEMM kernels."""
     with self.jax.profiler.trace(directory, create_perfetto_trace=True):
-      self._step()
+      self._call()
     path = max(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True),
                key=os.path.getmtime)
     with gzip.open(path) as f:
@@ -334,7 +348,7 @@ def _torch_model(hf_config: dict, compiled: bool):
   return torch, (torch.compile(model) if compiled else model)
 
 
-class TorchTrain:
+class TorchTrain(Runner):
   """HF transformers' model of the same config: forward with labels, backward, clipping to global
   norm 1 and AdamW (weight decay 0.01), as the JAX step does."""
 
@@ -344,23 +358,20 @@ class TorchTrain:
     self.optimizer = self.torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
     self.batch = {k: self.torch.from_numpy(np.ascontiguousarray(v)).long()
                   for k, v in batch.items()}
-    self.info = {"first_step_s": _timed(self._step, 1)[0]}
-    _timed(self._step, warmup)
+    self.info = {"first_step_s": _timed(self._call, 1)[0]}
+    _timed(self._call, warmup)
 
-  def _step(self):
+  def _call(self):
     self.optimizer.zero_grad(set_to_none=True)
     self.model(**self.batch).loss.backward()
     self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.optimizer.step()
 
-  def run(self, n: int) -> list[float]:
-    return _timed(self._step, n)
-
   def memory(self) -> dict:
     return {"rss_gib": _peak_rss_gib(), "device_gib": None}
 
 
-class JaxDecode:
+class JaxDecode(Runner):
   """`model.predict_batch`, greedy, `new_tokens` per row after a random prompt."""
 
   def __init__(self, shape: Shape, bindings: Sequence[str], batch_size: int, prompt: int,
@@ -383,28 +394,25 @@ class JaxDecode:
     self.params = self.model.init(jax.random.PRNGKey(0), self.model.dummy_batch(
         batch_size, {"inputs": prompt, "targets": prompt}))
     self.new_tokens = new_tokens
-    self.info = {"first_step_s": _timed(self._decode, 1)[0], "hf_config": _hf_config(
+    self.info = {"first_step_s": _timed(self._call, 1)[0], "hf_config": _hf_config(
         self.model.config), "hf_inputs": tokens, "family": self.model.config.family}
-    _timed(self._decode, warmup)
+    _timed(self._call, warmup)
     # Rows stop at EOS (1) and the loop once all have: count the steps really taken.
     outputs = np.asarray(self.outputs)[:, 0]
     ended = (outputs == 1).any(axis=1)
     lengths = np.where(ended, (outputs == 1).argmax(axis=1) + 1, new_tokens)
     self.info["steps"] = int(lengths.max())
 
-  def _decode(self):
+  def _call(self):
     self.outputs, _ = self.model.predict_batch(self.params, self.batch,
                                                max_new_tokens=self.new_tokens)
     self.jax.block_until_ready(self.outputs)
-
-  def run(self, n: int) -> list[float]:
-    return _timed(self._decode, n)
 
   def memory(self) -> dict:
     return JaxTrain.memory(self)
 
 
-class TorchDecode:
+class TorchDecode(Runner):
   """HF `generate`, greedy, exactly `new_tokens` per row (EOS held back until then)."""
 
   def __init__(self, hf_config: dict, inputs: np.ndarray, new_tokens: int, compiled: bool,
@@ -417,15 +425,12 @@ class TorchDecode:
                            self.inputs))
     if hf_config["config"].get("is_encoder_decoder"):
       self.kwargs["decoder_start_token_id"] = 0
-    self.info = {"first_step_s": _timed(self._decode, 1)[0]}
-    _timed(self._decode, warmup)
+    self.info = {"first_step_s": _timed(self._call, 1)[0]}
+    _timed(self._call, warmup)
 
-  def _decode(self):
+  def _call(self):
     with self.torch.inference_mode():
       self.model.generate(self.inputs, **self.kwargs)
-
-  def run(self, n: int) -> list[float]:
-    return _timed(self._decode, n)
 
   def memory(self) -> dict:
     return TorchTrain.memory(self)
@@ -483,15 +488,18 @@ class Worker:
 
 # ---------------------------------------------------------------------------- the rounds
 
-def alternate(workers: dict, rounds: int, steps: int, before_round=None) -> dict[str, list]:
-  """Per worker, the median time of each round; rounds interleave the workers."""
+def alternate(workers: dict, rounds: int, steps: int, before_round=None):
+  """Per worker, the median wall time of each round, and its median CPU time; rounds interleave
+  the workers, so each round's figures were taken under about the same load."""
   medians = {name: [] for name in workers}
+  cpu = {name: [] for name in workers}
   for _ in range(rounds):
     if before_round:
       before_round()
     for name, worker in workers.items():
       medians[name].append(float(np.median(worker.call("run", steps))))
-  return medians
+      cpu[name].append(float(np.median(worker.call("cpu_times"))))
+  return medians, cpu
 
 
 def _median_ratio(mine: list, theirs: list) -> float:
@@ -520,9 +528,9 @@ def train_command(args) -> list[dict]:
           workers[impl] = Worker("TorchTrain", info["hf_config"], info["hf_batch"],
                                  impl == "hf-compile", args.warmup)
         peaks = []
-        times = alternate(workers, args.rounds, args.steps,
-                          lambda: peaks.append(workers["jax"].call("peak_flops")))
-        rows = _train_rows(shape_name, variant, info, workers, times, peaks)
+        times, cpu = alternate(workers, args.rounds, args.steps,
+                               lambda: peaks.append(workers["jax"].call("peak_flops")))
+        rows = _train_rows(shape_name, variant, info, workers, times, cpu, peaks)
         if args.profile:
           rows[0]["profile"] = workers["jax"].call(
               "profile", os.path.join(os.path.abspath(args.profile), f"{shape_name}-{variant}"))
@@ -540,7 +548,7 @@ def train_command(args) -> list[dict]:
   return results
 
 
-def _train_rows(shape_name, variant, info, workers, times, peaks) -> list[dict]:
+def _train_rows(shape_name, variant, info, workers, times, cpu, peaks) -> list[dict]:
   peak = float(np.median([p["measured"] for p in peaks]))
   sheet = peaks[0]["sheet"]
   rows = []
@@ -549,6 +557,7 @@ def _train_rows(shape_name, variant, info, workers, times, peaks) -> list[dict]:
     row = {"shape": shape_name, "impl": name if name != "jax" else "t5x_lite",
            "variant": variant if name == "jax" else "-", "first_step_s": worker.info[
                "first_step_s"], "step_s": step, "step_s_per_round": times[name],
+           "cpu_s": float(np.median(cpu[name])),
            "tokens_per_s": info["tokens"] / step, "target_tokens_per_s": info["target_tokens"] / step,
            "gflop_per_step": info["flops"] / 1e9,
            "xla_gflop_per_step": info["xla_flops"] / 1e9
@@ -559,23 +568,29 @@ def _train_rows(shape_name, variant, info, workers, times, peaks) -> list[dict]:
     if name == "jax":
       row["vs"] = {other: _median_ratio(times[name], times[other]) for other in workers
                    if other != "jax"}
+      row["vs_cpu"] = {other: _median_ratio(cpu[name], cpu[other]) for other in workers
+                       if other != "jax"}
     rows.append(row)
   return rows
 
 
 TRAIN_HEADER = (f"{'shape':<12}{'impl':<12}{'variant':<16}{'1st step s':>11}{'step s':>9}"
+                f"{'CPU s':>8}"
                 f"{'tok/s':>9}{'tgt tok/s':>10}{'GFLOP':>8}{'XLA GFLOP':>10}{'GFLOP/s':>9}"
                 f"{'MFU':>7}{'RSS GiB':>8}  vs HF")
 
 
 def _vs(row) -> str:
-  return ", ".join(f"{r:.2f}x {k}" for k, r in row.get("vs", {}).items())
+  """Speed ratios against each HF run: wall time (and CPU time, for training)."""
+  cpu = row.get("vs_cpu", {})
+  return ", ".join(f"{r:.2f}x {k}" + (f" (CPU time {cpu[k]:.2f}x)" if k in cpu else "")
+                   for k, r in row.get("vs", {}).items())
 
 
 def _format_train(r: dict) -> str:
   xla = f"{r['xla_gflop_per_step']:.1f}" if r["xla_gflop_per_step"] else "-"
   return (f"{r['shape']:<12}{r['impl']:<12}{r['variant']:<16}{r['first_step_s']:>11.1f}"
-          f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['target_tokens_per_s']:>10.0f}"
+          f"{r['step_s']:>9.3f}{r['cpu_s']:>8.2f}{r['tokens_per_s']:>9.0f}{r['target_tokens_per_s']:>10.0f}"
           f"{r['gflop_per_step']:>8.1f}{xla:>10}{r['gflop_per_s']:>9.1f}{r['mfu']:>7.1%}"
           f"{r['rss_gib']:>8.2f}  {_vs(r)}")
 
@@ -599,7 +614,7 @@ def decode_command(args) -> list[dict]:
             raise ValueError(f"--compare {impl}: no HF architecture holds {shape_name}.")
           workers[impl] = Worker("TorchDecode", info["hf_config"], info["hf_inputs"],
                                  args.new_tokens, impl == "hf-compile", args.warmup)
-        times = alternate(workers, args.rounds, args.steps)
+        times, _ = alternate(workers, args.rounds, args.steps)
         rows = []
         for name, worker in workers.items():
           steps = info["steps"] if name == "jax" else args.new_tokens
@@ -652,17 +667,19 @@ def markdown(command: str, rows: list[dict], args) -> str:
   lines = [f"`python tools/benchmark.py {' '.join(args.argv)}` — {time.strftime('%Y-%m-%d')}, "
            f"{_machine(args)}", ""]
   if command == "train":
-    lines += ["| shape | impl | variant | 1st step s | step s | tokens/s | GFLOP/step (XLA) | "
-              "GFLOP/s | MFU | RSS GiB | vs HF |", "|" + "---|" * 11]
+    lines += ["| shape | impl | variant | 1st step s | step s | CPU s | tokens/s | GFLOP/step (XLA) "
+              "| GFLOP/s | MFU | RSS GiB | vs HF |", "|" + "---|" * 12]
     for r in rows:
       xla = f" ({r['xla_gflop_per_step']:.1f})" if r["xla_gflop_per_step"] else ""
       lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['first_step_s']:.1f} | "
-                   f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['gflop_per_step']:.1f}"
+                   f"{r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['gflop_per_step']:.1f}"
                    f"{xla} | {r['gflop_per_s']:.1f} | {r['mfu']:.0%} | {r['rss_gib']:.2f} | "
                    f"{_vs(r)} |")
     lines += ["", "MFU = model FLOP/s over the matmul peak measured beside each round "
               f"(median {np.median([r['matmul_gflop_per_s'] for r in rows]):.0f} GFLOP/s); "
-              "tokens/s counts all input tokens; vs HF = median over rounds of the speed ratio."]
+              "tokens/s counts all input tokens; CPU s = CPU seconds per step of the process (all threads); "
+              "vs HF = median over rounds of the speed ratio, in wall and in CPU time."]
   else:
     lines += ["| shape | impl | batch | new tokens | 1st call s | call s | tokens/s | vs HF |",
               "|" + "---|" * 8]
@@ -695,7 +712,8 @@ def _add_common(parser, shapes):
   parser.add_argument("--gin", nargs="*", default=[],
                       help="extra gin bindings for every run, e.g. \"TransformerConfig.dtype = "
                            "'bfloat16'\"")
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=10,
+                      help="rounds; each times --steps calls of every implementation in turn")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--json", default=None, help="where to write the results (default: "
                       "benchmark_<command>.json)")
@@ -711,7 +729,7 @@ def main(argv: Sequence[str] | None = None):
   _add_common(train, SHAPES)
   train.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
                      help="speed switches to run (HF runs beside the first one only)")
-  train.add_argument("--steps", type=int, default=4, help="timed steps per round")
+  train.add_argument("--steps", type=int, default=1, help="timed steps per round")
   train.add_argument("--batch_size", type=int, default=None)
   train.add_argument("--lengths", default=None, help="e.g. \"{'inputs': 256, 'targets': 64}\"")
   train.add_argument("--profile", default=None, metavar="DIR",
