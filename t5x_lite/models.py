@@ -109,7 +109,6 @@ class BaseModel:
     return losses.cross_entropy_with_logits(
         logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
 
-
   # -- inference --------------------------------------------------------------------------------
   def score_batch(self, params, batch: Batch) -> Array:
     """Log-likelihood of each row's targets [b]: sum of log p(target) over weighted tokens.
@@ -174,7 +173,6 @@ class EncoderOnlyModel(BaseModel):
   def _targets(self, batch):
     return batch["encoder_target_tokens"], batch["encoder_loss_weights"]
 
-
   def fill_mask(self, params, tokens: Array, mask_id: int,
                 top_k: int = 5) -> tuple[Array, Array, Array]:
     """The top_k predictions at each [MASK] of `tokens` [b, l] (0 is padding).
@@ -219,7 +217,6 @@ class DecoderOnlyModel(BaseModel):
 
   def _targets(self, batch):
     return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-
 
   def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
                     **decode_overrides) -> tuple[Array, Array]:
@@ -280,7 +277,6 @@ class EncoderDecoderModel(BaseModel):
 
   def _targets(self, batch):
     return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-
 
   def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
                     **decode_overrides) -> tuple[Array, Array]:

@@ -126,7 +126,7 @@ def test_attention_over_a_cache_filled_in_two_calls_equals_one_pass():
   params = attention.init(jax.random.PRNGKey(1), x, x, mask, None, positions, positions)
   whole = attention.apply(params, x, x, mask, None, positions, positions)
 
-  cache = {"key": jnp.zeros((2, 8, 2, 8)), "value": jnp.zeros((2, 8, 2, 8))}
+  cache = {"key": jnp.zeros((2, 2, 8, 8)), "value": jnp.zeros((2, 2, 8, 8))}  # [b, k, s, e]
   slot_positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   filled = lambda n: jnp.broadcast_to(jnp.arange(8) < n, (2, 8)).astype(jnp.int32)
   outputs = []
@@ -138,14 +138,14 @@ def test_attention_over_a_cache_filled_in_two_calls_equals_one_pass():
                                  q_pos, None, cache, jnp.int32(start))
     outputs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), whole, atol=1e-5)
-  assert jnp.all(cache["key"][:, 6:] == 0)  # Slots past the written ones are untouched.
+  assert jnp.all(cache["key"][:, :, 6:] == 0)  # Slots past the written ones are untouched.
 
   # Cross-attention: the first call stores the projected memory, later calls read it back.
   cross = layers.Attention(attention.config)
   memory = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 32))
   cross_mask = jnp.ones((2, 1, 1, 5), bool)
   cross_params = cross.init(jax.random.PRNGKey(3), x[:, :1], memory, cross_mask)
-  empty = {"key": jnp.zeros((2, 5, 2, 8)), "value": jnp.zeros((2, 5, 2, 8))}
+  empty = {"key": jnp.zeros((2, 2, 5, 8)), "value": jnp.zeros((2, 2, 5, 8))}
   first, stored = cross.apply(cross_params, x[:, :1], memory, cross_mask, cache=empty)
   again, _ = cross.apply(cross_params, x[:, :1], None, cross_mask, cache=stored)
   np.testing.assert_allclose(first, cross.apply(cross_params, x[:, :1], memory, cross_mask),
