@@ -48,22 +48,19 @@ def tasks_of(mixture_or_task_name: str) -> list:
 
 def check_vocabulary(model, checkpoint_path: str, task) -> Any:
   """The task's vocabulary, after checking that the checkpoint was trained with it."""
-  vocabularies = _data().vocabularies
-  vocab = vocabularies._concrete(task.output_features["targets"].vocabulary)  # pylint: disable=protected-access
+  vocab = task.output_features["targets"].vocabulary
+  vocab = getattr(vocab, "resolved", vocab)  # The gin-selected one behind DEFAULT_VOCABULARY.
   if vocab.vocab_size > model.config.vocab_size:
     raise ValueError(
         f"Task {task.name!r} uses a vocabulary of {vocab.vocab_size} ids but the checkpoint's "
         f"model has vocab_size={model.config.vocab_size}: it was trained with another vocabulary. "
         "Set get_vocabulary.* as in the training run.")
-  trained_bindings = inference._trained_vocabulary_bindings(checkpoint_path)  # pylint: disable=protected-access
-  spm_path = os.path.join(checkpoint_path, inference.SPM_FILE)
-  trained = (vocabularies.get_vocabulary("sentencepiece", spm_path) if os.path.exists(spm_path)
-             else vocabularies.get_vocabulary(**trained_bindings) if trained_bindings else None)
+  trained = inference.checkpoint_vocabulary(checkpoint_path)
   if trained is not None and trained != vocab:
     raise ValueError(
-        f"The checkpoint {checkpoint_path!r} was trained with {trained} (its config.gin / "
-        f"{inference.SPM_FILE}) but task {task.name!r} now uses {vocab}; set get_vocabulary.* "
-        f"as in training ({trained_bindings or spm_path}).")
+        f"The checkpoint {checkpoint_path!r} was trained with {trained} (its config.gin or "
+        f"{inference.SPM_FILE}) but task {task.name!r} now uses {vocab}; set get_vocabulary.* as "
+        "in training.")
   return vocab
 
 

@@ -58,24 +58,26 @@ def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
 
 def _vocabulary(checkpoint_dir: str, vocabulary):
   from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top  # TensorFlow
-  if vocabulary is not None:
-    if isinstance(vocabulary, str):
-      return vocabularies.get_vocabulary("sentencepiece", vocabulary)
-    return vocabulary
+  if isinstance(vocabulary, str):
+    return vocabularies.get_vocabulary("sentencepiece", vocabulary)
+  return vocabulary or checkpoint_vocabulary(checkpoint_dir) or vocabularies.get_vocabulary("byte")
+
+
+def checkpoint_vocabulary(checkpoint_dir: str):
+  """The vocabulary a checkpoint directory records, or None: its SentencePiece `vocab.model`,
+  else the `get_vocabulary.NAME = VALUE` lines of the config.gin a training run writes."""
+  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top  # TensorFlow
   spm_path = os.path.join(checkpoint_dir, SPM_FILE)
   if os.path.exists(spm_path):
     return vocabularies.get_vocabulary("sentencepiece", spm_path)
-  return vocabularies.get_vocabulary(**_trained_vocabulary_bindings(checkpoint_dir))
-
-
-def _trained_vocabulary_bindings(checkpoint_dir: str) -> dict:
-  """`get_vocabulary.NAME = VALUE` lines of a training run's config.gin, as keyword arguments."""
   path = os.path.join(checkpoint_dir, TRAIN_CONFIG)
   if not os.path.exists(path):
-    return {}
+    return None
   with open(path) as f:
     found = re.findall(r"^get_vocabulary\.(\w+)\s*=\s*(.+?)\s*$", f.read(), re.MULTILINE)
-  return {name: ast.literal_eval(value) for name, value in found}
+  if not found:
+    return None
+  return vocabularies.get_vocabulary(**{name: ast.literal_eval(value) for name, value in found})
 
 
 class LoadedModel:

@@ -230,7 +230,8 @@ class DecoderOnlyModel(BaseModel):
     options = self._decode_options(decode_overrides)
     if "decoder_input_tokens" not in batch:
       raise ValueError("DecoderOnlyModel.predict_batch needs decoder_input_tokens (BOS = 0, then "
-                       f"the prompt), and decoder_causal_attention marking it; got {sorted(batch)}.")
+                       "the prompt), and decoder_causal_attention marking it; got "
+                       f"{sorted(batch)}.")
     tokens = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
     if "decoder_causal_attention" in batch:
       lengths = jnp.sum(jnp.asarray(batch["decoder_causal_attention"], jnp.int32), axis=1)

@@ -42,37 +42,40 @@ def gpt_dir(tmp_path_factory):
   return _save(tmp_path_factory.mktemp("gpt"), model, train(params))
 
 
+@pytest.fixture(scope="module")
+def gpt(gpt_dir):
+  return t5x_lite.load(gpt_dir)  # One model (and its compiled decoders) for the tests below.
+
+
 def test_import_is_cheap_and_load_is_imported_on_first_use():
   code = ("import sys, t5x_lite; heavy = [m for m in ('jax', 'tensorflow') if m in sys.modules]; "
           "assert not heavy, heavy; assert callable(t5x_lite.load)")
-  subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def test_generate_continues_the_learned_pattern(gpt_dir):
-  m = t5x_lite.load(gpt_dir)
-  assert m.generate(["abcdab", "cd"], max_new_tokens=10) == ["cdabcdabcd", "abcdabcdab"]
-  samples = m.generate(["abcdab"], max_new_tokens=6, temperature=0.5, top_k=2, num_decodes=3,
-                       seed=1)
+def test_generate_continues_the_learned_pattern(gpt):
+  assert gpt.generate(["abcdab", "cd"], max_new_tokens=10) == ["cdabcdabcd", "abcdabcdab"]
+  samples = gpt.generate(["abcdab"], max_new_tokens=6, temperature=0.5, top_k=2,
+                         num_decodes=3, seed=1)
   assert len(samples) == 1 and len(samples[0]) == 3 and all(len(s) == 6 for s in samples[0])
-  assert m.generate(["abcdab"], max_new_tokens=6, beam_size=2)[0][0] == "cdabcd"
+  assert gpt.generate(["abcdab"], max_new_tokens=6, beam_size=2)[0][0] == "cdabcd"
 
 
-def test_score_follows_the_chain_rule_and_prefers_the_pattern(gpt_dir):
-  m = t5x_lite.load(gpt_dir)
-  conditional, wrong = m.score(["abcdab", "abcdab"], ["cdab", "dcba"])
-  joint, prefix = m.score(["", ""], ["abcdabcdab", "abcdab"])
+def test_score_follows_the_chain_rule_and_prefers_the_pattern(gpt):
+  conditional, wrong = gpt.score(["abcdab", "abcdab"], ["cdab", "dcba"])
+  joint, prefix = gpt.score(["", ""], ["abcdabcdab", "abcdab"])
   np.testing.assert_allclose(conditional, joint - prefix, rtol=1e-4, atol=1e-3)
   assert conditional > wrong and conditional > -1.0
 
 
-def test_long_prompts_and_bad_decoding_parameters_are_refused(gpt_dir):
-  m = t5x_lite.load(gpt_dir)  # max_length 512
+def test_long_prompts_and_bad_decoding_parameters_are_refused(gpt):  # max_length 512
   with pytest.raises(ValueError, match="Text 0 is 600 tokens long; with max_new_tokens=20"):
-    m.generate(["x" * 600], max_new_tokens=20)
+    gpt.generate(["x" * 600], max_new_tokens=20)
   with pytest.raises(ValueError, match="temperature must be >= 0"):
-    m.generate(["abc"], temperature=-1.0)
+    gpt.generate(["abc"], temperature=-1.0)
   with pytest.raises(ValueError, match="fill_mask needs an encoder-only"):
-    m.fill_mask("a[MASK]c")
+    gpt.fill_mask("a[MASK]c")
 
 
 def test_encoder_decoder_generates_the_same_text_alone_or_batched(tmp_path):
@@ -107,6 +110,7 @@ def test_a_vocabulary_the_model_cannot_hold_is_refused(tmp_path):
   with pytest.raises(ValueError, match="360 ids.*vocab_size=256.*not the vocabulary"):
     t5x_lite.load(directory)
   with open(os.path.join(directory, "config.gin"), "w") as f:  # What a training run leaves.
-    f.write("get_vocabulary.kind = 'sentencepiece'\nget_vocabulary.spm_path = '/nonexistent.model'\n")
+    f.write("get_vocabulary.kind = 'sentencepiece'\n"
+            "get_vocabulary.spm_path = '/nonexistent.model'\n")
   with pytest.raises(FileNotFoundError, match="nonexistent.model"):
     t5x_lite.load(directory)

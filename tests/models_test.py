@@ -130,7 +130,7 @@ def _init(model, batch):
 
 
 @pytest.mark.parametrize("preset", ["llama_tiny", "t5_tiny"])
-def test_greedy_decoding_equals_one_beam_alone_or_batched_and_on_a_sharded_mesh(preset):
+def test_greedy_decoding_equals_one_beam_and_is_the_same_on_a_sharded_mesh(preset):
   model = models.from_gin(preset)
   prompts = _prompts(model)
   params = _init(model, model.dummy_batch(2, {"inputs": 6, "targets": 6}))
@@ -140,11 +140,6 @@ def test_greedy_decoding_equals_one_beam_alone_or_batched_and_on_a_sharded_mesh(
   assert greedy.shape == (2, 1, 6) and scores.shape == (2, 1)
   np.testing.assert_array_equal(greedy, beam)
   np.testing.assert_allclose(scores, beam_scores, rtol=1e-5)
-
-  # The short prompt decoded on its own (no padding) continues exactly as inside the batch.
-  alone = {name: value[1:, :3] for name, value in prompts.items()}
-  np.testing.assert_array_equal(model.predict_batch(params, alone, max_new_tokens=6)[0],
-                                greedy[1:])
 
   mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
   shapes, specs = model.abstract_params(model.dummy_batch(2, {"inputs": 6, "targets": 6}))

@@ -23,12 +23,13 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _shape_bindings(args) -> list[str]:
+  longest = args.prompt + max(args.flatness + [args.new])
   return [f"TransformerConfig.num_layers = {args.layers}",
           f"TransformerConfig.d_model = {args.d_model}",
           f"TransformerConfig.num_heads = {args.heads}",
           f"TransformerConfig.d_ff = {4 * args.d_model}",
           f"TransformerConfig.vocab_size = {args.vocab}",
-          f"TransformerConfig.max_length = {max(1024, args.prompt + max(args.flatness + [args.new]))}"]
+          f"TransformerConfig.max_length = {max(1024, longest)}"]
 
 
 def _time(fn, repeats: int) -> float:
