@@ -2,8 +2,9 @@
 parameter initialisation with logical axes, `loss_fn`, and `score_batch` / `predict_batch` /
 `fill_mask` — for each family.
 
-The batch features are those of seqio's feature converters (T5X names); `FEATURE_CONVERTER`
-names the converter that produces them, so a task only needs to provide `inputs`/`targets`.
+The batch features are those of seqio's feature converters (T5X names). The converter for each
+`family` lives in `t5x_lite.data` (`get_dataset(..., feature_converter=model.family)`), so a task
+only needs to provide `inputs`/`targets`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ Batch = Mapping[str, Array]
 
 class BaseModel:
   """What every family shares; subclasses set the module and the feature plumbing."""
-  FEATURE_CONVERTER = ""  # Name of the seqio feature converter class producing our batches.
   REQUIRED_FEATURES: tuple[str, ...] = ()
   family = ""
 
@@ -55,17 +55,13 @@ class BaseModel:
     raise NotImplementedError
 
   # -- shared API -------------------------------------------------------------------------------
-  @property
-  def feature_converter_cls(self):
-    import seqio  # Imported lazily: seqio pulls in TensorFlow, which pure model use never needs.
-    return getattr(seqio, self.FEATURE_CONVERTER)
-
   def check_batch(self, batch: Batch) -> None:
     missing = [name for name in self.REQUIRED_FEATURES if name not in batch]
     if missing:
       raise ValueError(
           f"{type(self).__name__} batch lacks features {missing} (has {sorted(batch)}); batches "
-          f"must come from seqio.{self.FEATURE_CONVERTER}, which produces them.")
+          f"must come from t5x_lite.data.get_dataset(..., feature_converter={self.family!r}), "
+          "which produces them.")
 
   def dummy_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, Array]:
     """Zeros shaped like a real batch; `lengths` maps "inputs"/"targets" to feature lengths."""
@@ -158,7 +154,6 @@ class BaseModel:
 @gin.configurable(module="t5x_lite.models")
 class EncoderOnlyModel(BaseModel):
   """BERT-style masked LM: loss only where `encoder_loss_weights` is nonzero (masked tokens)."""
-  FEATURE_CONVERTER = "EncoderFeatureConverter"
   REQUIRED_FEATURES = ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights")
   family = "encoder"
 
@@ -195,7 +190,6 @@ class EncoderOnlyModel(BaseModel):
 class DecoderOnlyModel(BaseModel):
   """GPT / LLaMA causal LM. With `inputs_bidirectional_attention`, batches from prefix-LM tasks
   (which carry `decoder_causal_attention`) see their inputs part bidirectionally."""
-  FEATURE_CONVERTER = "DecoderFeatureConverter"
   REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
   family = "decoder"
 
@@ -262,7 +256,6 @@ class DecoderOnlyModel(BaseModel):
 @gin.configurable(module="t5x_lite.models")
 class EncoderDecoderModel(BaseModel):
   """T5: encoder over `encoder_input_tokens`, decoder teacher-forced on `decoder_input_tokens`."""
-  FEATURE_CONVERTER = "EncDecFeatureConverter"
   REQUIRED_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                        "decoder_loss_weights")
   family = "encoder_decoder"

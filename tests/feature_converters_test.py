@@ -100,7 +100,7 @@ def test_make_feature_converter_accepts_families_classes_and_instances():
   enc = fc.make_feature_converter("encoder", pack=False)
   assert isinstance(enc, fc.MLMFeatureConverter) and not enc.pack
   assert enc.mask_id == vocabularies.mask_id() == 259
-  # A model's FEATURE_CONVERTER_CLS may be seqio's own classes; the mask id is filled in.
+  # seqio's own converter classes are accepted too; the mask id is filled in.
   stock = fc.make_feature_converter(seqio.EncoderFeatureConverter)
   assert type(stock) is seqio.EncoderFeatureConverter and stock.mask_id == 259
   instance = seqio.EncDecFeatureConverter(pack=False)

@@ -39,7 +39,7 @@ def test_batch_missing_features_names_them_and_the_converter():
   model = models.from_gin("t5_tiny")
   batch = model.dummy_batch(2, {"inputs": 8, "targets": 8})
   del batch["decoder_loss_weights"]
-  with pytest.raises(ValueError, match="decoder_loss_weights.*EncDecFeatureConverter"):
+  with pytest.raises(ValueError, match="decoder_loss_weights.*feature_converter='encoder_decoder'"):
     model.loss_fn(None, batch)
 
 
