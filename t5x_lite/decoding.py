@@ -134,10 +134,13 @@ def filter_logits(logits: Array, temperature, top_k: int = 0,
 
 def sample_tokens(rng: Array, logits: Array, temperature, top_k: int = 0, top_p=1.0) -> Array:
   """One token per row [B] from logits [B, v]: argmax when temperature is 0."""
-  values, ids = filter_logits(logits, temperature, top_k, top_p)
-  choice = jax.random.categorical(rng, values, axis=-1)
-  sampled = choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
-  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  def sample():
+    values, ids = filter_logits(logits, temperature, top_k, top_p)
+    choice = jax.random.categorical(rng, values, axis=-1)
+    return choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+  # A branch, not a select: greedy decoding draws no random numbers (B x v of them per step).
+  return jax.lax.cond(temperature > 0, lambda: sample().astype(jnp.int32),
+                      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def sample(step_fn: StepFn, logits: Array, cache: Any, positions: Array, rng: Array, *,

@@ -5,9 +5,12 @@ same GPT-2 shape, same prompt and number of new tokens, float32, on this machine
     python tools/benchmark_decode.py                      # gpt-small: 6 layers, d 512, 8 heads
     python tools/benchmark_decode.py --batch_sizes 1 --flatness 32 64 128 256
 
-tokens/s counts generated tokens only (batch x new tokens) over the whole call, prefill included.
+tokens/s counts generated tokens only (batch x new tokens) over the whole call, prefill included;
+tokens per CPU-second divides by the process's CPU time instead (steadier on a shared machine).
 `--flatness` times one batch at several numbers of new tokens: with a working cache the cost per
 new token stays about flat (without one, every step re-reads the whole prefix and it grows).
+`--threads` gives both frameworks the same number of CPU threads (default 1: on a machine other
+jobs share, PyTorch's spinning OpenMP threads collapse when oversubscribed, ~6x slower at 2).
 Nothing here is a test: speed is measured, never asserted.
 """
 from __future__ import annotations
@@ -32,13 +35,16 @@ def _shape_bindings(args) -> list[str]:
           f"TransformerConfig.max_length = {max(1024, longest)}"]
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of the fastest of `repeats` calls, after a warm-up.
+
+  CPU seconds (all threads of this process) are steadier than wall time on a shared machine."""
   fn()  # compile / warm up
-  best = float("inf")
+  best = (float("inf"), float("inf"))
   for _ in range(repeats):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    best = min(best, time.perf_counter() - start)
+    best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
   return best
 
 
@@ -71,6 +77,7 @@ def hf_decoder(args):
       vocab_size=args.vocab, n_positions=max(1024, args.prompt + args.new), n_embd=args.d_model,
       n_layer=args.layers, n_head=args.heads, n_inner=4 * args.d_model)
   torch.manual_seed(0)
+  torch.set_num_threads(args.threads)
   model = transformers.GPT2LMHeadModel(config).eval()
 
   def run(batch_size, new_tokens):
@@ -99,27 +106,33 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--flatness", type=int, nargs="*", default=[],
                       help="also time batch 1 at these numbers of new tokens")
+  parser.add_argument("--threads", type=int, default=1, help="CPU threads for each framework")
   parser.add_argument("--skip_hf", action="store_true")
   args = parser.parse_args()
+  if args.threads == 1:  # Before JAX starts: XLA's CPU client reads these once.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                               "false intra_op_parallelism_threads=1").strip()
 
   ours = t5x_lite_decoder(args)
   theirs = None if args.skip_hf else hf_decoder(args)
   print(f"GPT-2 shape: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab "
         f"{args.vocab}; prompt {args.prompt}, {args.new} new tokens, greedy, float32, CPU "
-        f"({os.cpu_count()} cores)")
-  print(f"{'batch':>5} {'t5x_lite tok/s':>15} {'HF tok/s':>10} {'ratio':>6}")
+        f"({os.cpu_count()} cores, {args.threads} thread(s) each)")
+  print(f"{'batch':>5} {'t5x_lite tok/s':>15} {'HF tok/s':>10} {'ratio':>6}   "
+        f"{'t5x_lite tok/CPU-s':>18} {'HF tok/CPU-s':>13} {'ratio':>6}")
   for batch_size in args.batch_sizes:
     generated = batch_size * args.new
-    ours_s = ours(batch_size, args.new)
-    theirs_s = theirs(batch_size, args.new) if theirs else float("nan")
-    print(f"{batch_size:>5} {generated / ours_s:>15.1f} {generated / theirs_s:>10.1f} "
-          f"{theirs_s / ours_s:>6.2f}", flush=True)
+    (ours_wall, ours_cpu) = ours(batch_size, args.new)
+    (hf_wall, hf_cpu) = theirs(batch_size, args.new) if theirs else (float("nan"),) * 2
+    print(f"{batch_size:>5} {generated / ours_wall:>15.1f} {generated / hf_wall:>10.1f} "
+          f"{hf_wall / ours_wall:>6.2f}   {generated / ours_cpu:>18.1f} "
+          f"{generated / hf_cpu:>13.1f} {hf_cpu / ours_cpu:>6.2f}", flush=True)
   if args.flatness:
-    print("\nbatch 1, prompt %d: ms per new token (prefill included)" % args.prompt)
+    print(f"\nbatch 1, prompt {args.prompt}: ms per new token (prefill included), wall and CPU")
     for new_tokens in args.flatness:
-      print(f"  {new_tokens:>4} new tokens: {1e3 * ours(1, new_tokens) / new_tokens:7.2f} ms",
-            flush=True)
-
+      wall, cpu = ours(1, new_tokens)
+      print(f"  {new_tokens:>4} new tokens: {1e3 * wall / new_tokens:7.2f} ms  "
+            f"{1e3 * cpu / new_tokens:7.2f} CPU-ms", flush=True)
 
 if __name__ == "__main__":
   main()
