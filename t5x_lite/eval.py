@@ -98,6 +98,7 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
              mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> dict[int, dict]:
   """Evaluates each checkpoint (see module docstring); returns {step: {"task/metric": value}}."""
   from t5x_lite.train import MetricsWriter  # TensorBoard scalars, as the training job writes
+  infer.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
   to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step)
   output_dir = output_dir or model_dir or checkpoint_path
   vocab_source = checkpoint_path or model_dir

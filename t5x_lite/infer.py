@@ -188,13 +188,14 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
           mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> list[str]:
   """Decodes every example of `split` (or the first `max_examples`) of each task of
   `mixture_or_task_name` and returns the JSON Lines files written."""
-  decode_options(model, task_feature_lengths, decode_params)  # Bad parameters fail first.
+  decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
+  tasks = tasks_of(mixture_or_task_name)
+  vocabs = [check_vocabulary(model, checkpoint_path, task) for task in tasks]
   mesh = mesh_fn()
   params = restore_params(model, mesh, lambda abstract: checkpoints.load_params(
       checkpoint_path, abstract))
   paths = []
-  for task in tasks_of(mixture_or_task_name):
-    vocab = check_vocabulary(model, checkpoint_path, task)
+  for task, vocab in zip(tasks, vocabs):
     records = predict_task(model, params, mesh, task, task_feature_lengths, split, batch_size,
                            vocab, max_examples, decode_params, seed)
     path = os.path.join(output_dir or checkpoint_path, f"{task.name}_{split}.jsonl")
