@@ -207,9 +207,5 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   from t5x_lite import train  # the shared command line: --gin_file, --gin.NAME=VALUE, ...
-  args = train.parse_flags(sys.argv[1:] if argv is None else argv)
-  partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
-                                      args.process_id)
-  train.configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  gin.finalize()
+  train.start_job(argv)
   infer()

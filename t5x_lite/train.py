@@ -562,13 +562,18 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
 _START = time.perf_counter()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  logging.basicConfig(level=logging.WARNING)
+def start_job(argv: Optional[Sequence[str]] = None) -> None:
+  """What every job (train, infer, eval) does first: flags, multi-host start-up, gin."""
   args = parse_flags(sys.argv[1:] if argv is None else argv)
   partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
                                       args.process_id)
   configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
   gin.finalize()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  logging.basicConfig(level=logging.WARNING)
+  start_job(argv)
   run()
 
 
