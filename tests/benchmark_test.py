@@ -1,6 +1,7 @@
-"""tools/benchmark.py: the `data` sub-command measures each task it is given; `train` and
-`decode` run on the tiny presets (beside HF PyTorch), and the analytic FLOP count they report
-agrees with XLA's cost analysis. No time is asserted."""
+"""tools/benchmark.py (and its runners, tools/benchmark_runners.py): the `data` sub-command
+measures each task it is given; `train` and `decode` run on the tiny presets (beside HF PyTorch),
+with CPU-time figures and, for decode, a thread count shared by both frameworks; the analytic
+FLOP count they report agrees with XLA's cost analysis. No time is asserted."""
 import importlib.util
 import json
 import os
@@ -12,8 +13,10 @@ _TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
                      "benchmark.py")
 _spec = importlib.util.spec_from_file_location("benchmark", _TOOL)
 benchmark = importlib.util.module_from_spec(_spec)
-sys.modules["benchmark"] = benchmark  # its dataclasses look their module up there
+sys.modules["benchmark"] = benchmark  # registered, as an import would be
 _spec.loader.exec_module(benchmark)
+# Loading the tool put tools/ on sys.path, where its runners module lives.
+import benchmark_runners as runners  # pylint: disable=wrong-import-position
 
 
 def test_data_subcommand_reports_throughput_and_fill(capsys):
@@ -40,9 +43,9 @@ def test_default_lengths_per_objective():
 def test_analytic_train_flops_are_within_10_percent_of_xla(preset):
   from t5x_lite import models, trainer  # pylint: disable=g-import-not-at-top
   model = models.from_gin(preset)
-  batch = benchmark.make_batch(model, 8, {"inputs": 64, "targets": 32})
+  batch = runners.make_batch(model, 8, {"inputs": 64, "targets": 32})
   shapes = {k: v.shape for k, v in batch.items()}
-  xla = benchmark.xla_train_flops(preset, (), shapes)
+  xla = runners.xla_train_flops(preset, (), shapes)
   analytic = trainer.model_flops_per_step(model.config, shapes)
   assert abs(analytic - xla) < 0.1 * xla
 
@@ -58,11 +61,11 @@ def test_named_shapes_are_the_issue_models():
 
 def test_bert_batches_carry_the_loss_on_15_percent_in_both_frameworks():
   from t5x_lite import models  # pylint: disable=g-import-not-at-top
-  batch = benchmark.make_batch(models.from_gin("bert_tiny"), 8, {"inputs": 256})
+  batch = runners.make_batch(models.from_gin("bert_tiny"), 8, {"inputs": 256})
   assert 0.1 < batch["encoder_loss_weights"].mean() < 0.2
-  hf = benchmark.hf_batch("encoder", batch)
+  hf = runners.hf_batch("encoder", batch)
   assert ((hf["labels"] != -100) == (batch["encoder_loss_weights"] > 0)).all()
-  assert benchmark.token_counts(batch) == (batch["encoder_loss_weights"].sum(), 8 * 256)
+  assert runners.token_counts(batch) == (batch["encoder_loss_weights"].sum(), 8 * 256)
 
 
 @pytest.fixture
@@ -98,7 +101,37 @@ def test_decode_counts_generated_tokens(tmp_path, capsys, one_device):
   (row,) = rows
   assert row["batch_size"] == 2 and 1 <= row["new_tokens"] <= 4
   assert row["tokens_per_s"] == pytest.approx(2 * row["new_tokens"] / row["call_s"])
+  assert row["threads"] is None and row["cpu_s"] >= 0
   assert "| gpt2_tiny | t5x_lite | 2 |" in capsys.readouterr().out  # the markdown table
+
+
+def test_decode_with_one_thread_beside_hf_reports_cpu_time(tmp_path, capsys, one_device):
+  path = str(tmp_path / "decode.json")
+  rows = benchmark.main(["decode", "--shapes", "gpt2_tiny", "--batch_sizes", "1",
+                         "--prompt", "8", "--new_tokens", "4", "--rounds", "1", "--steps", "1",
+                         "--warmup", "0", "--compare", "hf", "--threads", "1", "--json", path])
+  assert [r["impl"] for r in rows] == ["t5x_lite", "hf"]
+  ours, hf = rows
+  assert hf["new_tokens"] == 4  # HF never stops early; ours counts the steps it took
+  for row in rows:
+    assert row["threads"] == 1 and row["cpu_s"] >= 0 and len(row["cpu_s_per_round"]) == 1
+  assert set(ours["vs"]) == set(ours["vs_cpu"]) == {"hf"}
+  out = capsys.readouterr().out
+  assert "1 CPU thread(s) each" in out and "CPU s" in out and "(CPU time " in out
+  with open(path) as f:
+    assert [r["threads"] for r in json.load(f)["results"]] == [1, 1]
+
+
+def test_one_thread_sets_xla_flags_and_torch_threads(monkeypatch):
+  """What a decode child does with --threads 1 before it imports JAX or builds HF's model."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  monkeypatch.setattr(runners, "_THREADS", None)
+  monkeypatch.delitem(sys.modules, "jax", raising=False)  # as in a fresh child
+  runners._limit_threads(1)  # pylint: disable=protected-access
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=1 "
+                                     "--xla_cpu_multi_thread_eigen=false "
+                                     "intra_op_parallelism_threads=1")
+  assert runners._THREADS == 1  # pylint: disable=protected-access  # read by _torch_model
 
 
 def test_unknown_shapes_and_variants_are_refused_with_the_choices():

@@ -7,42 +7,42 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           MFU against a matmul peak measured beside each round, peak RSS / device memory
           python tools/benchmark.py train --shapes gpt-small t5-small bert-small --compare hf
           python tools/benchmark.py train --shapes gpt-small --variants default unrolled bf16
-  decode  generated tokens/s of `model.predict_batch` (greedy, KV cache) and of HF `generate`
+  decode  generated tokens/s of `model.predict_batch` (greedy, KV cache) and of HF `generate`,
+          CPU seconds per call; --threads N gives both frameworks the same N CPU threads
           python tools/benchmark.py decode --shapes gpt-small t5-small --batch_sizes 1 8 --compare hf
+          python tools/benchmark.py decode --shapes gpt-small --compare hf --threads 1
   data    packed tokens/s of the input pipeline for each task, as the trainer would receive them
           python tools/benchmark.py data --tasks stdlib_clm stdlib_span_corruption --batches 50
 
-Every implementation runs in its own child process (its own memory peak and thread pool) and
-they take turns: each round times a few steps of each, so drift on a shared machine hits all of
-them alike; ratios are medians of per-round ratios. `train` and `decode` end with a markdown
-table (command, date, machine) and write every figure to --json. Speed lives here, never in
+Every implementation runs in its own child process (its own memory peak and thread pool; the
+runners are in tools/benchmark_runners.py) and they take turns: each round times a few steps of
+each, so drift on a shared machine hits all of them alike; ratios are medians of per-round
+ratios. `train` and `decode` end with a markdown table (command, date, machine) and write every
+figure to --json. Speed lives here, never in
 tests (the tests assert behaviour, not wall-clock time).
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import collections
 import dataclasses
-import functools
-import glob
-import gzip
 import importlib.metadata
 import json
-import multiprocessing
 import os
-import resource
 import sys
 import time
-import traceback
 from typing import Optional, Sequence
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# Child processes (spawned, they inherit sys.path) import this module by name to run `_serve`.
+# The runners live in tools/benchmark_runners.py; child processes (spawned, they inherit
+# sys.path) import it by name to run `_serve`.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchmark_runners import Shape, Worker  # pylint: disable=wrong-import-position
+
 PRESET_DIR = os.path.join(ROOT, "gin_configs", "models")
 
 # T5X-style training lengths for each registered task (the pipeline's cost depends on them).
@@ -118,15 +118,6 @@ def data_command(args) -> list[dict]:
 
 # ============================================================================ train and decode
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  """A model preset with gin bindings, and the batch it is benchmarked on."""
-  preset: str
-  bindings: tuple[str, ...]
-  batch_size: int
-  lengths: dict  # {"inputs": encoder length, "targets": decoder length}
-
-
 _SMALL = ("TransformerConfig.num_layers = 6", "TransformerConfig.d_model = 512",
           "TransformerConfig.num_heads = 8", "TransformerConfig.dropout_rate = 0.0")
 # The shapes of issue 7 (all float32, AdamW, no dropout on either side).
@@ -141,7 +132,6 @@ SHAPES = {
     "bert-small": Shape("bert_base", _SMALL + ("TransformerConfig.d_ff = 2048",),
                         8, {"inputs": 256}),
 }
-MLM_RATE = 0.15  # BERT: share of tokens that carry the loss
 
 # Speed switches: gin bindings and Trainer arguments, applied on top of a shape.
 VARIANTS = {
@@ -152,7 +142,6 @@ VARIANTS = {
     "bf16": (("TransformerConfig.dtype = 'bfloat16'",), {}),
     "microbatches-2": ((), {"num_microbatches": 2}),
 }
-MATMUL_OP_NAMES = ("dot", "ynn_fusion", "xnn_fusion", "onednn", "gemm", "cublas")
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
 
 
@@ -165,325 +154,6 @@ def resolve_shape(name: str, batch_size: Optional[int], lengths: Optional[dict])
   shape = SHAPES.get(name) or Shape(name, (), 8, {"inputs": 64, "targets": 64})
   return dataclasses.replace(shape, batch_size=batch_size or shape.batch_size,
                              lengths=lengths or shape.lengths)
-
-
-def make_batch(model, batch_size: int, lengths: dict, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random tokens shaped as the feature converter's batches: every row one full-length
-  example (segment ids 1, positions 0..l-1); loss on every target, or on 15% for BERT's MLM."""
-  rng = np.random.default_rng(seed)
-  batch = {}
-  for name, value in model.dummy_batch(batch_size, lengths).items():
-    prefix = name.split("_")[0]
-    b, l = value.shape
-    if name.endswith("_loss_weights"):
-      rate = MLM_RATE if model.config.family == "encoder" else 1.0
-      batch[name] = (rng.random((b, l)) < rate).astype(np.int32)
-    else:
-      batch[name] = rng.integers(2, model.config.vocab_size, (b, l)).astype(np.int32)
-    batch.setdefault(f"{prefix}_segment_ids", np.ones((b, l), np.int32))
-    batch.setdefault(f"{prefix}_positions", np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)))
-  return batch
-
-
-def hf_batch(family: str, batch: dict) -> dict[str, np.ndarray]:
-  """The same examples as HF model arguments (HF shifts `labels` itself; -100 = no loss)."""
-  if family == "encoder":
-    return {"input_ids": batch["encoder_input_tokens"],
-            "labels": np.where(batch["encoder_loss_weights"] > 0, batch["encoder_target_tokens"],
-                               -100)}
-  if family == "encoder_decoder":
-    return {"input_ids": batch["encoder_input_tokens"], "labels": batch["decoder_target_tokens"]}
-  return {"input_ids": batch["decoder_target_tokens"], "labels": batch["decoder_target_tokens"]}
-
-
-def token_counts(batch: dict) -> tuple[int, int]:
-  """(tokens that carry the loss, all input tokens) of one batch."""
-  targets = sum(int(v.sum()) for k, v in batch.items() if k.endswith("_loss_weights"))
-  tokens = sum(v.size for k, v in batch.items() if k.endswith("_input_tokens"))
-  return targets, tokens
-
-
-def _peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
-def _timed(fn, n: int, cpu: Optional[list] = None) -> list[float]:
-  """Wall seconds of n calls; with `cpu`, also appends the CPU seconds this process (all its
-  threads) spent in each: unlike wall time, that barely grows when other jobs share the cores."""
-  times = []
-  for _ in range(n):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fn()
-    times.append(time.perf_counter() - start)
-    if cpu is not None:
-      cpu.append(time.process_time() - start_cpu)
-  return times
-
-
-class Runner:
-  """What every runner shares: `run(n)` times n calls of `_call` (wall), `cpu_times()` hands
-  over the CPU seconds of the calls timed since the last hand-over."""
-
-  def run(self, n: int) -> list[float]:
-    self._cpu = getattr(self, "_cpu", [])
-    return _timed(self._call, n, self._cpu)
-
-  def cpu_times(self) -> list[float]:
-    times, self._cpu = getattr(self, "_cpu", []), []
-    return times
-
-
-# ---------------------------------------------------------------------------- runners
-# Each runner lives in a child process (`Worker`): __init__ builds and warms up, `info` says
-# what it built, run(n) returns n timings, memory() its peaks.
-
-class JaxTrain(Runner):
-  """`trainer.Trainer.train_step` (what t5x_lite.train runs) on one fixed batch."""
-
-  def __init__(self, shape: Shape, bindings: Sequence[str], trainer_kwargs: dict,
-               warmup: int, xla_flops: bool):
-    import jax  # pylint: disable=g-import-not-at-top
-    from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
-    self.jax, self.trainer_lib = jax, trainer
-    bindings = tuple(shape.bindings) + tuple(bindings)
-    model = models.from_gin(shape.preset, bindings)
-    batch = make_batch(model, shape.batch_size, shape.lengths)
-    mesh = partitioning.make_mesh()
-    optimizer = optimizers.create_optimizer(
-        "adamw", optimizers.create_schedule("constant", 1e-4, 0), weight_decay=0.01)
-    shapes = {k: v.shape for k, v in batch.items()}
-    self.trainer = trainer.Trainer(model, optimizer, mesh, shapes, **trainer_kwargs)
-    self.batch = partitioning.host_to_global(batch, mesh)
-    self.state = self.trainer.init_state(0)
-    self.dtype = model.config.dtype
-    self.info = {"first_step_s": _timed(self._call, 1)[0], "flops": self.trainer.flops_per_step(),
-                 "params": model.num_params(), "hf_config": _hf_config(model.config),
-                 "hf_batch": hf_batch(model.config.family, batch), "family": model.config.family,
-                 "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
-    self.info["target_tokens"], self.info["tokens"] = token_counts(batch)
-    if xla_flops:
-      self.info["xla_flops"] = xla_train_flops(shape.preset, bindings, shapes)
-    _timed(self._call, warmup)
-
-  def _call(self):
-    self.state, metrics = self.trainer.train_step(self.state, self.batch)
-    self.jax.block_until_ready(metrics)
-
-  def profile(self, directory: str) -> dict:
-    """One step under `jax.profiler` (trace in `directory`, for TensorBoard or Perfetto), and
-    the time per XLA op it recorded; matmuls are the dot / YNNPACK / oneDNN / GEMM kernels."""
-    with self.jax.profiler.trace(directory, create_perfetto_trace=True):
-      self._call()
-    path = max(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True),
-               key=os.path.getmtime)
-    with gzip.open(path) as f:
-      events = json.load(f)["traceEvents"]
-    ops = collections.Counter()
-    for event in events:
-      op = event.get("args", {}).get("hlo_op")
-      if event.get("ph") == "X" and op and event.get("dur"):
-        ops[op] += event["dur"] / 1e6
-    total = sum(ops.values())
-    matmul = sum(t for op, t in ops.items() if any(k in op for k in MATMUL_OP_NAMES))
-    return {"trace": path, "op_seconds": total, "matmul_share": matmul / max(total, 1e-9),
-            "top_ops": ops.most_common(12)}
-
-  def peak_flops(self) -> dict:
-    """Measured matmul FLOP/s in the compute dtype; on accelerators also the data-sheet peak."""
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    measured = self.trainer_lib.measure_matmul_flops(n=2048 if self.info["platform"] == "cpu"
-                                                     else 8192, dtype=jnp.dtype(self.dtype),
-                                                     repeats=3)
-    sheet = None
-    if self.info["platform"] != "cpu":
-      sheet = self.trainer_lib.peak_flops_per_second()
-    return {"measured": measured * self.jax.device_count()
-                        if self.info["platform"] != "cpu" else measured, "sheet": sheet}
-
-  def memory(self) -> dict:
-    stats = self.jax.local_devices()[0].memory_stats() or {}
-    return {"rss_gib": _peak_rss_gib(),
-            "device_gib": stats["peak_bytes_in_use"] / 2 ** 30
-                          if "peak_bytes_in_use" in stats else None}
-
-
-def xla_train_flops(preset: str, bindings: Sequence[str], shapes: dict) -> float:
-  """XLA's count of the train step's FLOPs (`cost_analysis()` of the lowered step), for the same
-  model unrolled and without remat: XLA counts a while loop's body once, so a scanned stack would
-  be undercounted by its depth. Lowering only (no compilation) takes seconds."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
-  model = models.from_gin(preset, tuple(bindings) + ("TransformerConfig.scan_layers = False",
-                                                     "TransformerConfig.remat_policy = 'none'"))
-  optimizer = optimizers.create_optimizer("adamw")
-  mesh = partitioning.make_mesh()
-  abstract = trainer.Trainer(model, optimizer, mesh, shapes).abstract_state
-  step = jax.jit(functools.partial(trainer.train_step, model, optimizer, 1))
-  with partitioning.activation_sharding(mesh):
-    lowered = step.lower(abstract, {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()})
-  analysis = lowered.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
-
-
-def _hf_config(cfg) -> Optional[dict]:
-  """The HF architecture and config holding a model of this config (None if none can)."""
-  from t5x_lite.interop import hf_families  # pylint: disable=g-import-not-at-top
-  try:
-    family = hf_families.family_of_config(cfg)
-    return {"architecture": family.architecture, "model_type": family.model_type,
-            "config": family.config_to_hf(cfg), "dtype": cfg.dtype}
-  except ValueError:
-    return None
-
-
-def _torch_model(hf_config: dict, compiled: bool):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())  # as many threads as cores, like XLA's pool
-  torch.manual_seed(0)
-  config = transformers.AutoConfig.for_model(hf_config["model_type"], **hf_config["config"])
-  model = getattr(transformers, hf_config["architecture"])(config)
-  if hf_config["dtype"] != "float32":
-    model = model.to(getattr(torch, hf_config["dtype"]))
-  return torch, (torch.compile(model) if compiled else model)
-
-
-class TorchTrain(Runner):
-  """HF transformers' model of the same config: forward with labels, backward, clipping to global
-  norm 1 and AdamW (weight decay 0.01), as the JAX step does."""
-
-  def __init__(self, hf_config: dict, batch: dict, compiled: bool, warmup: int):
-    self.torch, self.model = _torch_model(hf_config, compiled)
-    self.model.train()
-    self.optimizer = self.torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
-    self.batch = {k: self.torch.from_numpy(np.ascontiguousarray(v)).long()
-                  for k, v in batch.items()}
-    self.info = {"first_step_s": _timed(self._call, 1)[0]}
-    _timed(self._call, warmup)
-
-  def _call(self):
-    self.optimizer.zero_grad(set_to_none=True)
-    self.model(**self.batch).loss.backward()
-    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-    self.optimizer.step()
-
-  def memory(self) -> dict:
-    return {"rss_gib": _peak_rss_gib(), "device_gib": None}
-
-
-class JaxDecode(Runner):
-  """`model.predict_batch`, greedy, `new_tokens` per row after a random prompt."""
-
-  def __init__(self, shape: Shape, bindings: Sequence[str], batch_size: int, prompt: int,
-               new_tokens: int, warmup: int):
-    import jax  # pylint: disable=g-import-not-at-top
-    from t5x_lite import models  # pylint: disable=g-import-not-at-top
-    self.jax = jax
-    self.model = models.from_gin(shape.preset, tuple(shape.bindings) + tuple(bindings))
-    if self.model.config.family == "encoder":
-      raise ValueError(f"{shape.preset} is an encoder: it does not generate; decode benchmarks "
-                       "take decoder-only or encoder-decoder shapes.")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(2, self.model.config.vocab_size, (batch_size, prompt)).astype(np.int32)
-    if self.model.config.family == "decoder":
-      tokens[:, 0] = 0  # BOS, as seqio's decoder inputs start
-      self.batch = {"decoder_input_tokens": tokens,
-                    "decoder_causal_attention": np.ones_like(tokens)}
-    else:
-      self.batch = {"encoder_input_tokens": tokens}
-    self.params = self.model.init(jax.random.PRNGKey(0), self.model.dummy_batch(
-        batch_size, {"inputs": prompt, "targets": prompt}))
-    self.new_tokens = new_tokens
-    self.info = {"first_step_s": _timed(self._call, 1)[0], "hf_config": _hf_config(
-        self.model.config), "hf_inputs": tokens, "family": self.model.config.family}
-    _timed(self._call, warmup)
-    # Rows stop at EOS (1) and the loop once all have: count the steps really taken.
-    outputs = np.asarray(self.outputs)[:, 0]
-    ended = (outputs == 1).any(axis=1)
-    lengths = np.where(ended, (outputs == 1).argmax(axis=1) + 1, new_tokens)
-    self.info["steps"] = int(lengths.max())
-
-  def _call(self):
-    self.outputs, _ = self.model.predict_batch(self.params, self.batch,
-                                               max_new_tokens=self.new_tokens)
-    self.jax.block_until_ready(self.outputs)
-
-  def memory(self) -> dict:
-    return JaxTrain.memory(self)
-
-
-class TorchDecode(Runner):
-  """HF `generate`, greedy, exactly `new_tokens` per row (EOS held back until then)."""
-
-  def __init__(self, hf_config: dict, inputs: np.ndarray, new_tokens: int, compiled: bool,
-               warmup: int):
-    self.torch, self.model = _torch_model(hf_config, compiled)
-    self.model.eval()
-    self.inputs = self.torch.from_numpy(inputs).long()
-    self.kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       eos_token_id=1, pad_token_id=0, attention_mask=self.torch.ones_like(
-                           self.inputs))
-    if hf_config["config"].get("is_encoder_decoder"):
-      self.kwargs["decoder_start_token_id"] = 0
-    self.info = {"first_step_s": _timed(self._call, 1)[0]}
-    _timed(self._call, warmup)
-
-  def _call(self):
-    with self.torch.inference_mode():
-      self.model.generate(self.inputs, **self.kwargs)
-
-  def memory(self) -> dict:
-    return TorchTrain.memory(self)
-
-
-RUNNERS = {"JaxTrain": JaxTrain, "TorchTrain": TorchTrain, "JaxDecode": JaxDecode,
-           "TorchDecode": TorchDecode}
-
-
-def _serve(conn, runner: str, args: tuple):
-  """Child process: build the runner, then answer (method, args) calls until told to stop."""
-  try:
-    obj = RUNNERS[runner](*args)
-    conn.send(("ok", obj.info))
-    while True:
-      method, call_args = conn.recv()
-      if method is None:
-        return
-      conn.send(("ok", getattr(obj, method)(*call_args)))
-  except Exception:  # pylint: disable=broad-except  # reported to the parent, which raises
-    conn.send(("error", traceback.format_exc()))
-
-
-class Worker:
-  """A runner in its own process (spawned: no state inherited from the parent's JAX)."""
-
-  def __init__(self, runner: str, *args):
-    context = multiprocessing.get_context("spawn")
-    self._conn, child = context.Pipe()
-    self._process = context.Process(target=_serve, args=(child, runner, args), daemon=True)
-    self._process.start()
-    self.info = self._receive(runner)
-
-  def _receive(self, what: str):
-    status, value = self._conn.recv()
-    if status == "error":
-      self.close()
-      raise RuntimeError(f"benchmark worker failed in {what}:\n{value}")
-    return value
-
-  def call(self, method: str, *args):
-    self._conn.send((method, args))
-    return self._receive(method)
-
-  def close(self):
-    if self._process.is_alive():
-      try:
-        self._conn.send((None, ()))
-      except (BrokenPipeError, OSError):
-        pass
-      self._process.join(timeout=30)
-    if self._process.is_alive():
-      self._process.kill()
 
 
 # ---------------------------------------------------------------------------- the rounds
@@ -581,7 +251,7 @@ TRAIN_HEADER = (f"{'shape':<12}{'impl':<12}{'variant':<16}{'1st step s':>11}{'st
 
 
 def _vs(row) -> str:
-  """Speed ratios against each HF run: wall time (and CPU time, for training)."""
+  """Speed ratios against each HF run: wall time and CPU time."""
   cpu = row.get("vs_cpu", {})
   return ", ".join(f"{r:.2f}x {k}" + (f" (CPU time {cpu[k]:.2f}x)" if k in cpu else "")
                    for k, r in row.get("vs", {}).items())
@@ -597,9 +267,10 @@ def _format_train(r: dict) -> str:
 
 def decode_command(args) -> list[dict]:
   results = []
+  threads = f"{args.threads} CPU thread(s) each" if args.threads else "threads = cores"
   print(f"decode: greedy, {args.new_tokens} new tokens after a {args.prompt}-token prompt; "
-        f"{args.rounds} rounds x {args.steps} calls per implementation; {_machine(args)}",
-        flush=True)
+        f"{args.rounds} rounds x {args.steps} calls per implementation; {threads}; "
+        f"{_machine(args)}", flush=True)
   print(DECODE_HEADER + "\n" + "-" * len(DECODE_HEADER), flush=True)
   for shape_name in args.shapes:
     shape = resolve_shape(shape_name, None, None)
@@ -607,45 +278,61 @@ def decode_command(args) -> list[dict]:
       workers = {}
       try:
         workers["jax"] = Worker("JaxDecode", shape, tuple(args.gin), batch_size, args.prompt,
-                                args.new_tokens, args.warmup)
+                                args.new_tokens, args.warmup, threads=args.threads)
         info = workers["jax"].info
         for impl in args.compare:
           if info["hf_config"] is None:
             raise ValueError(f"--compare {impl}: no HF architecture holds {shape_name}.")
           workers[impl] = Worker("TorchDecode", info["hf_config"], info["hf_inputs"],
-                                 args.new_tokens, impl == "hf-compile", args.warmup)
-        times, _ = alternate(workers, args.rounds, args.steps)
-        rows = []
-        for name, worker in workers.items():
-          steps = info["steps"] if name == "jax" else args.new_tokens
-          seconds = float(np.median(times[name]))
-          row = {"shape": shape_name, "impl": name if name != "jax" else "t5x_lite",
-                 "batch_size": batch_size, "prompt": args.prompt, "new_tokens": steps,
-                 "first_call_s": worker.info["first_step_s"], "call_s": seconds,
-                 "call_s_per_round": times[name], "tokens_per_s": batch_size * steps / seconds,
-                 **worker.call("memory")}
-          if name == "jax":
-            row["vs"] = {o: _median_ratio([t / steps for t in times[name]],
-                                          [t / args.new_tokens for t in times[o]])
-                         for o in workers if o != "jax"}
-          rows.append(row)
+                                 args.new_tokens, impl == "hf-compile", args.warmup,
+                                 threads=args.threads)
+        times, cpu = alternate(workers, args.rounds, args.steps)
+        rows = _decode_rows(shape_name, batch_size, info["steps"], workers, times, cpu, args)
       finally:
         for worker in workers.values():
           worker.close()
       for row in rows:
         print(_format_decode(row), flush=True)
+      if info["steps"] < args.new_tokens:  # HF's rows never stop early (min_new_tokens)
+        print(f"  t5x_lite: every row reached EOS after {info['steps']} of {args.new_tokens} "
+              "new tokens; its tokens/s and ratios count the tokens really generated",
+              flush=True)
       results += rows
   return results
 
 
+def _decode_rows(shape_name, batch_size, jax_steps, workers, times, cpu, args) -> list[dict]:
+  """One row per implementation; t5x_lite's ratios are per generated token, in wall and CPU
+  time, since its rows may stop at EOS before --new_tokens (HF's never do)."""
+  steps = {name: jax_steps if name == "jax" else args.new_tokens for name in workers}
+  rows = []
+  for name, worker in workers.items():
+    seconds = float(np.median(times[name]))
+    row = {"shape": shape_name, "impl": name if name != "jax" else "t5x_lite",
+           "batch_size": batch_size, "prompt": args.prompt, "new_tokens": steps[name],
+           "threads": args.threads, "first_call_s": worker.info["first_step_s"],
+           "call_s": seconds, "call_s_per_round": times[name],
+           "cpu_s": float(np.median(cpu[name])), "cpu_s_per_round": cpu[name],
+           "tokens_per_s": batch_size * steps[name] / seconds, **worker.call("memory")}
+    if name == "jax":
+      def per_token(figures, o):
+        return [t / steps[o] for t in figures[o]]
+      row["vs"] = {o: _median_ratio(per_token(times, name), per_token(times, o))
+                   for o in workers if o != "jax"}
+      row["vs_cpu"] = {o: _median_ratio(per_token(cpu, name), per_token(cpu, o))
+                       for o in workers if o != "jax"}
+    rows.append(row)
+  return rows
+
+
 DECODE_HEADER = (f"{'shape':<12}{'impl':<12}{'batch':>6}{'new tok':>8}{'1st call s':>11}"
-                 f"{'call s':>9}{'tok/s':>9}{'RSS GiB':>8}  vs HF")
+                 f"{'call s':>9}{'CPU s':>8}{'tok/s':>9}{'RSS GiB':>8}  vs HF")
 
 
 def _format_decode(r: dict) -> str:
   return (f"{r['shape']:<12}{r['impl']:<12}{r['batch_size']:>6}{r['new_tokens']:>8}"
-          f"{r['first_call_s']:>11.1f}{r['call_s']:>9.3f}{r['tokens_per_s']:>9.1f}"
-          f"{r['rss_gib']:>8.2f}  {_vs(r)}")
+          f"{r['first_call_s']:>11.1f}{r['call_s']:>9.3f}{r['cpu_s']:>8.3f}"
+          f"{r['tokens_per_s']:>9.1f}{r['rss_gib']:>8.2f}  {_vs(r)}")
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -681,12 +368,17 @@ def markdown(command: str, rows: list[dict], args) -> str:
               "tokens/s counts all input tokens; CPU s = CPU seconds per step of the process (all threads); "
               "vs HF = median over rounds of the speed ratio, in wall and in CPU time."]
   else:
-    lines += ["| shape | impl | batch | new tokens | 1st call s | call s | tokens/s | vs HF |",
-              "|" + "---|" * 8]
+    lines += ["| shape | impl | batch | new tokens | 1st call s | call s | CPU s | tokens/s "
+              "| vs HF |", "|" + "---|" * 9]
     for r in rows:
       lines.append(f"| {r['shape']} | {r['impl']} | {r['batch_size']} | {r['new_tokens']} | "
-                   f"{r['first_call_s']:.1f} | {r['call_s']:.2f} | {r['tokens_per_s']:.1f} | "
-                   f"{_vs(r)} |")
+                   f"{r['first_call_s']:.1f} | {r['call_s']:.2f} | {r['cpu_s']:.2f} | "
+                   f"{r['tokens_per_s']:.1f} | {_vs(r)} |")
+    threads = f"{args.threads} CPU thread(s) each" if args.threads else "threads = cores"
+    lines += ["", f"Greedy, {threads}; tokens/s counts generated tokens (batch x new tokens) "
+              "over the whole call, prefill included; CPU s = CPU seconds per call of the "
+              "process (all threads); vs HF = median over rounds of the speed ratio per "
+              "generated token, in wall and in CPU time."]
   return "\n".join(lines)
 
 
@@ -744,6 +436,10 @@ def main(argv: Sequence[str] | None = None):
   decode.add_argument("--prompt", type=int, default=128, help="prompt (encoder input) length")
   decode.add_argument("--new_tokens", type=int, default=64)
   decode.add_argument("--steps", type=int, default=2, help="timed calls per round")
+  decode.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for each framework (default: as many as cores); on a "
+                           "shared machine 1 keeps PyTorch's spinning OpenMP threads from "
+                           "collapsing when the cores are oversubscribed")
   decode.set_defaults(func=decode_command)
   data = commands.add_parser("data", help="input-pipeline throughput per task")
   data.add_argument("--tasks", nargs="+", default=list(DEFAULT_DATA_TASKS))

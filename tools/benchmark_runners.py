@@ -1,0 +1,391 @@
+"""The per-process runners of tools/benchmark.py: each implementation (t5x_lite's train step or
+greedy decoding, HF transformers' on PyTorch) is built, warmed up and timed in its own child
+process (`Worker`), so it has its own memory peak and thread pool and none inherits the parent's
+JAX. Children are spawned and import this module by name (`benchmark_runners`) to run `_serve`.
+
+  batches     make_batch (random tokens shaped as the feature converter's), hf_batch (the same
+              examples as HF arguments), token_counts
+  threads     _limit_threads: the CPU threads a child may use (before it imports JAX)
+  runners     Runner (timing, wall and CPU), JaxTrain, TorchTrain, JaxDecode, TorchDecode;
+              xla_train_flops (XLA's FLOP count, to check the analytic one), _hf_config
+  processes   _serve (the child's loop) and Worker (the parent's handle on it)
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+import traceback
+from typing import Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # t5x_lite
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """A model preset with gin bindings, and the batch it is benchmarked on."""
+  preset: str
+  bindings: tuple[str, ...]
+  batch_size: int
+  lengths: dict  # {"inputs": encoder length, "targets": decoder length}
+
+
+MLM_RATE = 0.15  # BERT: share of tokens that carry the loss
+MATMUL_OP_NAMES = ("dot", "ynn_fusion", "xnn_fusion", "onednn", "gemm", "cublas")
+
+
+def make_batch(model, batch_size: int, lengths: dict, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random tokens shaped as the feature converter's batches: every row one full-length
+  example (segment ids 1, positions 0..l-1); loss on every target, or on 15% for BERT's MLM."""
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for name, value in model.dummy_batch(batch_size, lengths).items():
+    prefix = name.split("_")[0]
+    b, l = value.shape
+    if name.endswith("_loss_weights"):
+      rate = MLM_RATE if model.config.family == "encoder" else 1.0
+      batch[name] = (rng.random((b, l)) < rate).astype(np.int32)
+    else:
+      batch[name] = rng.integers(2, model.config.vocab_size, (b, l)).astype(np.int32)
+    batch.setdefault(f"{prefix}_segment_ids", np.ones((b, l), np.int32))
+    batch.setdefault(f"{prefix}_positions", np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)))
+  return batch
+
+
+def hf_batch(family: str, batch: dict) -> dict[str, np.ndarray]:
+  """The same examples as HF model arguments (HF shifts `labels` itself; -100 = no loss)."""
+  if family == "encoder":
+    return {"input_ids": batch["encoder_input_tokens"],
+            "labels": np.where(batch["encoder_loss_weights"] > 0, batch["encoder_target_tokens"],
+                               -100)}
+  if family == "encoder_decoder":
+    return {"input_ids": batch["encoder_input_tokens"], "labels": batch["decoder_target_tokens"]}
+  return {"input_ids": batch["decoder_target_tokens"], "labels": batch["decoder_target_tokens"]}
+
+
+def token_counts(batch: dict) -> tuple[int, int]:
+  """(tokens that carry the loss, all input tokens) of one batch."""
+  targets = sum(int(v.sum()) for k, v in batch.items() if k.endswith("_loss_weights"))
+  tokens = sum(v.size for k, v in batch.items() if k.endswith("_input_tokens"))
+  return targets, tokens
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def _timed(fn, n: int, cpu: Optional[list] = None) -> list[float]:
+  """Wall seconds of n calls; with `cpu`, also appends the CPU seconds this process (all its
+  threads) spent in each: unlike wall time, that barely grows when other jobs share the cores."""
+  times = []
+  for _ in range(n):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    times.append(time.perf_counter() - start)
+    if cpu is not None:
+      cpu.append(time.process_time() - start_cpu)
+  return times
+
+
+class Runner:
+  """What every runner shares: `run(n)` times n calls of `_call` (wall), `cpu_times()` hands
+  over the CPU seconds of the calls timed since the last hand-over."""
+
+  def run(self, n: int) -> list[float]:
+    self._cpu = getattr(self, "_cpu", [])
+    return _timed(self._call, n, self._cpu)
+
+  def cpu_times(self) -> list[float]:
+    times, self._cpu = getattr(self, "_cpu", []), []
+    return times
+
+
+# ---------------------------------------------------------------------------- threads
+
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_THREADS: Optional[int] = None  # this child's CPU threads (None: as many as cores)
+
+
+def _limit_threads(threads: Optional[int]) -> None:
+  """Give this child `threads` CPU threads, whichever framework it runs; call before JAX is
+  imported (XLA's CPU client reads its flags, and sizes its thread pool, once). One thread: XLA
+  single-threaded by flags; N > 1 (below the core count): the process keeps to N cores, which
+  bounds XLA's pool; PyTorch gets torch.set_num_threads(N) in `_torch_model`."""
+  global _THREADS
+  if threads is None:
+    return
+  if "jax" in sys.modules:
+    raise RuntimeError("_limit_threads must run before JAX is imported")
+  _THREADS = threads
+  if threads == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
+  elif threads < len(os.sched_getaffinity(0)):
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+
+
+# ---------------------------------------------------------------------------- runners
+# Each runner lives in a child process (`Worker`): __init__ builds and warms up, `info` says
+# what it built, run(n) returns n timings, memory() its peaks.
+
+class JaxTrain(Runner):
+  """`trainer.Trainer.train_step` (what t5x_lite.train runs) on one fixed batch."""
+
+  def __init__(self, shape: Shape, bindings: Sequence[str], trainer_kwargs: dict,
+               warmup: int, xla_flops: bool):
+    import jax  # pylint: disable=g-import-not-at-top
+    from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
+    self.jax, self.trainer_lib = jax, trainer
+    bindings = tuple(shape.bindings) + tuple(bindings)
+    model = models.from_gin(shape.preset, bindings)
+    batch = make_batch(model, shape.batch_size, shape.lengths)
+    mesh = partitioning.make_mesh()
+    optimizer = optimizers.create_optimizer(
+        "adamw", optimizers.create_schedule("constant", 1e-4, 0), weight_decay=0.01)
+    shapes = {k: v.shape for k, v in batch.items()}
+    self.trainer = trainer.Trainer(model, optimizer, mesh, shapes, **trainer_kwargs)
+    self.batch = partitioning.host_to_global(batch, mesh)
+    self.state = self.trainer.init_state(0)
+    self.dtype = model.config.dtype
+    self.info = {"first_step_s": _timed(self._call, 1)[0], "flops": self.trainer.flops_per_step(),
+                 "params": model.num_params(), "hf_config": _hf_config(model.config),
+                 "hf_batch": hf_batch(model.config.family, batch), "family": model.config.family,
+                 "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
+    self.info["target_tokens"], self.info["tokens"] = token_counts(batch)
+    if xla_flops:
+      self.info["xla_flops"] = xla_train_flops(shape.preset, bindings, shapes)
+    _timed(self._call, warmup)
+
+  def _call(self):
+    self.state, metrics = self.trainer.train_step(self.state, self.batch)
+    self.jax.block_until_ready(metrics)
+
+  def profile(self, directory: str) -> dict:
+    """One step under `jax.profiler` (trace in `directory`, for TensorBoard or Perfetto), and
+    the time per XLA op it recorded; matmuls are the dot / YNNPACK / oneDNN / GEMM kernels."""
+    with self.jax.profiler.trace(directory, create_perfetto_trace=True):
+      self._call()
+    path = max(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True),
+               key=os.path.getmtime)
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+    ops = collections.Counter()
+    for event in events:
+      op = event.get("args", {}).get("hlo_op")
+      if event.get("ph") == "X" and op and event.get("dur"):
+        ops[op] += event["dur"] / 1e6
+    total = sum(ops.values())
+    matmul = sum(t for op, t in ops.items() if any(k in op for k in MATMUL_OP_NAMES))
+    return {"trace": path, "op_seconds": total, "matmul_share": matmul / max(total, 1e-9),
+            "top_ops": ops.most_common(12)}
+
+  def peak_flops(self) -> dict:
+    """Measured matmul FLOP/s in the compute dtype; on accelerators also the data-sheet peak."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    measured = self.trainer_lib.measure_matmul_flops(n=2048 if self.info["platform"] == "cpu"
+                                                     else 8192, dtype=jnp.dtype(self.dtype),
+                                                     repeats=3)
+    sheet = None
+    if self.info["platform"] != "cpu":
+      sheet = self.trainer_lib.peak_flops_per_second()
+    return {"measured": measured * self.jax.device_count()
+                        if self.info["platform"] != "cpu" else measured, "sheet": sheet}
+
+  def memory(self) -> dict:
+    stats = self.jax.local_devices()[0].memory_stats() or {}
+    return {"rss_gib": _peak_rss_gib(),
+            "device_gib": stats["peak_bytes_in_use"] / 2 ** 30
+                          if "peak_bytes_in_use" in stats else None}
+
+
+def xla_train_flops(preset: str, bindings: Sequence[str], shapes: dict) -> float:
+  """XLA's count of the train step's FLOPs (`cost_analysis()` of the lowered step), for the same
+  model unrolled and without remat: XLA counts a while loop's body once, so a scanned stack would
+  be undercounted by its depth. Lowering only (no compilation) takes seconds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
+  model = models.from_gin(preset, tuple(bindings) + ("TransformerConfig.scan_layers = False",
+                                                     "TransformerConfig.remat_policy = 'none'"))
+  optimizer = optimizers.create_optimizer("adamw")
+  mesh = partitioning.make_mesh()
+  abstract = trainer.Trainer(model, optimizer, mesh, shapes).abstract_state
+  step = jax.jit(functools.partial(trainer.train_step, model, optimizer, 1))
+  with partitioning.activation_sharding(mesh):
+    lowered = step.lower(abstract, {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()})
+  analysis = lowered.cost_analysis()
+  return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+
+def _hf_config(cfg) -> Optional[dict]:
+  """The HF architecture and config holding a model of this config (None if none can)."""
+  from t5x_lite.interop import hf_families  # pylint: disable=g-import-not-at-top
+  try:
+    family = hf_families.family_of_config(cfg)
+    return {"architecture": family.architecture, "model_type": family.model_type,
+            "config": family.config_to_hf(cfg), "dtype": cfg.dtype}
+  except ValueError:
+    return None
+
+
+def _torch_model(hf_config: dict, compiled: bool):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(_THREADS or os.cpu_count())  # default: as many as cores, like XLA's pool
+  torch.manual_seed(0)
+  config = transformers.AutoConfig.for_model(hf_config["model_type"], **hf_config["config"])
+  model = getattr(transformers, hf_config["architecture"])(config)
+  if hf_config["dtype"] != "float32":
+    model = model.to(getattr(torch, hf_config["dtype"]))
+  return torch, (torch.compile(model) if compiled else model)
+
+
+class TorchTrain(Runner):
+  """HF transformers' model of the same config: forward with labels, backward, clipping to global
+  norm 1 and AdamW (weight decay 0.01), as the JAX step does."""
+
+  def __init__(self, hf_config: dict, batch: dict, compiled: bool, warmup: int):
+    self.torch, self.model = _torch_model(hf_config, compiled)
+    self.model.train()
+    self.optimizer = self.torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+    self.batch = {k: self.torch.from_numpy(np.ascontiguousarray(v)).long()
+                  for k, v in batch.items()}
+    self.info = {"first_step_s": _timed(self._call, 1)[0]}
+    _timed(self._call, warmup)
+
+  def _call(self):
+    self.optimizer.zero_grad(set_to_none=True)
+    self.model(**self.batch).loss.backward()
+    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.optimizer.step()
+
+  def memory(self) -> dict:
+    return {"rss_gib": _peak_rss_gib(), "device_gib": None}
+
+
+class JaxDecode(Runner):
+  """`model.predict_batch`, greedy, `new_tokens` per row after a random prompt."""
+
+  def __init__(self, shape: Shape, bindings: Sequence[str], batch_size: int, prompt: int,
+               new_tokens: int, warmup: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    from t5x_lite import models  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    self.model = models.from_gin(shape.preset, tuple(shape.bindings) + tuple(bindings))
+    if self.model.config.family == "encoder":
+      raise ValueError(f"{shape.preset} is an encoder: it does not generate; decode benchmarks "
+                       "take decoder-only or encoder-decoder shapes.")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, self.model.config.vocab_size, (batch_size, prompt)).astype(np.int32)
+    if self.model.config.family == "decoder":
+      tokens[:, 0] = 0  # BOS, as seqio's decoder inputs start
+      self.batch = {"decoder_input_tokens": tokens,
+                    "decoder_causal_attention": np.ones_like(tokens)}
+    else:
+      self.batch = {"encoder_input_tokens": tokens}
+    self.params = self.model.init(jax.random.PRNGKey(0), self.model.dummy_batch(
+        batch_size, {"inputs": prompt, "targets": prompt}))
+    self.new_tokens = new_tokens
+    self.info = {"first_step_s": _timed(self._call, 1)[0], "hf_config": _hf_config(
+        self.model.config), "hf_inputs": tokens, "family": self.model.config.family}
+    _timed(self._call, warmup)
+    # Rows stop at EOS (1) and the loop once all have: count the steps really taken.
+    outputs = np.asarray(self.outputs)[:, 0]
+    ended = (outputs == 1).any(axis=1)
+    lengths = np.where(ended, (outputs == 1).argmax(axis=1) + 1, new_tokens)
+    self.info["steps"] = int(lengths.max())
+
+  def _call(self):
+    self.outputs, _ = self.model.predict_batch(self.params, self.batch,
+                                               max_new_tokens=self.new_tokens)
+    self.jax.block_until_ready(self.outputs)
+
+  def memory(self) -> dict:
+    return JaxTrain.memory(self)
+
+
+class TorchDecode(Runner):
+  """HF `generate`, greedy, exactly `new_tokens` per row (EOS held back until then)."""
+
+  def __init__(self, hf_config: dict, inputs: np.ndarray, new_tokens: int, compiled: bool,
+               warmup: int):
+    self.torch, self.model = _torch_model(hf_config, compiled)
+    self.model.eval()
+    self.inputs = self.torch.from_numpy(inputs).long()
+    self.kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       eos_token_id=1, pad_token_id=0, attention_mask=self.torch.ones_like(
+                           self.inputs))
+    if hf_config["config"].get("is_encoder_decoder"):
+      self.kwargs["decoder_start_token_id"] = 0
+    self.info = {"first_step_s": _timed(self._call, 1)[0]}
+    _timed(self._call, warmup)
+
+  def _call(self):
+    with self.torch.inference_mode():
+      self.model.generate(self.inputs, **self.kwargs)
+
+  def memory(self) -> dict:
+    return TorchTrain.memory(self)
+
+
+# ---------------------------------------------------------------------------- processes
+
+RUNNERS = {"JaxTrain": JaxTrain, "TorchTrain": TorchTrain, "JaxDecode": JaxDecode,
+           "TorchDecode": TorchDecode}
+
+
+def _serve(conn, runner: str, args: tuple, threads: Optional[int] = None):
+  """Child process: build the runner, then answer (method, args) calls until told to stop."""
+  try:
+    _limit_threads(threads)
+    obj = RUNNERS[runner](*args)
+    conn.send(("ok", obj.info))
+    while True:
+      method, call_args = conn.recv()
+      if method is None:
+        return
+      conn.send(("ok", getattr(obj, method)(*call_args)))
+  except Exception:  # pylint: disable=broad-except  # reported to the parent, which raises
+    conn.send(("error", traceback.format_exc()))
+
+
+class Worker:
+  """A runner in its own process (spawned: no state inherited from the parent's JAX), limited
+  to `threads` CPU threads if given."""
+
+  def __init__(self, runner: str, *args, threads: Optional[int] = None):
+    context = multiprocessing.get_context("spawn")
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_serve, args=(child, runner, args, threads),
+                                    daemon=True)
+    self._process.start()
+    self.info = self._receive(runner)
+
+  def _receive(self, what: str):
+    status, value = self._conn.recv()
+    if status == "error":
+      self.close()
+      raise RuntimeError(f"benchmark worker failed in {what}:\n{value}")
+    return value
+
+  def call(self, method: str, *args):
+    self._conn.send((method, args))
+    return self._receive(method)
+
+  def close(self):
+    if self._process.is_alive():
+      try:
+        self._conn.send((None, ()))
+      except (BrokenPipeError, OSError):
+        pass
+      self._process.join(timeout=30)
+    if self._process.is_alive():
+      self._process.kill()
