@@ -15,3 +15,15 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 simulated devices; XLA_FLAGS was set too late"
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_gin_bindings():
+  """Models, tasks and jobs are gin-configurable: bindings one test leaves behind (e.g. through
+  `models.from_gin`) must not reach the next test run by the same xdist worker."""
+  gin.clear_config()
+  yield
+  gin.clear_config()

@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -14,12 +13,6 @@ from t5x_lite import checkpoints, eval as eval_lib, models, optimizers, partitio
 from t5x_lite import trainer as trainer_lib
 
 LENGTHS = {"inputs": 24, "targets": 8}
-
-
-@pytest.fixture(autouse=True)
-def _no_gin_bindings():
-  """The jobs are gin-configurable: a command-line run's bindings must not reach direct calls."""
-  gin.clear_config()
 
 
 def test_metrics_are_the_tasks_on_postprocessed_text_plus_perplexity():

@@ -1,6 +1,5 @@
 """t5x_lite/data/feature_converters.py: model features exactly as seqio's converters make them,
 and MLM loss weights on every chosen token."""
-import gin
 import numpy as np
 import pytest
 import seqio
@@ -8,13 +7,6 @@ import tensorflow as tf
 
 from t5x_lite.data import feature_converters as fc
 from t5x_lite.data import vocabularies
-
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 def ragged_ds(rows):

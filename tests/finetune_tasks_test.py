@@ -12,13 +12,6 @@ from t5x_lite.data import finetune_tasks as ft
 from t5x_lite.data import sources
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def ast_reference(source):
   """What extract_functions must return, computed with `ast` (fine in a single thread)."""
   lines, pairs = source.splitlines(keepends=True), []

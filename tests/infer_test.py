@@ -2,7 +2,6 @@
 import json
 import os
 
-import gin
 import jax
 import pytest
 
@@ -10,12 +9,6 @@ from t5x_lite import checkpoints, infer, models, partitioning
 
 FEATURES = ("inputs", "targets", "prediction", "prediction_score", "target_log_likelihood",
             "target_tokens")
-
-
-@pytest.fixture(autouse=True)
-def _no_gin_bindings():
-  """The jobs are gin-configurable: a command-line run's bindings must not reach direct calls."""
-  gin.clear_config()
 
 
 def _checkpoint(directory, preset, *bindings, edit=None):

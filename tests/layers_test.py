@@ -1,6 +1,5 @@
 """Attention (grouped K/V heads, masks), positions (RoPE, sinusoidal, T5 buckets), norms."""
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,13 +7,6 @@ import pytest
 
 from t5x_lite import layers
 from t5x_lite.config import TransformerConfig
-
-
-@pytest.fixture(autouse=True)
-def _no_gin_bindings():
-  """TransformerConfig is gin-configurable: bindings left by another test's `models.from_gin`
-  (e.g. `TransformerConfig.use_bias = True`) must not leak into configs built here."""
-  gin.clear_config()
 
 
 def _attention(num_kv_heads):

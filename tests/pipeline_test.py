@@ -14,10 +14,8 @@ CLM = {"targets": 32}
 
 @pytest.fixture(autouse=True)
 def _small_corpus():
-  gin.clear_config()
   gin.bind_parameter("stdlib_corpus.max_files", 8)
   yield
-  gin.clear_config()
 
 
 def batches(name, lengths, n, **kwargs):

@@ -1,5 +1,4 @@
 """t5x_lite/data/preprocessors.py: each objective's statistics on a fixed seed, and exactness."""
-import gin
 import numpy as np
 import pytest
 import seqio
@@ -13,13 +12,6 @@ FEATURES = {k: seqio.Feature(VOCAB) for k in ("inputs", "targets")}
 RNG = np.random.default_rng(0)
 # Printable ASCII documents of varied length: bytes 32..126 -> ids 35..129.
 DOCS = ["".join(map(chr, RNG.integers(32, 127, RNG.integers(1, 700)))) for _ in range(60)]
-
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 def text_ds(docs=DOCS):

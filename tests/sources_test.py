@@ -13,10 +13,8 @@ from t5x_lite.data import sources
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-  gin.clear_config()
   monkeypatch.setenv("T5X_LITE_CACHE_DIR", str(tmp_path / "cache"))
   yield
-  gin.clear_config()
 
 
 def texts(source, split, **kwargs):

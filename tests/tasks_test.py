@@ -37,10 +37,8 @@ CASES = {
 
 @pytest.fixture(autouse=True)
 def _small_corpus():
-  gin.clear_config()
   gin.bind_parameter("stdlib_corpus.max_files", 8)  # a batch needs only a few files
   yield
-  gin.clear_config()
 
 
 def first_batch(name, lengths, family=None, batch_size=4, split="train", seed=0):

@@ -1,6 +1,5 @@
 """The three families: causality, bidirectionality, and packed rows that never mix examples."""
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +8,6 @@ import pytest
 from t5x_lite import transformer
 from t5x_lite.config import TransformerConfig
 
-
-@pytest.fixture(autouse=True)
-def _no_gin_bindings():
-  """TransformerConfig is gin-configurable: bindings left by another test's `models.from_gin`
-  (e.g. `TransformerConfig.use_bias = True`) must not leak into configs built here."""
-  gin.clear_config()
 
 POSITION_TYPES = ("learned", "sinusoidal", "rope", "relative")
 

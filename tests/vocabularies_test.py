@@ -10,13 +10,6 @@ TEXT = ["def add(a, b):", "    return a + b", "class Point:", "    x: int = 0",
         "print('hello world')", "for i in range(10):", "    total += i * 2"] * 20
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def train_spm(prefix, **overrides):
   options = dict(sentence_iterator=iter(TEXT), model_prefix=str(prefix), vocab_size=300,
                  hard_vocab_limit=False, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
