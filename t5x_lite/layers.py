@@ -131,12 +131,18 @@ class Mlp(nn.Module):
     cfg = self.config
     dense = lambda features, in_axes, out_axes, name: DenseGeneral(
         (features,), in_axes, out_axes, cfg.use_bias, cfg.dtype, cfg.param_dtype, name=name)
+    # The activation is rematerialised: the backward pass keeps only its input(s), the matmul
+    # outputs, and recomputes the cheap elementwise part. Unrolled, XLA would do that anyway;
+    # scanned, JAX would otherwise stack every intermediate of e.g. tanh-GELU for each layer
+    # (measured: ~20% of a T5 step on CPU in copies and dynamic slices). No CSE barrier: unrolled,
+    # XLA may still keep the forward value rather than recompute it.
     act = ACTIVATION_FNS[cfg.activation]
     if cfg.gated_mlp:
-      h = act(dense(cfg.d_ff, ("embed",), ("mlp",), "wi_0")(x))
-      h = h * dense(cfg.d_ff, ("embed",), ("mlp",), "wi_1")(x)
+      h = jax.checkpoint(lambda a, b: act(a) * b, prevent_cse=False)(
+          dense(cfg.d_ff, ("embed",), ("mlp",), "wi_0")(x),
+          dense(cfg.d_ff, ("embed",), ("mlp",), "wi_1")(x))
     else:
-      h = act(dense(cfg.d_ff, ("embed",), ("mlp",), "wi")(x))
+      h = jax.checkpoint(act, prevent_cse=False)(dense(cfg.d_ff, ("embed",), ("mlp",), "wi")(x))
     h = constrain(h, ("batch", "length", "mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     return dense(cfg.d_model, ("mlp",), ("embed",), "wo")(h)

@@ -139,6 +139,7 @@ VARIANTS = {
     "unrolled": (("TransformerConfig.scan_layers = False",), {}),
     "remat-full": (("TransformerConfig.remat_policy = 'full'",), {}),
     "remat-dots": (("TransformerConfig.remat_policy = 'dots'",), {}),
+    "remat-dots-no-batch": (("TransformerConfig.remat_policy = 'dots_with_no_batch_dims'",), {}),
     "bf16": (("TransformerConfig.dtype = 'bfloat16'",), {}),
     "microbatches-2": ((), {"num_microbatches": 2}),
 }
@@ -177,7 +178,26 @@ def _median_ratio(mine: list, theirs: list) -> float:
   return float(np.median(np.asarray(theirs) / np.asarray(mine)))
 
 
+def variant_settings(name: str) -> tuple[tuple[str, ...], dict]:
+  """The gin bindings and Trainer arguments of a variant; "a+b" combines variants a and b."""
+  bindings, kwargs = (), {}
+  for part in name.split("+"):
+    if part not in VARIANTS:
+      raise argparse.ArgumentTypeError(
+          f"unknown variant {part!r}: choose from {sorted(VARIANTS)}, joined with '+' to combine "
+          "(e.g. unrolled+remat-dots)")
+    bindings, kwargs = bindings + VARIANTS[part][0], {**kwargs, **VARIANTS[part][1]}
+  return bindings, kwargs
+
+
+def _variant(name: str) -> str:
+  variant_settings(name)
+  return name
+
+
 def train_command(args) -> list[dict]:
+  """Per shape, every variant and HF implementation runs in its own process, all alive at once
+  and timed in turn in each round: every ratio (against HF and between variants) is same-run."""
   lengths = ast.literal_eval(args.lengths) if args.lengths else None
   results = []
   print(f"train: {args.rounds} rounds x {args.steps} timed steps per implementation, after "
@@ -185,61 +205,63 @@ def train_command(args) -> list[dict]:
   print(TRAIN_HEADER + "\n" + "-" * len(TRAIN_HEADER), flush=True)
   for shape_name in args.shapes:
     shape = resolve_shape(shape_name, args.batch_size, lengths)
-    for variant in args.variants:
-      bindings, trainer_kwargs = VARIANTS[variant]
-      workers = {}
-      try:
-        workers["jax"] = Worker("JaxTrain", shape, tuple(bindings) + tuple(args.gin),
-                                trainer_kwargs, args.warmup, not args.no_xla_flops)
-        info = workers["jax"].info
-        for impl in args.compare if variant == args.variants[0] else ():
-          if info["hf_config"] is None:
-            raise ValueError(f"--compare {impl}: no HF architecture holds {shape_name}.")
-          workers[impl] = Worker("TorchTrain", info["hf_config"], info["hf_batch"],
-                                 impl == "hf-compile", args.warmup)
-        peaks = []
-        times, cpu = alternate(workers, args.rounds, args.steps,
-                               lambda: peaks.append(workers["jax"].call("peak_flops")))
-        rows = _train_rows(shape_name, variant, info, workers, times, cpu, peaks)
-        if args.profile:
-          rows[0]["profile"] = workers["jax"].call(
+    workers = {}
+    try:
+      for i, variant in enumerate(args.variants):
+        bindings, trainer_kwargs = variant_settings(variant)
+        workers[variant] = Worker("JaxTrain", shape, bindings + tuple(args.gin), trainer_kwargs,
+                                  args.warmup, i == 0 and not args.no_xla_flops)
+      first = workers[args.variants[0]]
+      for impl in args.compare:
+        if first.info["hf_config"] is None:
+          raise ValueError(f"--compare {impl}: no HF architecture holds {shape_name}.")
+        workers[impl] = Worker("TorchTrain", first.info["hf_config"], first.info["hf_batch"],
+                               impl == "hf-compile", args.warmup)
+      peaks = []
+      times, cpu = alternate(workers, args.rounds, args.steps,
+                             lambda: peaks.append(first.call("peak_flops")))
+      rows = _train_rows(shape_name, args.variants, first.info, workers, times, cpu, peaks)
+      if args.profile:
+        for row, variant in zip(rows, args.variants):
+          row["profile"] = workers[variant].call(
               "profile", os.path.join(os.path.abspath(args.profile), f"{shape_name}-{variant}"))
-      finally:
-        for worker in workers.values():
-          worker.close()
-      for row in rows:
-        print(_format_train(row), flush=True)
-      if "profile" in rows[0]:
-        p = rows[0]["profile"]
+    finally:
+      for worker in workers.values():
+        worker.close()
+    for row in rows:
+      print(_format_train(row), flush=True)
+      if "profile" in row:
+        p = row["profile"]
         print(f"  profile of one step ({p['trace']}): {p['matmul_share']:.0%} of op time in "
               "matmuls; top ops: " + ", ".join(f"{op} {t:.2f}s" for op, t in p["top_ops"][:6]),
               flush=True)
-      results += rows
+    results += rows
   return results
 
 
-def _train_rows(shape_name, variant, info, workers, times, cpu, peaks) -> list[dict]:
+def _train_rows(shape_name, variants, info, workers, times, cpu, peaks) -> list[dict]:
   peak = float(np.median([p["measured"] for p in peaks]))
   sheet = peaks[0]["sheet"]
   rows = []
   for name, worker in workers.items():
+    ours = name in variants
     step = float(np.median(times[name]))
-    row = {"shape": shape_name, "impl": name if name != "jax" else "t5x_lite",
-           "variant": variant if name == "jax" else "-", "first_step_s": worker.info[
+    row = {"shape": shape_name, "impl": "t5x_lite" if ours else name,
+           "variant": name if ours else "-", "first_step_s": worker.info[
                "first_step_s"], "step_s": step, "step_s_per_round": times[name],
            "cpu_s": float(np.median(cpu[name])),
            "tokens_per_s": info["tokens"] / step, "target_tokens_per_s": info["target_tokens"] / step,
            "gflop_per_step": info["flops"] / 1e9,
            "xla_gflop_per_step": info["xla_flops"] / 1e9
-                                 if "xla_flops" in info and name == "jax" else None,
+                                 if "xla_flops" in info and name == variants[0] else None,
            "gflop_per_s": info["flops"] / step / 1e9, "mfu": info["flops"] / step / (sheet or peak),
            "peak_gflop_per_s": (sheet or peak) / 1e9, "matmul_gflop_per_s": peak / 1e9,
            **worker.call("memory")}
-    if name == "jax":
-      row["vs"] = {other: _median_ratio(times[name], times[other]) for other in workers
-                   if other != "jax"}
-      row["vs_cpu"] = {other: _median_ratio(cpu[name], cpu[other]) for other in workers
-                       if other != "jax"}
+    if ours:  # against HF, and each later variant against the first
+      others = [o for o in workers if o not in variants] + ([variants[0]] if name != variants[0]
+                                                            else [])
+      row["vs"] = {o: _median_ratio(times[name], times[o]) for o in others}
+      row["vs_cpu"] = {o: _median_ratio(cpu[name], cpu[o]) for o in others}
     rows.append(row)
   return rows
 
@@ -247,7 +269,7 @@ def _train_rows(shape_name, variant, info, workers, times, cpu, peaks) -> list[d
 TRAIN_HEADER = (f"{'shape':<12}{'impl':<12}{'variant':<16}{'1st step s':>11}{'step s':>9}"
                 f"{'CPU s':>8}"
                 f"{'tok/s':>9}{'tgt tok/s':>10}{'GFLOP':>8}{'XLA GFLOP':>10}{'GFLOP/s':>9}"
-                f"{'MFU':>7}{'RSS GiB':>8}  vs HF")
+                f"{'MFU':>7}{'RSS GiB':>8}  speed vs")
 
 
 def _vs(row) -> str:
@@ -355,7 +377,7 @@ def markdown(command: str, rows: list[dict], args) -> str:
            f"{_machine(args)}", ""]
   if command == "train":
     lines += ["| shape | impl | variant | 1st step s | step s | CPU s | tokens/s | GFLOP/step (XLA) "
-              "| GFLOP/s | MFU | RSS GiB | vs HF |", "|" + "---|" * 12]
+              "| GFLOP/s | MFU | RSS GiB | speed vs |", "|" + "---|" * 12]
     for r in rows:
       xla = f" ({r['xla_gflop_per_step']:.1f})" if r["xla_gflop_per_step"] else ""
       lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['first_step_s']:.1f} | "
@@ -365,8 +387,9 @@ def markdown(command: str, rows: list[dict], args) -> str:
                    f"{_vs(r)} |")
     lines += ["", "MFU = model FLOP/s over the matmul peak measured beside each round "
               f"(median {np.median([r['matmul_gflop_per_s'] for r in rows]):.0f} GFLOP/s); "
-              "tokens/s counts all input tokens; CPU s = CPU seconds per step of the process (all threads); "
-              "vs HF = median over rounds of the speed ratio, in wall and in CPU time."]
+              "tokens/s counts all input tokens; CPU s = CPU seconds per step of the process (all "
+              "threads); speed vs = median over rounds of the speed ratio against each HF run "
+              "(and against the first variant), in wall and in CPU time."]
   else:
     lines += ["| shape | impl | batch | new tokens | 1st call s | call s | CPU s | tokens/s "
               "| vs HF |", "|" + "---|" * 9]
@@ -419,8 +442,9 @@ def main(argv: Sequence[str] | None = None):
   commands = parser.add_subparsers(dest="command", required=True)
   train = commands.add_parser("train", help="train-step speed and MFU, optionally against HF")
   _add_common(train, SHAPES)
-  train.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
-                     help="speed switches to run (HF runs beside the first one only)")
+  train.add_argument("--variants", nargs="+", default=["default"], type=_variant,
+                     help=f"speed switches to run, side by side: {sorted(VARIANTS)}, or several "
+                          "joined with '+' (e.g. unrolled+remat-dots)")
   train.add_argument("--steps", type=int, default=1, help="timed steps per round")
   train.add_argument("--batch_size", type=int, default=None)
   train.add_argument("--lengths", default=None, help="e.g. \"{'inputs': 256, 'targets': 64}\"")
