@@ -69,6 +69,18 @@ def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
     return checkpointer.restore(target, abstract_params)
 
 
+def load_train_state_params(state_dir: str, abstract_params: Any) -> Any:
+  """Only the parameters of a train-state checkpoint (no optimizer state is read)."""
+  found = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+  check_shapes(found["params"], abstract_params, f"Checkpoint {state_dir!r}")
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                              abstract_params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True))["params"]
+
+
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the shardings to restore into."""
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -34,7 +34,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 import jax
-import orbax.checkpoint as ocp
 
 from t5x_lite import checkpoints, infer, partitioning
 
@@ -54,20 +53,8 @@ def checkpoints_to_evaluate(checkpoint_path: Optional[str], model_dir: Optional[
     raise FileNotFoundError(
         f"No train-state checkpoints in {root} (expected <step>/state/ directories written by "
         "the training job); for a params checkpoint use CHECKPOINT_PATH instead.")
-  return [(step, lambda abstract, step=step: train_state_params(
+  return [(step, lambda abstract, step=step: checkpoints.load_train_state_params(
       os.path.join(root, str(step), "state"), abstract)) for step in steps]
-
-
-def train_state_params(state_dir: str, abstract_params: Any) -> Any:
-  """Only the parameters of a train-state checkpoint (no optimizer state is read)."""
-  found = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
-  checkpoints.check_shapes(found["params"], abstract_params, f"Checkpoint {state_dir!r}")
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                              abstract_params)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args},
-        partial_restore=True))["params"]
 
 
 def task_metrics(task, records: Sequence[dict]) -> dict[str, float]:
