@@ -62,6 +62,10 @@ class TransformerConfig:
   attention_implementation: str = "xla"  # "cudnn": jax.nn.dot_product_attention's flash kernel.
   scan_layers: bool = True  # nn.scan over layers: compile time independent of depth.
   remat_policy: str = "none"
+  # Self-attention projects q, k and v with one kernel "qkv" [d, 3, h, e] (one matmul instead of
+  # three); cross-attention keeps query/key/value. The same function as unfused for the same
+  # weights. Needs num_kv_heads == num_heads (MHA).
+  fused_qkv: bool = False
 
   def __post_init__(self):
     _check_choice("family", self.family, FAMILIES)
@@ -87,6 +91,12 @@ class TransformerConfig:
       raise ValueError(
           f"TransformerConfig.num_kv_heads={self.num_kv_heads} must divide "
           f"num_heads={self.num_heads}; allowed values: {divisors} (or None for num_heads).")
+    if self.fused_qkv and self.resolved_num_kv_heads != self.num_heads:
+      raise ValueError(
+          f"TransformerConfig.fused_qkv=True needs as many key/value heads as query heads, but "
+          f"num_kv_heads={self.num_kv_heads} != num_heads={self.num_heads} (grouped-query or "
+          "multi-query attention); set fused_qkv=False, or num_kv_heads=None for multi-head "
+          "attention.")
     if self.position_type == "rope" and self.resolved_head_dim % 2:
       raise ValueError(f"TransformerConfig.position_type='rope' needs an even head_dim, got "
                        f"{self.resolved_head_dim}.")

@@ -242,13 +242,19 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   flash kernel of `jax.nn.dot_product_attention` on NVIDIA GPUs.
   """
   if implementation == "cudnn":
+    _check_cudnn(q.dtype)
     if dropout_rate > 0.0 and dropout_rng is not None:
       raise ValueError("attention_implementation='cudnn' does not support attention dropout; set "
                        "dropout_rate=0.0 or attention_implementation='xla'.")
     if kv_heads_first:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                        implementation="cudnn")
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                          implementation="cudnn")
+    except RuntimeError as error:  # e.g. "cuDNN is not detected." on a GPU without it
+      raise RuntimeError(f"attention_implementation='cudnn' failed ({error}): it needs an NVIDIA "
+                         "GPU with cuDNN; set TransformerConfig.attention_implementation='xla' "
+                         "elsewhere.") from error
   b, l, h, e = q.shape
   kv = "bkse" if kv_heads_first else "bske"
   kv_heads = k.shape[kv.index("k")]
@@ -265,11 +271,41 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   return out.reshape(b, l, h, e)
 
 
+def _check_cudnn(dtype) -> None:
+  """Refuse, saying why and what to set instead, what cuDNN's fused attention cannot run (jax's
+  own errors for these are "cuDNN is not detected." and "Q must be fp16/bf16/...")."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(
+        f"TransformerConfig.attention_implementation='cudnn' needs an NVIDIA GPU (cuDNN's fused "
+        f"attention kernel), but JAX runs on {backend!r}; use attention_implementation='xla' "
+        "there (e.g. --gin.TransformerConfig.attention_implementation=\"'xla'\").")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(
+        f"TransformerConfig.attention_implementation='cudnn' needs bfloat16 or float16 compute; "
+        f"cuDNN has no {jnp.dtype(dtype).name} fused attention. Set TransformerConfig.dtype="
+        "'bfloat16' (parameters may stay float32), or attention_implementation='xla'.")
+
+
+def _fused_qkv_init(q_scale: float, q_columns: int) -> Callable:
+  """The fused kernel's initialiser, seen as DenseGeneral's [d, 3 h e] matrix: the separate
+  kernels' distribution (fan-in d for each), with the query's `q_scale` on its first h e columns."""
+  def init(key, shape, dtype):
+    kernel = default_kernel_init(key, shape, dtype)
+    return kernel.at[:, :q_columns].multiply(jnp.asarray(q_scale, kernel.dtype))
+  return init
+
+
 class Attention(nn.Module):
   """Multi-head attention with grouped K/V heads (MHA when k == h, MQA when k == 1).
 
   Used for self-attention (`inputs_kv` is `inputs_q`) and cross-attention alike. RoPE, when the
   config asks for it, rotates queries and keys by their positions.
+
+  With `config.fused_qkv`, self-attention projects queries, keys and values with one kernel
+  "qkv" [d, 3, h, e] (index 0/1/2 of the second axis = query/key/value, each laid out as the
+  separate kernels [d, h, e]); cross-attention keeps its own query/key/value. Whether a call is
+  self-attention is `self_attention`, or when that is None whether `inputs_kv is inputs_q`.
 
   With a `cache` ({"key", "value"}, each [b, k, s, e]: heads before length, so the attention
   einsums read it without transposing) the call also returns the updated cache:
@@ -282,6 +318,7 @@ class Attention(nn.Module):
   config: TransformerConfig
   deterministic: bool = True
   rotary: bool = False  # Self-attention of RoPE models; cross-attention carries no positions.
+  self_attention: Optional[bool] = None  # None: `inputs_kv is inputs_q`.
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], mask: Array,
@@ -290,18 +327,27 @@ class Attention(nn.Module):
                cache_index: Optional[Array] = None):
     cfg = self.config
     h, k, e = cfg.num_heads, cfg.resolved_num_kv_heads, cfg.resolved_head_dim
-    proj = lambda heads, head_axis, name, fan_in_scale=1.0: DenseGeneral(
-        (heads, e), ("embed",), (head_axis, "kv"), cfg.use_bias, cfg.dtype, cfg.param_dtype,
-        fan_in_scale=fan_in_scale, name=name)
     # T5 does not scale the logits; it folds 1/sqrt(e) into the query's initialisation instead.
-    query = proj(h, "heads", "query", 1.0 if cfg.scale_attention else e ** -0.5)(inputs_q)
+    q_scale = 1.0 if cfg.scale_attention else e ** -0.5
+    is_self = self.self_attention if self.self_attention is not None else inputs_kv is inputs_q
+    if cfg.fused_qkv and is_self:
+      qkv = DenseGeneral((3, h, e), ("embed",), ("qkv", "heads", "kv"), cfg.use_bias, cfg.dtype,
+                         cfg.param_dtype, kernel_init=_fused_qkv_init(q_scale, h * e),
+                         name="qkv")(inputs_q)
+      qkv = constrain(qkv, ("batch", "length", "qkv", "heads", "kv"))
+      query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      proj = lambda heads, head_axis, name, fan_in_scale=1.0: DenseGeneral(
+          (heads, e), ("embed",), (head_axis, "kv"), cfg.use_bias, cfg.dtype, cfg.param_dtype,
+          fan_in_scale=fan_in_scale, name=name)
+      query = proj(h, "heads", "query", q_scale)(inputs_q)
+      key = value = None  # Cached cross-attention: the encoder's keys are in the cache.
+      if inputs_kv is not None:
+        key = proj(k, "kv_heads", "key")(inputs_kv)
+        value = proj(k, "kv_heads", "value")(inputs_kv)
     if self.rotary:
       query = apply_rope(query, q_positions, cfg.rope_theta)
-    key = value = None  # Cached cross-attention: the encoder's keys are in the cache.
-    if inputs_kv is not None:
-      key = proj(k, "kv_heads", "key")(inputs_kv)
-      value = proj(k, "kv_heads", "value")(inputs_kv)
-      if self.rotary:
+      if key is not None:
         key = apply_rope(key, q_positions if cache is not None else k_positions, cfg.rope_theta)
     query = constrain(query, ("batch", "length", "heads", "kv"))
     if cache is not None:

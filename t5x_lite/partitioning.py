@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),
+    ("qkv", None),  # the query/key/value axis of a fused qkv kernel (TransformerConfig.fused_qkv)
     ("length", None),
     ("layers", None),
     ("relpos_buckets", None),

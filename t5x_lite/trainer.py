@@ -136,10 +136,14 @@ class Trainer:
     batch_shapes: global shape of every batch feature, e.g. {"decoder_input_tokens": (8, 256)}.
     num_microbatches: accumulate gradients over this many slices of each batch (divides the
       per-device batch best; must divide the global batch).
+    donate_state: donate the train state to `train_step`, which then updates it in place (one
+      copy of params and optimizer state alive, not two); the state passed in is invalid after
+      the call. False keeps it usable, at the cost of that memory (and, on accelerators, the copy).
   """
 
   def __init__(self, model, optimizer: Optimizer, mesh: Mesh,
-               batch_shapes: Mapping[str, Sequence[int]], num_microbatches: int = 1):
+               batch_shapes: Mapping[str, Sequence[int]], num_microbatches: int = 1,
+               donate_state: bool = True):
     self.model, self.optimizer, self.mesh = model, optimizer, mesh
     self.batch_shapes = {k: tuple(v) for k, v in batch_shapes.items()}
     model.check_batch(self.batch_shapes)
@@ -148,7 +152,7 @@ class Trainer:
     if num_microbatches < 1 or global_batch % num_microbatches:
       raise ValueError(f"num_microbatches={num_microbatches} must be >= 1 and divide the batch "
                        f"size {global_batch}.")
-    self.num_microbatches = num_microbatches
+    self.num_microbatches, self.donate_state = num_microbatches, donate_state
 
     replicated = partitioning.replicated(mesh)
     self.batch_shardings = {k: partitioning.batch_sharding(mesh, len(v))
@@ -166,7 +170,8 @@ class Trainer:
     self._train_step = partitioning.jit(
         functools.partial(train_step, model, optimizer, num_microbatches), mesh,
         in_shardings=(self.state_shardings, self.batch_shardings),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=(0,) if donate_state else ())
     self._eval_step = partitioning.jit(
         functools.partial(eval_step, model), mesh,
         in_shardings=(self.state_shardings.params, self.batch_shardings),
@@ -204,7 +209,8 @@ class Trainer:
     return self._from_params(params, jax.random.PRNGKey(seed))
 
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
-    """(new state, metrics on device). `state` is donated: do not use it afterwards."""
+    """(new state, metrics on device). `state` is donated (unless `donate_state=False`): do
+    not use it afterwards."""
     return self._train_step(state, self._check(batch))
 
   def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -15,6 +15,7 @@ from t5x_lite.config import TransformerConfig
     (dict(d_model=96, num_heads=4, head_dim=13, position_type="rope", num_kv_heads=None),
      "position_type", "even head_dim"),
     (dict(family="decoder", num_decoder_layers=4), "num_decoder_layers", "encoder_decoder"),
+    (dict(num_heads=8, num_kv_heads=2, fused_qkv=True), "fused_qkv", "set fused_qkv=False"),
 ])
 def test_bad_config_names_field_and_allowed_values(changes, field, allowed):
   with pytest.raises(ValueError) as error:
@@ -31,3 +32,5 @@ def test_defaults_resolve_head_dim_and_kv_heads():
   assert (gqa.resolved_num_kv_heads, gqa.resolved_head_dim) == (2, 32)
   enc_dec = TransformerConfig(family="encoder_decoder", num_layers=3)
   assert enc_dec.resolved_num_decoder_layers == 3
+  # Fused QKV takes multi-head attention, also when num_kv_heads spells out num_heads.
+  assert TransformerConfig(num_heads=8, num_kv_heads=8, fused_qkv=True).fused_qkv

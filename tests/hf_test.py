@@ -167,12 +167,17 @@ def test_hf_to_t5x_lite_to_hf_is_bit_exact(tmp_path, name):
     assert before[key].dtype == after[key].dtype and np.array_equal(before[key], after[key]), key
 
 
-@pytest.mark.parametrize("preset,scan_layers,param_dtype", [
-    ("gpt2_tiny", True, "float32"), ("bert_tiny", False, "float32"),
-    ("t5_tiny", True, "bfloat16"), ("llama_tiny", False, "bfloat16")])
-def test_t5x_lite_to_hf_to_t5x_lite_is_bit_exact(tmp_path, preset, scan_layers, param_dtype):
+@pytest.mark.parametrize("preset,scan_layers,param_dtype,fused_qkv", [
+    ("gpt2_tiny", True, "float32", False), ("bert_tiny", False, "float32", False),
+    ("t5_tiny", True, "bfloat16", False), ("llama_tiny", False, "bfloat16", False),
+    ("gpt2_tiny", False, "float32", True), ("t5_tiny", True, "float32", True)])
+def test_t5x_lite_to_hf_to_t5x_lite_is_bit_exact(tmp_path, preset, scan_layers, param_dtype,
+                                                 fused_qkv):
+  """With fused_qkv, export splits the qkv kernels (GPT-2's c_attn: q|k|v; T5's q, k, v) and
+  import with fused_qkv=True stacks them back."""
   model = models.from_gin(preset, [f"TransformerConfig.scan_layers = {scan_layers}",
-                                   f"TransformerConfig.param_dtype = '{param_dtype}'"])
+                                   f"TransformerConfig.param_dtype = '{param_dtype}'",
+                                   f"TransformerConfig.fused_qkv = {fused_qkv}"])
   batch = model.dummy_batch(1, {"inputs": 8, "targets": 8})
   shapes, _ = model.abstract_params(batch)
   # Random values everywhere (init would start norms at 1 and biases at 0).
@@ -196,13 +201,19 @@ def test_t5x_lite_to_hf_to_t5x_lite_is_bit_exact(tmp_path, preset, scan_layers, 
 
   # config.json stores weights, not our compute dtype: the one setting asked for again.
   back, back_params = hf.import_hf(str(tmp_path / "hf"), scan_layers=scan_layers,
-                                   dtype=model.config.dtype)
+                                   dtype=model.config.dtype, fused_qkv=fused_qkv)
   assert back.config == model.config
   flat, back_flat = hf._flatten(params), hf._flatten(back_params)
   assert flat.keys() == back_flat.keys()
   for path, value in flat.items():
     assert back_flat[path].dtype == value.dtype, path
     assert np.array_equal(np.asarray(back_flat[path]), np.asarray(value)), path
+
+
+def test_fused_qkv_import_of_grouped_kv_heads_is_refused_with_the_fix(tmp_path):
+  hf_dir = save_hf("llama_gqa", tmp_path / "hf")
+  with pytest.raises(ValueError, match="fused_qkv=True.*num_kv_heads=2.*set fused_qkv=False"):
+    hf.import_hf(hf_dir, fused_qkv=True)
 
 
 def test_bf16_weights_import_as_bf16_and_match_hf(tmp_path):

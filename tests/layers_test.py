@@ -107,18 +107,25 @@ def test_rmsnorm_and_layernorm_normalise():
       np.testing.assert_allclose(jnp.mean(y, -1), 0.0, atol=1e-4)
 
 
-def test_attention_over_a_cache_filled_in_two_calls_equals_one_pass():
-  """Keys are cached after RoPE at their own positions; the second call sees the first's."""
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_attention_over_a_cache_filled_in_two_calls_equals_one_pass(fused_qkv):
+  """Keys are cached after RoPE at their own positions; the second call sees the first's. With
+  fused_qkv, self-attention fills the cache from the one qkv projection."""
   attention = _attention(2)
+  if fused_qkv:
+    attention = layers.Attention(attention.config.replace(num_kv_heads=None, fused_qkv=True),
+                                 rotary=True, self_attention=True)
+  k = attention.config.resolved_num_kv_heads
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 32))
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
   ones = jnp.ones((2, 6), jnp.int32)
   mask = layers.attention_mask(ones, ones, causal=True, q_positions=positions,
                                k_positions=positions)
   params = attention.init(jax.random.PRNGKey(1), x, x, mask, None, positions, positions)
+  assert ("qkv" in params["params"]) == fused_qkv
   whole = attention.apply(params, x, x, mask, None, positions, positions)
 
-  cache = {"key": jnp.zeros((2, 2, 8, 8)), "value": jnp.zeros((2, 2, 8, 8))}  # [b, k, s, e]
+  cache = {"key": jnp.zeros((2, k, 8, 8)), "value": jnp.zeros((2, k, 8, 8))}  # [b, k, s, e]
   slot_positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
   filled = lambda n: jnp.broadcast_to(jnp.arange(8) < n, (2, 8)).astype(jnp.int32)
   outputs = []
@@ -137,9 +144,35 @@ def test_attention_over_a_cache_filled_in_two_calls_equals_one_pass():
   memory = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 32))
   cross_mask = jnp.ones((2, 1, 1, 5), bool)
   cross_params = cross.init(jax.random.PRNGKey(3), x[:, :1], memory, cross_mask)
-  empty = {"key": jnp.zeros((2, 2, 5, 8)), "value": jnp.zeros((2, 2, 5, 8))}
+  assert {"query", "key", "value"} <= set(cross_params["params"])  # never fused
+  empty = {"key": jnp.zeros((2, k, 5, 8)), "value": jnp.zeros((2, k, 5, 8))}
   first, stored = cross.apply(cross_params, x[:, :1], memory, cross_mask, cache=empty)
   again, _ = cross.apply(cross_params, x[:, :1], None, cross_mask, cache=stored)
   np.testing.assert_allclose(first, cross.apply(cross_params, x[:, :1], memory, cross_mask),
                              atol=1e-6)
   np.testing.assert_allclose(again, first, atol=1e-6)
+
+
+def test_fused_qkv_initialises_like_separate_projections():
+  """The fused kernel's q/k/v parts are distributed as the separate kernels are, T5's folding of
+  1/sqrt(head_dim) into the query's initialisation included."""
+  cfg = TransformerConfig(d_model=256, num_heads=4, d_ff=64, scale_attention=False)
+  x = jnp.ones((1, 2, 256))
+  mask = jnp.ones((1, 1, 2, 2), bool)
+  fused = nn.meta.unbox(layers.Attention(cfg.replace(fused_qkv=True)).init(
+      jax.random.PRNGKey(0), x, x, mask)["params"])
+  separate = nn.meta.unbox(layers.Attention(cfg).init(jax.random.PRNGKey(0), x, x, mask)["params"])
+  kernel = fused["qkv"]["kernel"]
+  assert kernel.shape == (256, 3, 4, 64) and set(fused) == {"qkv", "out"}
+  for i, name in enumerate(("query", "key", "value")):
+    np.testing.assert_allclose(kernel[:, i].std(), separate[name]["kernel"].std(), rtol=0.05)
+  np.testing.assert_allclose(kernel[:, 0].std() / kernel[:, 1].std(), 64 ** -0.5, rtol=0.05)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the refusal is for other backends")
+def test_cudnn_attention_elsewhere_than_an_nvidia_gpu_says_so():
+  cfg = TransformerConfig(d_model=32, num_heads=4, d_ff=64, attention_implementation="cudnn",
+                          dtype="bfloat16")
+  x = jnp.ones((1, 2, 32))
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU.*attention_implementation='xla'"):
+    layers.Attention(cfg).init(jax.random.PRNGKey(0), x, x, jnp.ones((1, 1, 2, 2), bool))

@@ -26,14 +26,15 @@ def random_batch(model, batch_size=8, inputs=16, targets=16, seed=0, padded=True
 
 
 def make_trainer(preset, mesh=None, num_microbatches=1, optimizer="adamw", bindings=(),
-                 batch=None):
+                 batch=None, **trainer_kwargs):
   model = models.from_gin(preset, bindings)
   mesh = mesh or partitioning.make_mesh(2, 2, 2)
   batch = batch or random_batch(model)
   optimizer = optimizers.create_optimizer(
       optimizer, optimizers.create_schedule("constant", 1e-2, 0), weight_decay=0.01)
   shapes = {k: v.shape for k, v in batch.items()}
-  return trainer_lib.Trainer(model, optimizer, mesh, shapes, num_microbatches), batch
+  return trainer_lib.Trainer(model, optimizer, mesh, shapes, num_microbatches,
+                             **trainer_kwargs), batch
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,23 @@ def test_train_step_donates_the_old_state(gpt2):
   new_state, _ = trainer.train_step(state, partitioning.host_to_global(batch, trainer.mesh))
   jax.block_until_ready(new_state)
   assert old_leaf.is_deleted()  # updated in place: no second copy of params and moments
+
+
+def test_without_donation_the_old_state_stays_usable():
+  """donate_state=False (the benchmark's no-donate switch), here with fused QKV sharded over
+  the tensor axis: the state passed in is still alive and unchanged after the step."""
+  trainer, batch = make_trainer("gpt2_tiny", bindings=("TransformerConfig.fused_qkv = True",),
+                                donate_state=False)
+  state = trainer.init_state()
+  before = jax.device_get(state.params)
+  new_state, metrics = trainer.train_step(state, partitioning.host_to_global(batch, trainer.mesh))
+  jax.block_until_ready(new_state)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+  qkv = new_state.params["decoder"]["layers"]["self_attention"]["qkv"]["kernel"]
+  # [layers, d, 3, h, e]: split like the separate kernels, the q/k/v axis whole.
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
 
 
 def test_batches_of_another_shape_are_refused(gpt2):

@@ -13,9 +13,9 @@ POSITION_TYPES = ("learned", "sinusoidal", "rope", "relative")
 
 
 def _config(family, position_type="rope", **changes):
-  return TransformerConfig(family=family, vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2,
-                           d_ff=64, num_layers=2, max_length=32, position_type=position_type,
-                           **changes)
+  return TransformerConfig(**{**dict(family=family, vocab_size=64, d_model=32, num_heads=4,
+                                     num_kv_heads=2, d_ff=64, num_layers=2, max_length=32,
+                                     position_type=position_type), **changes})
 
 
 def _tokens(seed, shape):
@@ -137,16 +137,20 @@ def test_scanned_and_unrolled_layers_compute_the_same_function(family):
   np.testing.assert_allclose(scanned(enc, dec), unrolled(enc, dec), atol=1e-5)
 
 
-@pytest.mark.parametrize("family, position_type, scan_layers", [
-    ("decoder", "learned", True), ("decoder", "relative", True), ("decoder", "rope", False),
-    ("encoder_decoder", "relative", True),
+@pytest.mark.parametrize("family, position_type, scan_layers, fused_qkv", [
+    ("decoder", "learned", True, False), ("decoder", "relative", True, False),
+    ("decoder", "rope", False, False), ("encoder_decoder", "relative", True, False),
+    ("decoder", "rope", True, True), ("encoder_decoder", "relative", False, True),
 ])
-def test_cached_decoding_equals_the_full_forward_pass(family, position_type, scan_layers):
+def test_cached_decoding_equals_the_full_forward_pass(family, position_type, scan_layers,
+                                                      fused_qkv):
   """Prefill a right-padded prompt batch of mixed lengths, then feed one token per step: every
   step's logits equal those of the full sequence run at once (positions, RoPE, relative bias).
-  Decoding runs the layers unrolled, on the (unstacked) parameters of the scanned model."""
+  Decoding runs the layers unrolled, on the (unstacked) parameters of the scanned model. With
+  fused_qkv, self-attention fills its cache from the one qkv projection."""
   cls = transformer.DecoderOnly if family == "decoder" else transformer.EncoderDecoder
-  module = cls(_config(family, position_type, scan_layers=scan_layers))
+  fused = dict(fused_qkv=True, num_kv_heads=None) if fused_qkv else {}
+  module = cls(_config(family, position_type, scan_layers=scan_layers, **fused))
   example = (_tokens(0, (1, 8)),) * (1 if family == "decoder" else 2)
   params = jax.jit(module.init)(jax.random.PRNGKey(2), *example)["params"]
   decoder = cls(module.config.replace(scan_layers=False))
@@ -188,6 +192,53 @@ def test_cached_decoding_equals_the_full_forward_pass(family, position_type, sca
     for i in range(2):
       np.testing.assert_allclose(logits[i, 0], full[i, lengths[i] + t], atol=2e-5)
   assert int(cache["index"]) == (4 if family == "decoder" else 1) + steps
+
+
+def _fuse_qkv(tree):
+  """Separate-projection parameters -> the fused model's: each self-attention's query, key and
+  value kernels [..., d, h, e] (and biases [..., h, e]) stacked as qkv [..., d, 3, h, e]."""
+  out = {}
+  for name, value in tree.items():
+    if name == "self_attention":
+      value = dict(value)
+      parts = [value.pop(p) for p in ("query", "key", "value")]
+      value["qkv"] = {leaf: jnp.stack([p[leaf] for p in parts], axis=-3) for leaf in parts[0]}
+      out[name] = value
+    elif isinstance(value, dict):
+      out[name] = _fuse_qkv(value)
+    else:
+      out[name] = value
+  return out
+
+
+@pytest.mark.parametrize("family, position_type, changes", [
+    ("decoder", "rope", dict(scan_layers=True, remat_policy="full", use_bias=True)),
+    ("decoder", "rope", dict(scan_layers=False)),
+    ("encoder_decoder", "relative", dict(scan_layers=True, scale_attention=False)),
+    ("encoder_decoder", "relative", dict(scan_layers=False, remat_policy="dots")),
+])
+def test_fused_qkv_computes_the_same_function_as_separate_projections(family, position_type,
+                                                                     changes):
+  """The same weights, rearranged into one qkv kernel, give the same logits (RoPE, relative bias,
+  scan, remat); cross-attention keeps its own query/key/value."""
+  cls = transformer.DecoderOnly if family == "decoder" else transformer.EncoderDecoder
+  config = _config(family, position_type, num_kv_heads=None, **changes)
+  separate, fused = cls(config), cls(config.replace(fused_qkv=True))
+  enc, dec = _tokens(3, (2, 8)), _tokens(4, (2, 8))
+  args = (dec,) if family == "decoder" else (enc, dec)
+  params = nn.meta.unbox(separate.init(jax.random.PRNGKey(2), *args)["params"])
+  fused_init = fused.init(jax.random.PRNGKey(2), *args)["params"]
+  rearranged = _fuse_qkv(params)
+  assert (jax.tree.map(jnp.shape, rearranged)
+          == jax.tree.map(jnp.shape, nn.meta.unbox(fused_init)))
+  stack = fused_init["decoder"]["layers" if config.scan_layers else "layers_0"]
+  qkv = stack["self_attention"]["qkv"]["kernel"]
+  assert qkv.names[-4:] == ("embed", "qkv", "heads", "kv")
+  assert qkv.value.shape[-4:] == (32, 3, 4, 8)  # [d, 3, h, e]
+  if family == "encoder_decoder":
+    assert set(stack["cross_attention"]) == {"query", "key", "value", "out"}
+  np.testing.assert_allclose(fused.apply({"params": rearranged}, *args),
+                             separate.apply({"params": params}, *args), atol=1e-5)
 
 
 def test_decoding_cache_is_laid_out_like_the_activations():

@@ -7,6 +7,7 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           MFU against a matmul peak measured beside each round, peak RSS / device memory
           python tools/benchmark.py train --shapes gpt-small t5-small bert-small --compare hf
           python tools/benchmark.py train --shapes gpt-small --variants default unrolled bf16
+          python tools/benchmark.py train --shapes gpt-small --variants default fused-qkv no-donate
   decode  generated tokens/s of `model.predict_batch` (greedy, KV cache) and of HF `generate`,
           CPU seconds per call; --threads N gives both frameworks the same N CPU threads
           python tools/benchmark.py decode --shapes gpt-small t5-small --batch_sizes 1 8 --compare hf
@@ -142,6 +143,12 @@ VARIANTS = {
     "remat-dots-no-batch": (("TransformerConfig.remat_policy = 'dots_with_no_batch_dims'",), {}),
     "bf16": (("TransformerConfig.dtype = 'bfloat16'",), {}),
     "microbatches-2": ((), {"num_microbatches": 2}),
+    # One [d, 3, h, e] q/k/v matmul per self-attention (multi-head attention shapes only).
+    "fused-qkv": (("TransformerConfig.fused_qkv = True",), {}),
+    # The train state is not donated to the step: a second copy of params and moments.
+    "no-donate": ((), {"donate_state": False}),
+    # cuDNN's fused attention: NVIDIA GPUs only, and bf16/fp16 compute (run it as cudnn+bf16).
+    "cudnn": (("TransformerConfig.attention_implementation = 'cudnn'",), {}),
 }
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
 

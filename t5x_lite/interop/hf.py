@@ -8,7 +8,9 @@
 Which HF tensor holds which of our parameters is a table per architecture in `hf_families.py`;
 this module only walks those tables: it checks the file holds exactly the tensors config.json
 implies (naming any missing, unexpected or misshapen ones), reshapes each tensor into our layout,
-and stacks layers along a leading axis when the model scans over layers.
+and stacks layers along a leading axis when the model scans over layers. A model with
+`fused_qkv` is converted through the separate layout: its qkv kernels are split into query, key
+and value on export, and stacked back on import (`import_hf(..., fused_qkv=True)`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -155,10 +157,42 @@ def make_model(cfg: TransformerConfig) -> models.BaseModel:
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused QKV (TransformerConfig.fused_qkv) <-> separate query / key / value
+# ----------------------------------------------------------------------------------------------
+QKV = ("query", "key", "value")
+
+
+def fuse_qkv(params):
+  """Params of a model with separate projections -> those of the same model with
+  `fused_qkv=True`: every self-attention's query, key and value kernels [..., d, h, e] (and
+  biases [..., h, e]) stacked as qkv [..., d, 3, h, e] ([..., 3, h, e]), scanned or not.
+  Cross-attention keeps its own. Nested dicts or "/"-separated flat paths, as given."""
+  flat_in = not any(isinstance(v, Mapping) for v in params.values())
+  flat = dict(params) if flat_in else _flatten(params)
+  for path in [p for p in flat if p.split("/")[-3:-1] == ["self_attention", "query"]]:
+    base, leaf = path[:-len("query/") - len(path.rsplit("/", 1)[1])], path.rsplit("/", 1)[1]
+    flat[f"{base}qkv/{leaf}"] = np.stack([np.asarray(flat.pop(f"{base}{n}/{leaf}")) for n in QKV],
+                                         axis=-3)
+  return flat if flat_in else _unflatten(flat)
+
+
+def split_qkv(params):
+  """The inverse of `fuse_qkv`: qkv [..., d, 3, h, e] -> query, key, value [..., d, h, e]."""
+  flat_in = not any(isinstance(v, Mapping) for v in params.values())
+  flat = dict(params) if flat_in else _flatten(params)
+  for path in [p for p in flat if p.split("/")[-2:-1] == ["qkv"]]:
+    base, leaf = path[:-len("qkv/") - len(path.rsplit("/", 1)[1])], path.rsplit("/", 1)[1]
+    fused = np.asarray(flat.pop(path))
+    for j, name in enumerate(QKV):  # The q/k/v axis is third from last in kernels and biases.
+      flat[f"{base}{name}/{leaf}"] = np.take(fused, j, axis=fused.ndim - 3)
+  return flat if flat_in else _unflatten(flat)
+
+
+# ----------------------------------------------------------------------------------------------
 # Import
 # ----------------------------------------------------------------------------------------------
 def config_from_hf(hf: dict, *, scan_layers: bool = True, param_dtype: str = "float32",
-                   dtype: Optional[str] = None) -> TransformerConfig:
+                   dtype: Optional[str] = None, fused_qkv: bool = False) -> TransformerConfig:
   """The TransformerConfig of a config.json (raises on architectures or options we lack)."""
   family = family_of_hf_config(hf)
   try:
@@ -170,15 +204,17 @@ def config_from_hf(hf: dict, *, scan_layers: bool = True, param_dtype: str = "fl
   # earlier gin file must not leak into an imported model.
   defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
   return TransformerConfig(**{**defaults, **fields, "scan_layers": scan_layers,
-                              "param_dtype": param_dtype, "dtype": dtype or param_dtype})
+                              "param_dtype": param_dtype, "dtype": dtype or param_dtype,
+                              "fused_qkv": fused_qkv})
 
 
 def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: Optional[str] = None,
-              dtype: Optional[str] = None):
+              dtype: Optional[str] = None, fused_qkv: bool = False):
   """(model, params) from a Hugging Face checkpoint directory.
 
   `param_dtype` defaults to the checkpoint's own (so bf16 weights stay bf16, bit for bit) and
-  `dtype`, the compute dtype, to `param_dtype`.
+  `dtype`, the compute dtype, to `param_dtype`. `fused_qkv` builds the model with one qkv kernel
+  per self-attention (multi-head attention only), its query/key/value tensors stacked into it.
   """
   hf = read_hf_config(hf_dir)
   family = family_of_hf_config(hf)
@@ -188,9 +224,16 @@ def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: Optional[st
     first = family.tensors(probe)[0].hf
     stored = weights.dtype(first) if first in weights.names() else "F32"
     param_dtype = SAFETENSORS_DTYPES.get(stored, "float32")
-  cfg = config_from_hf(hf, scan_layers=scan_layers, param_dtype=param_dtype, dtype=dtype)
+  cfg = config_from_hf(hf, scan_layers=scan_layers, param_dtype=param_dtype, dtype=dtype,
+                       fused_qkv=fused_qkv)
+  separate = cfg.replace(fused_qkv=False)  # The layout hf_families' tables describe.
+  params = _read_params(family, separate, weights, _flat_shapes(make_model(separate)), hf_dir)
   model = make_model(cfg)
-  return model, _unflatten(_read_params(family, cfg, weights, _flat_shapes(model), hf_dir))
+  if fused_qkv:
+    params = fuse_qkv(params)
+    if {p: v.shape for p, v in params.items()} != _flat_shapes(model):
+      raise AssertionError("fuse_qkv does not give the fused model's parameters.")
+  return model, _unflatten(params)
 
 
 def _read_params(family: Family, cfg: TransformerConfig, weights: SafetensorsWeights,
@@ -255,10 +298,11 @@ def _check_weights(family, cfg, weights, expected, source, our_shapes, where):
 
 
 def convert_from_hf(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
-                    param_dtype: Optional[str] = None, dtype: Optional[str] = None):
+                    param_dtype: Optional[str] = None, dtype: Optional[str] = None,
+                    fused_qkv: bool = False):
   """Write a t5x_lite params checkpoint (params/ + model.gin) from an HF checkpoint."""
   model, params = import_hf(hf_dir, scan_layers=scan_layers, param_dtype=param_dtype,
-                            dtype=dtype)
+                            dtype=dtype, fused_qkv=fused_qkv)
   hf = read_hf_config(hf_dir)
   arch = family_of_hf_config(hf).architecture
   gin_text = (f"# Converted from the Hugging Face {arch} checkpoint {os.path.abspath(hf_dir)}.\n"
@@ -278,7 +322,8 @@ def export_hf(model: models.BaseModel, params, out_dir: str,
 
   `base_config` (the config.json the model was imported from) supplies what t5x_lite does not
   model, such as special token ids; every architecture field is rewritten from `model.config`.
-  Returns the config dict written.
+  Returns the config dict written. A `fused_qkv` model's qkv kernels are split into HF's
+  separate query/key/value tensors (GPT-2's c_attn is their concatenation again).
   """
   cfg = model.config
   family = family_of_config(cfg)
@@ -291,6 +336,8 @@ def export_hf(model: models.BaseModel, params, out_dir: str,
     raise ValueError(f"params do not match the model config: {_listing(wrong)} are missing, "
                      "unexpected or of another shape; export the params with the model.gin "
                      "they were trained with.")
+  if cfg.fused_qkv:  # hf_families' tables describe the separate layout.
+    flat, cfg = split_qkv(flat), cfg.replace(fused_qkv=False)
   scanned = cfg.scan_layers
   tensors = {}
   for name, (spec, i) in _expand(family, cfg).items():
