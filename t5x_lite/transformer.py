@@ -47,7 +47,8 @@ class Block(nn.Module):
     def attention(name, rotary, mask, bias, k_positions, index):
       """The sub-layer; with a cache it also records the attention's updated cache."""
       def sublayer(y):
-        module = layers.Attention(cfg, self.deterministic, rotary, name=f"{name}_attention")
+        module = layers.Attention(cfg, self.deterministic, rotary, self_attention=name == "self",
+                                  name=f"{name}_attention")
         kv = y if name == "self" else encoded  # None once the cross-attention cache is filled.
         if cache is None:
           return module(y, kv, mask, bias, positions, k_positions)

@@ -32,7 +32,8 @@ def test_tables_name_exactly_the_tensors_of_the_hf_module(preset):
   shapes = {n: tuple(t.shape) for n, t in module.state_dict().items()}
   ours = hf._flat_shapes(models.from_gin(preset))
   for name, (spec, i) in hf._expand(family, cfg).items():
-    our_shapes = [hf._layer_shape(ours[hf._our_path(p, i, True)], i, True) for p in spec.ours]
+    scanned = cfg.scan_layers
+    our_shapes = [hf._layer_shape(ours[hf._our_path(p, i, scanned)], i, scanned) for p in spec.ours]
     assert spec.hf_shape(our_shapes) == shapes[name], name
 
 

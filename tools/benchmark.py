@@ -138,6 +138,7 @@ SHAPES = {
 VARIANTS = {
     "default": ((), {}),
     "unrolled": (("TransformerConfig.scan_layers = False",), {}),
+    "scanned": (("TransformerConfig.scan_layers = True",), {}),
     "remat-full": (("TransformerConfig.remat_policy = 'full'",), {}),
     "remat-dots": (("TransformerConfig.remat_policy = 'dots'",), {}),
     "remat-dots-no-batch": (("TransformerConfig.remat_policy = 'dots_with_no_batch_dims'",), {}),
