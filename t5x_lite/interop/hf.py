@@ -167,25 +167,31 @@ def fuse_qkv(params):
   `fused_qkv=True`: every self-attention's query, key and value kernels [..., d, h, e] (and
   biases [..., h, e]) stacked as qkv [..., d, 3, h, e] ([..., 3, h, e]), scanned or not.
   Cross-attention keeps its own. Nested dicts or "/"-separated flat paths, as given."""
-  flat_in = not any(isinstance(v, Mapping) for v in params.values())
-  flat = dict(params) if flat_in else _flatten(params)
-  for path in [p for p in flat if p.split("/")[-3:-1] == ["self_attention", "query"]]:
-    base, leaf = path[:-len("query/") - len(path.rsplit("/", 1)[1])], path.rsplit("/", 1)[1]
-    flat[f"{base}qkv/{leaf}"] = np.stack([np.asarray(flat.pop(f"{base}{n}/{leaf}")) for n in QKV],
-                                         axis=-3)
-  return flat if flat_in else _unflatten(flat)
+  def fuse(flat):
+    for path in [p for p in flat if p.split("/")[-3:-1] == ["self_attention", "query"]]:
+      base, _, leaf = path.rsplit("/", 2)
+      flat[f"{base}/qkv/{leaf}"] = np.stack(
+          [np.asarray(flat.pop(f"{base}/{name}/{leaf}")) for name in QKV], axis=-3)
+  return _edit_flat(params, fuse)
 
 
 def split_qkv(params):
   """The inverse of `fuse_qkv`: qkv [..., d, 3, h, e] -> query, key, value [..., d, h, e]."""
-  flat_in = not any(isinstance(v, Mapping) for v in params.values())
-  flat = dict(params) if flat_in else _flatten(params)
-  for path in [p for p in flat if p.split("/")[-2:-1] == ["qkv"]]:
-    base, leaf = path[:-len("qkv/") - len(path.rsplit("/", 1)[1])], path.rsplit("/", 1)[1]
-    fused = np.asarray(flat.pop(path))
-    for j, name in enumerate(QKV):  # The q/k/v axis is third from last in kernels and biases.
-      flat[f"{base}{name}/{leaf}"] = np.take(fused, j, axis=fused.ndim - 3)
-  return flat if flat_in else _unflatten(flat)
+  def split(flat):
+    for path in [p for p in flat if p.split("/")[-2] == "qkv"]:
+      base, _, leaf = path.rsplit("/", 2)
+      fused = np.asarray(flat.pop(path))
+      for j, name in enumerate(QKV):  # The q/k/v axis is third from last in kernels and biases.
+        flat[f"{base}/{name}/{leaf}"] = np.take(fused, j, axis=fused.ndim - 3)
+  return _edit_flat(params, split)
+
+
+def _edit_flat(params, edit):
+  """`edit` (in place) a "/"-path flat copy of `params`; returned as flat or nested as given."""
+  nested = any(isinstance(v, Mapping) for v in params.values())
+  flat = _flatten(params) if nested else dict(params)
+  edit(flat)
+  return _unflatten(flat) if nested else flat
 
 
 # ----------------------------------------------------------------------------------------------
