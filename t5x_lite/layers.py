@@ -29,9 +29,16 @@ def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
-def constrain(x: Array, axes: Sequence[str]) -> Array:
-  """Sharding hint for an activation, by logical names (a no-op outside a mesh + rules context)."""
-  return nn.with_logical_constraint(x, tuple(axes))
+def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
+  """Sharding hint for an activation, by logical names (a no-op outside a mesh + rules context).
+
+  The names are activation axes: `embed` here is looked up as `activation_embed` in
+  `partitioning`'s rules, so an activation is split independently of the weights' `embed`.
+  Prefixing in this one place keeps call sites short and means a new layer cannot pick up a
+  parameter rule by mistake.
+  """
+  return nn.with_logical_constraint(
+      x, tuple(None if axis is None else "activation_" + axis for axis in axes))
 
 
 class DenseGeneral(nn.Module):

@@ -1,13 +1,29 @@
 """Device mesh and the one table that maps logical axis names onto it.
 
-Model code names every parameter and activation axis logically (`batch`, `embed`, `heads`, ...);
-`LOGICAL_AXIS_RULES` decides which mesh axis (`data`, `fsdp`, `tensor`) each one is split over.
-Changing the parallelism of a run is therefore a change of mesh sizes in gin, never of code.
+Model code names every parameter and activation axis logically; the rules table decides which
+mesh axes each name is split over. The table is `axis_rules()`, a gin-configurable function
+(defaults: `DEFAULT_RULES`), and every function here that takes `rules` uses it unless given one,
+so changing the parallelism of a run is a gin change (`make_mesh.*` sizes, `axis_rules.*`),
+never a change of code.
+
+Parameters and activations have distinct names. Parameters carry `embed`, `mlp`, `heads`,
+`kv_heads`, `kv`, `qkv`, `vocab`, `layers`, `expert`, `stage`, ...; activations are named through
+`layers.constrain`, which reads its short names (`batch`, `length`, `embed`, ...) as
+`activation_batch`, `activation_length`, `activation_embed`, ... So weights and the activations
+they multiply are split independently: by default a weight's `embed` axis is split over fsdp
+(ZeRO-3 style) while activations keep `embed` whole and split `batch` over data x fsdp. Rule order
+matters only between rules for the same name: a later one is a fallback, used where an earlier
+one's mesh axes are already taken by another dimension of the same array.
+
+The mesh always has the five axes of `MESH_AXES`; `expert` (MoE experts) and `stage` (pipeline
+stages) have size 1 unless a run asks for more. The batch is split over the mesh axes of the
+`activation_batch` rule (`batch_axes`), which is also what `batch_sharding`, `data_shard_info`
+and `host_to_global` use.
 
 It also holds what turns a function and host data into work on the mesh: `jit` (a `jax.jit`
 with shardings and donation, traced under the rules), `initialize_distributed` (multi-host
 start-up), `data_shard_info` (which slice of the global batch this process reads) and
-`host_to_global` (this process's numpy rows -> one global jax.Array sharded over data x fsdp).
+`host_to_global` (this process's numpy rows -> one global jax.Array sharded over the batch axes).
 """
 from __future__ import annotations
 
@@ -23,86 +39,151 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Optional[str | tuple[str, ...]]], ...]
 
-# Order matters: a mesh axis is used at most once per array, by the first rule that claims it.
-# So activations, whose `batch` axis takes data x fsdp, keep `embed` whole, while parameters
-# (which have no batch axis) are split over fsdp along `embed` (ZeRO-3 style).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
-    ("batch", ("data", "fsdp")),
+# Device layout, outermost axis first. Axes that talk most get the nearest devices: tensor
+# exchanges activations in every layer, expert routes tokens (all-to-all) in every MoE layer,
+# fsdp gathers weights per layer, stage passes activations only between stages, and data
+# reduces gradients once per step. Size-1 axes do not change which device gets which slice.
+MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
+
+DEFAULT_RULES: Rules = (
+    # Parameters: the model width over fsdp (ZeRO-3 style), the wide axes over tensor.
+    ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("embed", "fsdp"),
+    ("expert", "expert"),  # the experts of an MoE layer, a group per expert-axis slot
+    ("stage", "stage"),  # the layers of a pipeline stage, a stage per stage-axis slot
     ("kv", None),
     ("qkv", None),  # the query/key/value axis of a fused qkv kernel (TransformerConfig.fused_qkv)
-    ("length", None),
     ("layers", None),
     ("relpos_buckets", None),
     ("abspos_buckets", None),
+    # Activations (`layers.constrain`): rows over every data-parallel axis, the model width
+    # whole (a device holds whole rows of the residual stream), the wide axes over tensor.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_kv", None),
+    ("activation_qkv", None),
+    ("activation_expert", "expert"),
+    ("activation_stage", "stage"),
 )
 
 
 @gin.configurable(module="t5x_lite.partitioning")
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 (the rest)."""
+def axis_rules(rules: Sequence = DEFAULT_RULES, overrides: Sequence = ()) -> Rules:
+  """The rules table of a run: `overrides` first (so they win), then `rules`.
+
+  Bind `axis_rules.overrides` to move a few names, e.g. `[("activation_length", "tensor")]`
+  (sequence-split activations), or `axis_rules.rules` to replace the whole table.
+  """
+  return _checked(tuple(overrides) + tuple(rules))
+
+
+def _checked(rules: Sequence) -> Rules:
+  """`rules` as a tuple of (name, None | mesh axis | tuple of mesh axes), or a ValueError."""
+  checked = []
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f"Axis rule {rule!r} must be a pair (logical name, mesh axes).")
+    axes = (rule[1],) if isinstance(rule[1], str) else tuple(rule[1] or ())
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"Axis rule {tuple(rule)!r} names mesh axes {unknown}; the mesh axes "
+                       f"are {MESH_AXES}.")
+    checked.append((rule[0], None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(checked)
+
+
+def _rules(rules: Optional[Sequence]) -> Rules:
+  return axis_rules() if rules is None else _checked(rules)
+
+
+@gin.configurable(module="t5x_lite.partitioning")
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1, stage: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None,
+              axis_order: Sequence[str] = MESH_AXES) -> Mesh:
+  """A mesh of all `MESH_AXES` over `devices` (default: all); one size may be -1 (the rest).
+
+  `axis_order` lays the devices out, outermost axis first (see `MESH_AXES` for why).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  sizes = _mesh_sizes({"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert,
+                       "stage": stage}, len(devices))
+  if sorted(axis_order) != sorted(MESH_AXES):
+    raise ValueError(f"make_mesh.axis_order={tuple(axis_order)} must order exactly the axes "
+                     f"{MESH_AXES}.")
+  shape = tuple(sizes[name] for name in axis_order)
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axis_order))
+
+
+def _mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+  """`sizes` with the -1 (if any) resolved, or a ValueError that says how to fix them."""
   free = [name for name, size in sizes.items() if size == -1]
   if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
     raise ValueError(f"Mesh sizes {sizes} are invalid: use positive sizes and at most one -1 "
                      "(meaning: all remaining devices).")
   fixed = math.prod(size for size in sizes.values() if size != -1)
-  if len(devices) % fixed:
+  if num_devices % fixed:
     raise ValueError(
-        f"Mesh {sizes} needs a multiple of {fixed} devices but {len(devices)} are available; "
-        f"choose data x fsdp x tensor dividing {len(devices)} (e.g. make_mesh.data = -1).")
+        f"Mesh {sizes} needs a multiple of {fixed} devices but {num_devices} are available; "
+        f"choose {' x '.join(sizes)} dividing {num_devices} (e.g. make_mesh.data = -1).")
   if free:
-    sizes[free[0]] = len(devices) // fixed
-  if math.prod(sizes.values()) != len(devices):
+    sizes = dict(sizes, **{free[0]: num_devices // fixed})
+  if math.prod(sizes.values()) != num_devices:
     raise ValueError(f"Mesh {sizes} has {math.prod(sizes.values())} slots but there are "
-                     f"{len(devices)} devices; set one axis to -1 to use them all.")
-  shape = tuple(sizes[name] for name in MESH_AXES)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+                     f"{num_devices} devices; set one axis to -1 to use them all.")
+  return sizes
 
 
 def logical_to_sharding(logical_spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
-                        rules=LOGICAL_AXIS_RULES) -> NamedSharding:
-  """Resolve a logical PartitionSpec for an array of `shape`.
+                        rules: Optional[Sequence] = None) -> NamedSharding:
+  """Resolve a logical PartitionSpec for an array of `shape` (rules: default `axis_rules()`).
 
   A dimension whose size the mesh axes do not divide (a single K/V head over 2-way tensor
   parallelism, a 259-token byte vocabulary) is left whole rather than failing.
   """
-  mesh_axes = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
+  mesh_axes = tuple(nn.logical_to_mesh_axes(tuple(logical_spec), _rules(rules)))
   resolved = []
-  for dim, axes in zip(shape, tuple(mesh_axes) + (None,) * (len(shape) - len(mesh_axes))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  for dim, axes in zip(shape, mesh_axes + (None,) * (len(shape) - len(mesh_axes))):
     kept = []
-    for name in names:
+    for name in (axes,) if isinstance(axes, str) else tuple(axes or ()):
       if dim % (math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]) == 0:
         kept.append(name)
     resolved.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return NamedSharding(mesh, PartitionSpec(*resolved))
 
 
-def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Optional[Sequence] = None):
   """Shardings for every leaf of `abstract_tree` from the matching logical specs."""
+  rules = _rules(rules)
   return jax.tree.map(lambda spec, leaf: logical_to_sharding(spec, leaf.shape, mesh, rules),
                       logical_specs, abstract_tree,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batches are split along their leading axis over data x fsdp and replicated over tensor."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_axes(rules: Optional[Sequence] = None) -> tuple[str, ...]:
+  """The mesh axes a batch's rows are split over: those of the `activation_batch` rule."""
+  (axes,) = nn.logical_to_mesh_axes(("activation_batch",), _rules(rules))
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Optional[Sequence] = None) -> NamedSharding:
+  """Batches are split along their leading axis over `batch_axes` and replicated otherwise."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None, *([None] * (ndim - 1))))
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+def activation_sharding(mesh: Mesh, rules: Optional[Sequence] = None):
   """Context under which the model's `constrain` calls become real sharding constraints."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(_rules(rules)):
     yield
 
 
@@ -111,23 +192,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def jit(fn: Callable, mesh: Mesh, in_shardings: Any, out_shardings: Any,
-        donate_argnums: Sequence[int] = ()) -> Callable:
+        donate_argnums: Sequence[int] = (), rules: Optional[Sequence] = None) -> Callable:
   """`jax.jit(fn)` with explicit shardings and donation, traced under `activation_sharding`.
 
   The model's logical `constrain` calls only mean something while the mesh and rules are set,
   i.e. at trace time, so every call (which traces on first use) enters that context. Donated
-  arguments (the train state) are updated in place instead of keeping two copies alive.
+  arguments (the train state) are updated in place instead of keeping two copies alive. The
+  rules are read once, here: jax reuses a trace, so a later change of the gin bindings must not
+  reach only the functions traced after it.
   """
+  rules = _rules(rules)
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=tuple(donate_argnums))
 
   @functools.wraps(fn)
   def call(*args):
-    with activation_sharding(mesh):
+    with activation_sharding(mesh, rules):
       return jitted(*args)
 
   def lower(*args):
-    with activation_sharding(mesh):
+    with activation_sharding(mesh, rules):
       return jitted.lower(*args)
 
   call.lower = lower
@@ -162,26 +246,28 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+def data_parallel_size(mesh: Mesh, rules: Optional[Sequence] = None) -> int:
+  return math.prod(mesh.shape[axis] for axis in batch_axes(rules))
 
 
-def data_shard_info(mesh: Mesh, global_batch_size: Optional[int] = None) -> tuple[int, int]:
+def data_shard_info(mesh: Mesh, global_batch_size: Optional[int] = None,
+                    rules: Optional[Sequence] = None) -> tuple[int, int]:
   """(index, num_shards): which share of the data this process reads.
 
   Processes whose devices hold the same rows of the global batch (e.g. when the `tensor` axis
   spans hosts) read the same shard; the per-process batch is `global_batch_size // num_shards`.
   With `global_batch_size`, also checks that the data-parallel size divides it.
   """
-  slots = data_parallel_size(mesh)
+  slots = data_parallel_size(mesh, rules)
   if global_batch_size is not None and global_batch_size % slots:
+    axes = batch_axes(rules)
     raise ValueError(
         f"BATCH_SIZE={global_batch_size} is not divisible by the data-parallel size "
-        f"data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']} = {slots}; "
-        "choose a multiple of it, or change make_mesh.data / make_mesh.fsdp.")
+        f"{' x '.join(axes)} = {' x '.join(str(mesh.shape[a]) for a in axes)} = {slots}; "
+        f"choose a multiple of it, or change {' / '.join('make_mesh.' + a for a in axes)}.")
   # One row per data-parallel slot is enough to see which process holds which rows.
   rows_of_process: dict[int, set[tuple[int, int]]] = {}
-  for device, (rows,) in batch_sharding(mesh, 1).devices_indices_map((slots,)).items():
+  for device, (rows,) in batch_sharding(mesh, 1, rules).devices_indices_map((slots,)).items():
     rows_of_process.setdefault(device.process_index, set()).add(
         (rows.start or 0, slots if rows.stop is None else rows.stop))
   blocks = {}
@@ -195,10 +281,12 @@ def data_shard_info(mesh: Mesh, global_batch_size: Optional[int] = None) -> tupl
   return distinct.index(blocks[jax.process_index()]), len(distinct)
 
 
-def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's rows of a batch ([b_local, ...] numpy) -> global arrays sharded over data."""
-  _, num_shards = data_shard_info(mesh)
+def host_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                   rules: Optional[Sequence] = None) -> dict[str, jax.Array]:
+  """This process's rows of a batch ([b_local, ...] numpy) -> global arrays split over the
+  batch axes."""
+  _, num_shards = data_shard_info(mesh, rules=rules)
   return {name: jax.make_array_from_process_local_data(
-              batch_sharding(mesh, local.ndim), local,
+              batch_sharding(mesh, local.ndim, rules), local,
               (local.shape[0] * num_shards,) + local.shape[1:])
           for name, local in batch.items()}

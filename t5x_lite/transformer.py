@@ -399,7 +399,11 @@ def init_cache(config: TransformerConfig, batch_size: int, length: int,
 
 
 def cache_logical_axes(cache: dict) -> dict:
-  """Logical axis names of every cache leaf: K/V shard like the attention activations."""
+  """Logical axis names of every cache leaf: K/V shard like the attention activations.
+
+  The names are activation axes, as `layers.constrain` takes them (it adds the `activation_`
+  prefix of the rules table); decoding finds each leaf's rows by the `batch` axis.
+  """
   def axes(path, leaf):
     if path[0].key == "layers":
       return ("batch", "kv_heads", "length", "kv")
