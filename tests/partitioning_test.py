@@ -168,6 +168,17 @@ def _differences(expected: dict, got: dict) -> list[str]:
   return lines
 
 
+def _golden_json(shardings: dict) -> str:
+  """JSON with one parameter or activation per line, so a changed sharding is a one-line diff."""
+  parts = []
+  for part, entries in sorted(shardings.items()):
+    lines = ([f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(entries.items())]
+             if isinstance(entries, dict) else [f"  {json.dumps(v)}" for v in entries])
+    brackets = "{}" if isinstance(entries, dict) else "[]"
+    parts.append(f"{json.dumps(part)}: {brackets[0]}\n" + ",\n".join(lines) + f"\n{brackets[1]}")
+  return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_shardings_match_the_golden_file(preset):
   got = shardings_of(models.from_gin(preset), partitioning.make_mesh(2, 2, 2))
@@ -175,8 +186,7 @@ def test_preset_shardings_match_the_golden_file(preset):
   if os.environ.get("T5X_LITE_UPDATE_GOLDEN"):
     os.makedirs(GOLDEN_DIR, exist_ok=True)
     with open(path, "w") as f:
-      json.dump(got, f, indent=1, sort_keys=True)
-      f.write("\n")
+      f.write(_golden_json(got))
   assert os.path.exists(path), f"No {path}: write it with T5X_LITE_UPDATE_GOLDEN=1."
   with open(path) as f:
     differences = _differences(json.load(f), got)
