@@ -60,6 +60,7 @@ class TransformerConfig:
   dtype: str = "float32"  # Compute dtype; parameters stay in `param_dtype`.
   param_dtype: str = "float32"
   attention_implementation: str = "xla"  # "cudnn": jax.nn.dot_product_attention's flash kernel.
+  mlp: str = "dense"  # The MLP kind of every layer, a name in layers.MLP_KINDS.
   scan_layers: bool = True  # nn.scan over layers: compile time independent of depth.
   remat_policy: str = "none"
   # Self-attention projects q, k and v with one kernel "qkv" [d, 3, h, e] (one matmul instead of

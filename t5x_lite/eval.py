@@ -1,12 +1,16 @@
 """The evaluation job: a task's seqio metrics on decoded predictions, and teacher-forced
-perplexity, for one checkpoint or every checkpoint of a training run.
+perplexity, for one checkpoint or every checkpoint of a training run (`eval_checkpoints`,
+runs/eval_metrics.gin); or the model's teacher-forced loss and accuracy on packed batches of a
+params checkpoint (`evaluate`, runs/eval.gin).
 
     python -m t5x_lite.eval --gin_file=MODEL_DIR/model.gin --gin_file=runs/eval_metrics.gin \\
         --gin.MODEL_DIR=/tmp/my_run --gin.MIXTURE_OR_TASK_NAME=addition
+    python -m t5x_lite.eval --gin_file=CKPT/model.gin --gin_file=runs/eval.gin \\
+        --gin.CHECKPOINT_PATH=CKPT
 
-For each checkpoint and each task of the mixture: decode the split (as `t5x_lite.infer` does),
-post-process predictions and targets with the task's `postprocess_fn`, run its `metric_fns`
-(exact match, ROUGE, BLEU, ... whatever the task declares), and add
+For each checkpoint and each task of the mixture: decode the split (`t5x_lite.predict`, as the
+inference job does), post-process predictions and targets with the task's `postprocess_fn`, run
+its `metric_fns` (exact match, ROUGE, BLEU, ... whatever the task declares), and add
   log_likelihood  mean over examples of log p(targets | inputs), teacher-forced
   perplexity      exp(- sum of target log-likelihoods / number of target tokens)
 Results go to TensorBoard events in OUTPUT_DIR/eval_<split>/ (scalars "<task>/<metric>" at each
@@ -35,7 +39,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, infer, partitioning
+from t5x_lite import checkpoints, launch, optimizers, partitioning, predict
+from t5x_lite import metrics as metrics_lib
+from t5x_lite import trainer as trainer_lib
 
 
 def checkpoints_to_evaluate(checkpoint_path: Optional[str], model_dir: Optional[str],
@@ -84,21 +90,20 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
              decode_params: Optional[Mapping[str, Any]] = None,
              mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> dict[int, dict]:
   """Evaluates each checkpoint (see module docstring); returns {step: {"task/metric": value}}."""
-  from t5x_lite.train import MetricsWriter  # TensorBoard scalars, as the training job writes
-  infer.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
+  predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
   to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step)
   output_dir = output_dir or model_dir or checkpoint_path
   vocab_source = checkpoint_path or model_dir
-  tasks = infer.tasks_of(mixture_or_task_name)
-  vocabs = [infer.check_vocabulary(model, vocab_source, task) for task in tasks]
+  tasks = predict.tasks_of(mixture_or_task_name)
+  vocabs = [predict.check_vocabulary(model, vocab_source, task) for task in tasks]
   mesh = mesh_fn()
-  writer = MetricsWriter(output_dir, f"eval_{split}")
+  writer = metrics_lib.MetricsWriter(output_dir, f"eval_{split}")
   results = {}
   for step, load in to_evaluate:
-    params = infer.restore_params(model, mesh, load)
+    params = predict.restore_params(model, mesh, load)
     results[step] = {}
     for task, vocab in zip(tasks, vocabs):
-      records = infer.predict_task(model, params, mesh, task, task_feature_lengths, split,
+      records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,
                                    batch_size, vocab, max_examples, decode_params, seed)
       results[step].update({f"{task.name}/{k}": v for k, v in task_metrics(task, records).items()})
     writer.write(step, results[step])
@@ -110,7 +115,44 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
   return results
 
 
+@gin.configurable(module="t5x_lite.eval")
+def evaluate(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
+             mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+             batch_size: int = gin.REQUIRED, eval_batches: int = 50, split: str = "validation",
+             mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> dict[str, float]:
+  """Teacher-forced metrics (the model's loss, accuracy, ...) of a params checkpoint on the first
+  `eval_batches` packed batches of `split`, as the training job's validation computes them;
+  printed as JSON and written to `checkpoint_path`/eval_<task>_<split>.json."""
+  import t5x_lite.data as data  # TensorFlow: imported only when a job runs
+  data.check_vocabulary_fits(model.config.vocab_size)
+  mesh = mesh_fn()
+  shard = partitioning.data_shard_info(mesh, batch_size)
+  ds = data.get_tf_dataset(mixture_or_task_name, task_feature_lengths, split=split,
+                           batch_size=batch_size // shard[1],
+                           feature_converter=model.feature_converter(), shuffle=False, seed=seed,
+                           shard_info=shard)
+  batches = list(data.BatchIterator(ds.take(eval_batches), f"{mixture_or_task_name!r} {split}"))
+  shapes = {k: (batch_size,) + v.shape[1:] for k, v in batches[0].items()}
+  trainer = trainer_lib.Trainer(model, optimizers.create_optimizer(), mesh, shapes)
+  params = checkpoints.load_params(checkpoint_path, trainer.abstract_state.params)
+  metrics = metrics_lib.summarize(
+      [trainer.eval_step(params, partitioning.host_to_global(b, mesh)) for b in batches])
+  metrics["batches"] = len(batches)
+  metrics_lib.log(json.dumps(metrics, indent=1))
+  if jax.process_index() == 0:
+    with open(os.path.join(checkpoint_path, f"eval_{mixture_or_task_name}_{split}.json"),
+              "w") as f:
+      json.dump(metrics, f, indent=1)
+  return metrics
+
+
+@gin.configurable(module="t5x_lite.eval")
+def run(job: Callable = eval_checkpoints):
+  """What `python -m t5x_lite.eval` runs: `eval_checkpoints` (runs/eval_metrics.gin), or
+  `evaluate` when a gin file says `run.job = @evaluate` (runs/eval.gin)."""
+  return job()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  from t5x_lite import train  # the shared command line: --gin_file, --gin.NAME=VALUE, ...
-  train.start_job(argv)
-  eval_checkpoints()
+  launch.main(run, argv, "python -m t5x_lite.eval", __doc__)

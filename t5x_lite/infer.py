@@ -3,8 +3,7 @@
     python -m t5x_lite.infer --gin_file=CKPT/model.gin --gin_file=runs/infer.gin \\
         --gin.CHECKPOINT_PATH=CKPT --gin.MIXTURE_OR_TASK_NAME=addition
 
-    task split (seqio, unshuffled) -> feature converter (unpacked) -> predict_batch (KV-cache
-    decoding) + score_batch (teacher-forced log-likelihood of the targets) -> JSON Lines
+    task split -> `t5x_lite.predict.predict_task` (decoding + teacher-forced scores) -> JSON Lines
 
 Writes OUTPUT_DIR/<task>_<split>.jsonl (OUTPUT_DIR defaults to CHECKPOINT_PATH), one line per
 example: {"inputs", "targets", "prediction", "prediction_score", "target_log_likelihood",
@@ -30,144 +29,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import gin
 import jax
-import numpy as np
 
-from t5x_lite import checkpoints, decoding, inference, partitioning
-
-def _data():
-  import t5x_lite.data  # TensorFlow: imported only when a job runs
-  return t5x_lite.data
-
-
-def tasks_of(mixture_or_task_name: str) -> list:
-  """The seqio tasks of a task or mixture name (a mixture is decoded task by task)."""
-  import seqio
-  provider = _data().get_provider(mixture_or_task_name)
-  return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
-
-
-def check_vocabulary(model, checkpoint_path: str, task) -> Any:
-  """The task's vocabulary, after checking that the checkpoint was trained with it."""
-  vocab = task.output_features["targets"].vocabulary
-  vocab = getattr(vocab, "resolved", vocab)  # The gin-selected one behind DEFAULT_VOCABULARY.
-  if vocab.vocab_size > model.config.vocab_size:
-    raise ValueError(
-        f"Task {task.name!r} uses a vocabulary of {vocab.vocab_size} ids but the checkpoint's "
-        f"model has vocab_size={model.config.vocab_size}: it was trained with another vocabulary. "
-        "Set get_vocabulary.* as in the training run.")
-  trained = inference.checkpoint_vocabulary(checkpoint_path)
-  if trained is not None and trained != vocab:
-    raise ValueError(
-        f"The checkpoint {checkpoint_path!r} was trained with {trained} (its config.gin or "
-        f"{inference.SPM_FILE}) but task {task.name!r} now uses {vocab}; set get_vocabulary.* as "
-        "in training.")
-  return vocab
-
-
-def restore_params(model, mesh, load: Callable[[Any], Any]):
-  """Parameters laid out on `mesh` by the logical-axis rules; `load(abstract)` reads them."""
-  shapes, specs = model.abstract_params(model.dummy_batch(1, {"inputs": 8, "targets": 8}))
-  shardings = partitioning.tree_shardings(shapes, specs, mesh)
-  return load(checkpoints.abstract_with_shardings(shapes, shardings))
-
-
-def task_examples(task, lengths: Mapping[str, int], split: str,
-                  max_examples: Optional[int]) -> list[dict]:
-  """The split's examples in order, tokenized and trimmed as the task defines."""
-  if split not in task.splits:
-    raise ValueError(f"Task {task.name!r} has splits {list(task.splits)}, not {split!r}.")
-  ds = task.get_dataset(dict(lengths), split=split, shuffle=False, num_epochs=1, seed=0)
-  if max_examples:
-    ds = ds.take(max_examples)
-  examples = list(ds.as_numpy_iterator())
-  if not examples:
-    raise ValueError(f"Task {task.name!r} split {split!r} has no examples.")
-  return examples
-
-
-def model_batches(model, examples: Sequence[dict], lengths: Mapping[str, int],
-                  batch_size: int) -> list[dict]:
-  """The examples as model features (the family's seqio converter, unpacked), batch_size rows
-  per batch; the last batch is filled up with copies of its last row."""
-  import tensorflow as tf
-  keys = [k for k in ("inputs", "targets", "mlm_weights") if k in examples[0]]
-  ds = tf.data.Dataset.from_generator(
-      lambda: ({k: ex[k] for k in keys} for ex in examples),
-      output_signature={k: tf.TensorSpec([None], tf.int32) for k in keys})
-  converter = _data().make_feature_converter(model.config.family, pack=False)
-  rows = [{k: np.asarray(v) for k, v in row.items()}
-          for row in converter(ds, dict(lengths)).as_numpy_iterator()]
-  rows += [rows[-1]] * (-len(rows) % batch_size)
-  return [{k: np.stack([row[k] for row in rows[i:i + batch_size]]) for k in rows[0]}
-          for i in range(0, len(rows), batch_size)]
-
-
-def decode_options(model, lengths: Mapping[str, int],
-                   decode_params: Optional[Mapping[str, Any]]) -> dict:
-  """`decode_params` over the default of decoding up to the targets' feature length, checked."""
-  options = {"max_new_tokens": lengths["targets"], **(decode_params or {})}
-  decoding.DecodeParams().replace(**options).validate(model.config.vocab_size)
-  return options
-
-
-def predict_task(model, params, mesh, task, lengths: Mapping[str, int], split: str,
-                 batch_size: int, vocab, max_examples: Optional[int] = None,
-                 decode_params: Optional[Mapping[str, Any]] = None,
-                 seed: int = 0) -> list[dict]:
-  """One record per example of the split: texts, prediction and scores (see module docstring)."""
-  overrides = decode_options(model, lengths, decode_params)
-  examples = task_examples(task, lengths, split, max_examples)
-  records = []
-  with partitioning.activation_sharding(mesh):
-    for index, batch in enumerate(model_batches(model, examples, lengths, batch_size)):
-      batch = jax.device_put(batch, partitioning.batch_sharding(mesh))
-      log_likelihood = np.asarray(model.score_batch(params, batch))
-      target_tokens = np.asarray(_loss_weights(batch)).sum(axis=1)
-      if model.config.family == "encoder":
-        predictions, scores = _filled_masks(model, params, batch, vocab), [None] * batch_size
-      else:
-        tokens, scores = model.predict_batch(
-            params, batch, rng=jax.random.fold_in(jax.random.PRNGKey(seed), index), **overrides)
-        predictions = [_text(vocab, row) for row in np.asarray(tokens)[:, 0]]
-        scores = [float(s) for s in np.asarray(scores)[:, 0]]
-      for row in range(batch_size):
-        if len(records) == len(examples):
-          break
-        example = examples[len(records)]
-        records.append({
-            "inputs": _example_text(example, "inputs", vocab),
-            "targets": _example_text(example, "targets", vocab),
-            "prediction": predictions[row], "prediction_score": scores[row],
-            "target_log_likelihood": float(log_likelihood[row]),
-            "target_tokens": int(target_tokens[row]), "example": example})
-  return records
-
-
-def _loss_weights(batch):
-  return batch["encoder_loss_weights" if "encoder_loss_weights" in batch
-               else "decoder_loss_weights"]
-
-
-def _filled_masks(model, params, batch, vocab) -> list[str]:
-  tokens = np.asarray(batch["encoder_input_tokens"])
-  ids, _, is_mask = model.fill_mask(params, tokens, _data().mask_id(vocab), top_k=1)
-  filled = np.where(np.asarray(is_mask), np.asarray(ids)[..., 0], tokens)
-  return [_text(vocab, row) for row in filled]
-
-
-def _text(vocab, ids) -> str:
-  """Decoded ids up to the first EOS, padding dropped."""
-  ids = [int(t) for t in ids]
-  if vocab.eos_id in ids:
-    ids = ids[:ids.index(vocab.eos_id)]
-  return vocab.decode([t for t in ids if t != 0])
-
-
-def _example_text(example: dict, key: str, vocab) -> str:
-  if f"{key}_pretokenized" in example:
-    value = example[f"{key}_pretokenized"]
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-  return _text(vocab, example[key]) if key in example else ""
+from t5x_lite import checkpoints, launch, partitioning, predict
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> str:
@@ -188,16 +51,16 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
           mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> list[str]:
   """Decodes every example of `split` (or the first `max_examples`) of each task of
   `mixture_or_task_name` and returns the JSON Lines files written."""
-  decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
-  tasks = tasks_of(mixture_or_task_name)
-  vocabs = [check_vocabulary(model, checkpoint_path, task) for task in tasks]
+  predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
+  tasks = predict.tasks_of(mixture_or_task_name)
+  vocabs = [predict.check_vocabulary(model, checkpoint_path, task) for task in tasks]
   mesh = mesh_fn()
-  params = restore_params(model, mesh, lambda abstract: checkpoints.load_params(
+  params = predict.restore_params(model, mesh, lambda abstract: checkpoints.load_params(
       checkpoint_path, abstract))
   paths = []
   for task, vocab in zip(tasks, vocabs):
-    records = predict_task(model, params, mesh, task, task_feature_lengths, split, batch_size,
-                           vocab, max_examples, decode_params, seed)
+    records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,
+                                   batch_size, vocab, max_examples, decode_params, seed)
     path = os.path.join(output_dir or checkpoint_path, f"{task.name}_{split}.jsonl")
     if jax.process_index() == 0:
       paths.append(write_jsonl(path, records))
@@ -206,6 +69,4 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  from t5x_lite import train  # the shared command line: --gin_file, --gin.NAME=VALUE, ...
-  train.start_job(argv)
-  infer()
+  launch.main(infer, argv, "python -m t5x_lite.infer", __doc__)

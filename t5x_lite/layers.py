@@ -129,9 +129,13 @@ ACTIVATION_FNS = {
 
 
 class Mlp(nn.Module):
-  """Position-wise feed-forward: act(x W_i) W_o, or act(x W_i0) * (x W_i1) W_o when gated."""
+  """Position-wise feed-forward: act(x W_i) W_o, or act(x W_i0) * (x W_i1) W_o when gated.
+
+  With `remat_activation` the elementwise activation is recomputed in the backward pass
+  instead of kept (the stack decides; see `transformer.Stack`)."""
   config: TransformerConfig
   deterministic: bool = True
+  remat_activation: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -140,11 +144,7 @@ class Mlp(nn.Module):
         (features,), in_axes, out_axes, cfg.use_bias, cfg.dtype, cfg.param_dtype, name=name)
     act = ACTIVATION_FNS[cfg.activation]
     gate = (lambda a, b: act(a) * b) if cfg.gated_mlp else act
-    if cfg.scan_layers:
-      # Scanned, JAX would stack every intermediate of e.g. tanh-GELU for each layer as a
-      # residual of the backward pass (measured: ~20% of a T5 step on CPU in copies and dynamic
-      # slices); rematerialised, only its inputs (the matmul outputs) are kept and the cheap
-      # elementwise part is recomputed, which is what XLA does by itself in an unrolled stack.
+    if self.remat_activation:
       gate = jax.checkpoint(gate, prevent_cse=False)
     if cfg.gated_mlp:
       h = gate(dense(cfg.d_ff, ("embed",), ("mlp",), "wi_0")(x),
@@ -154,6 +154,31 @@ class Mlp(nn.Module):
     h = constrain(h, ("batch", "length", "mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     return dense(cfg.d_model, ("mlp",), ("embed",), "wo")(h)
+
+
+# The MLP kinds `TransformerConfig.mlp` chooses from: name -> module class taking (config,
+# deterministic, remat_activation, name=). A new kind (e.g. mixture-of-experts) registers itself
+# with `register_mlp` in its own module, which the config's user imports (a gin `import`).
+MLP_KINDS: dict[str, type[nn.Module]] = {"dense": Mlp}
+
+
+def register_mlp(kind: str, module_class: type[nn.Module]) -> None:
+  MLP_KINDS[kind] = module_class
+
+
+def make_mlp(config: TransformerConfig, deterministic: bool, remat_activation: bool,
+             name: str) -> nn.Module:
+  if config.mlp not in MLP_KINDS:
+    raise ValueError(f"TransformerConfig.mlp={config.mlp!r} is not a registered MLP kind; "
+                     f"registered: {sorted(MLP_KINDS)} (import the module that registers it, "
+                     "e.g. with a gin `import` line).")
+  return MLP_KINDS[config.mlp](config, deterministic, remat_activation, name=name)
+
+
+# Layers add auxiliary loss terms (e.g. an MoE load-balancing loss, already weighted) with
+# `self.sow(AUX_LOSSES, name, value)`; the models add every sown term to the loss.
+AUX_LOSSES = "aux_losses"
+SOWN_COLLECTIONS = (AUX_LOSSES, "intermediates")  # what the stacks carry and the models collect
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from t5x_lite.metrics import Average, Sum
+
 Array = jax.Array
 
 
@@ -20,8 +22,8 @@ def cross_entropy_with_logits(logits: Array, targets: Array, weights: Optional[A
   """Weighted mean cross entropy over target tokens. logits [b, l, v], targets/weights [b, l].
 
   Returns (loss, metrics): loss = mean per-token cross entropy + z_loss * mean(log Z ^ 2) with
-  the mean taken over weighted tokens; metrics hold loss, cross_entropy, z_loss, accuracy and
-  num_tokens (sum of weights). With label smoothing the reported cross entropy is relative to the
+  the mean taken over weighted tokens; metrics (see `t5x_lite.metrics`) hold the token
+  Averages loss, cross_entropy, z_loss and accuracy, and the Sum num_tokens (sum of weights). With label smoothing the reported cross entropy is relative to the
   smoothed distribution's entropy, so a perfect model scores 0 as without smoothing.
   """
   if not 0.0 <= label_smoothing < 1.0:
@@ -47,17 +49,17 @@ def cross_entropy_with_logits(logits: Array, targets: Array, weights: Optional[A
 
   num_tokens = jnp.sum(weights)
   denominator = jnp.maximum(num_tokens, 1.0)
-  xent = jnp.sum(token_xent * weights) / denominator
-  zl = jnp.sum(token_z_loss * weights) / denominator
+  xent_sum = jnp.sum(token_xent * weights)
+  zl_sum = jnp.sum(token_z_loss * weights)
   # A prediction is correct when the target's logit is the largest (ties count as correct).
   # Unlike argmax (a variadic reduction XLA's CPU backend runs slowly), this max fuses with
-  # logsumexp's: the loss's forward+backward over [8, 256, 32000] logits takes half the time.
+  # logsumexp's.
   correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   metrics = {
-      "loss": xent + zl,
-      "cross_entropy": xent,
-      "z_loss": zl,
-      "accuracy": jnp.sum(correct * weights) / denominator,
-      "num_tokens": num_tokens,
+      "loss": Average(xent_sum + zl_sum, num_tokens),
+      "cross_entropy": Average(xent_sum, num_tokens),
+      "z_loss": Average(zl_sum, num_tokens),
+      "accuracy": Average(jnp.sum(correct * weights), num_tokens),
+      "num_tokens": Sum(num_tokens),
   }
-  return xent + zl, metrics
+  return (xent_sum + zl_sum) / denominator, metrics

@@ -1,40 +1,67 @@
-"""Models: a Flax module plus what training and inference need around it — batch validation,
-parameter initialisation with logical axes, `loss_fn`, and `score_batch` / `predict_batch` /
-`fill_mask` — for each family.
+"""Models: a Flax module plus what training and inference need around it, for each family.
 
-The batch features are those of seqio's feature converters (T5X names). The converter for each
-`family` lives in `t5x_lite.data` (`get_dataset(..., feature_converter=model.family)`), so a task
-only needs to provide `inputs`/`targets`.
+A model owns everything that differs by family or objective: its feature converter, batch
+validation, parameter initialisation with logical axes, `loss_fn` (with the auxiliary losses its
+layers sow), the stacks a step runs (so FLOPs and memory are counted by `t5x_lite.costs`), how
+prompts become batches, and `score_batch` / `predict_batch` / `fill_mask`. Jobs and tools call
+these methods and never ask which family a model is. A new objective (a reward model, DPO) is a
+model class whose `loss_fn` says what to minimise.
+
+The batch features are those of seqio's feature converters (T5X names), so a task only needs to
+provide `inputs`/`targets`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+import numpy as np
 
-from t5x_lite import decoding, losses, transformer
+from t5x_lite import costs, decoding, layers, losses, transformer
 from t5x_lite.config import TransformerConfig
+from t5x_lite.metrics import Average
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+MODEL_CLASSES: dict[str, type["BaseModel"]] = {}  # TransformerConfig.family -> model class
+
+
+def _model_of_family(family: str):
+  """Class decorator: the model class for configs of `family`."""
+  def register(cls):
+    MODEL_CLASSES[family] = cls
+    return cls
+  return register
+
+
 class BaseModel:
-  """What every family shares; subclasses set the module and the feature plumbing."""
+  """What every family shares; subclasses set the module, the features and their stacks.
+
+  Everything that differs by family or objective is a method here, so jobs and tools never ask
+  which family a model is: the feature converter, the stacks a step runs (for FLOPs and memory),
+  the loss, and how prompts become a batch for decoding or scoring.
+  """
   REQUIRED_FEATURES: tuple[str, ...] = ()
-  family = ""
+  GENERATES = False  # predict_batch / generation_batch / scoring_batch exist
+  HF_ARCHITECTURES: tuple[str, ...] = ()  # Hugging Face classes that can hold it, by preference
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
                label_smoothing: float = 0.0):
-    if config.family != self.family:
-      raise ValueError(f"{type(self).__name__} needs TransformerConfig.family={self.family!r}, "
-                       f"got {config.family!r}; use the model class of that family.")
+    expected = MODEL_CLASSES.get(config.family)
+    if expected is None or not isinstance(self, expected):
+      mine = [f for f, cls in MODEL_CLASSES.items() if isinstance(self, cls)]
+      raise ValueError(f"{type(self).__name__} needs TransformerConfig.family={mine[0]!r}, got "
+                       f"{config.family!r}; use {getattr(expected, '__name__', None)} for that "
+                       "family.")
     self.config = config
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
@@ -54,14 +81,30 @@ class BaseModel:
   def _targets(self, batch: Batch) -> tuple[Array, Optional[Array]]:
     raise NotImplementedError
 
+  def stacks(self, batch_shapes: Mapping[str, Sequence[float]]) -> list[costs.StackShape]:
+    """The layer stacks a step on batches of these shapes runs (for FLOPs and memory)."""
+    raise NotImplementedError
+
+  def _head_tokens(self, batch_shapes) -> float:
+    """How many tokens the output head projects onto the vocabulary."""
+    raise NotImplementedError
+
+  def _head_flops_per_token(self) -> float:
+    return 2 * self.config.d_model * self.config.vocab_size
+
   # -- shared API -------------------------------------------------------------------------------
+  def feature_converter(self, pack: bool = True):
+    """The seqio FeatureConverter that turns task examples into this model's batches."""
+    from t5x_lite.data import feature_converters  # pylint: disable=g-import-not-at-top  # TF
+    return feature_converters.make_feature_converter(self.config.family, pack=pack)
+
   def check_batch(self, batch: Batch) -> None:
     missing = [name for name in self.REQUIRED_FEATURES if name not in batch]
     if missing:
       raise ValueError(
           f"{type(self).__name__} batch lacks features {missing} (has {sorted(batch)}); batches "
-          f"must come from t5x_lite.data.get_dataset(..., feature_converter={self.family!r}), "
-          "which produces them.")
+          f"must come from the model's feature converter (t5x_lite.data.get_dataset(..., "
+          f"feature_converter={self.config.family!r})), which produces them.")
 
   def dummy_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, Array]:
     """Zeros shaped like a real batch; `lengths` maps "inputs"/"targets" to feature lengths."""
@@ -80,30 +123,55 @@ class BaseModel:
     self.check_batch(batch)
     return self.module.init(rng, *self._module_args(batch), deterministic=True)["params"]
 
-  def abstract_params(self, batch: Batch):
+  def abstract_params(self, batch: Optional[Batch] = None):
     """(parameter shapes/dtypes, logical PartitionSpecs) without allocating anything."""
+    batch = batch or self.dummy_batch(1, {"inputs": 8, "targets": 8})
     boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0), batch)
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
   def num_params(self, batch: Optional[Batch] = None) -> int:
-    batch = batch or self.dummy_batch(1, {"inputs": 8, "targets": 8})
     shapes, _ = self.abstract_params(batch)
     return sum(x.size for x in jax.tree.leaves(shapes))
 
+  def flops_per_step(self, batch_shapes: Mapping[str, Sequence[int]]) -> float:
+    """Model FLOPs of one training step on batches of these shapes: forward + backward = 3x
+    forward (see `t5x_lite.costs`; recomputation by remat is not counted, as MFU demands)."""
+    forward = sum(costs.stack_flops(self.config, s) for s in self.stacks(batch_shapes))
+    forward += self._head_tokens(batch_shapes) * self._head_flops_per_token()
+    return 3.0 * forward
+
+  def activation_bytes(self, batch_shapes: Mapping[str, Sequence[float]],
+                       tensor_shards: int = 1) -> float:
+    """Activation bytes a train step keeps for its backward pass on batches of these shapes
+    (per device when the shapes are a device's share); see `costs.stack_activation_bytes`."""
+    cfg = self.config
+    kept = sum(costs.stack_activation_bytes(cfg, s, tensor_shards)
+               for s in self.stacks(batch_shapes))
+    return kept + costs.logits_bytes(cfg, self._head_tokens(batch_shapes), tensor_shards)
+
+  def apply(self, params, batch: Batch, dropout_rng: Optional[Array] = None):
+    """(teacher-forced logits [b, l, v], the auxiliary losses and intermediates layers sowed).
+
+    Dropout is on iff a `dropout_rng` is given."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    logits, sown = self.module.apply({"params": params}, *self._module_args(batch), rngs=rngs,
+                                     deterministic=dropout_rng is None, mutable=layers.SOWN_COLLECTIONS)
+    return logits, sown
+
   def logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
     """Teacher-forced logits [b, l, v]; dropout is on iff a `dropout_rng` is given."""
-    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    return self.module.apply({"params": params}, *self._module_args(batch), rngs=rngs,
-                             deterministic=dropout_rng is None)
+    return self.apply(params, batch, dropout_rng)[0]
 
   def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
-    """Mean cross entropy (+ z-loss) over target tokens, and T5X's metrics."""
+              dropout_rng: Optional[Array] = None) -> tuple[Array, dict]:
+    """Mean cross entropy (+ z-loss) over target tokens plus every auxiliary loss the layers
+    sowed; T5X's metrics (mergeable, see `t5x_lite.metrics`) and one per auxiliary loss."""
     self.check_batch(batch)
-    logits = self.logits(params, batch, dropout_rng)
+    logits, sown = self.apply(params, batch, dropout_rng)
     targets, weights = self._targets(batch)
-    return losses.cross_entropy_with_logits(
+    loss, metrics = losses.cross_entropy_with_logits(
         logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+    return add_auxiliary_losses(loss, metrics, sown.get(layers.AUX_LOSSES, {}))
 
   # -- inference --------------------------------------------------------------------------------
   def score_batch(self, params, batch: Batch) -> Array:
@@ -142,20 +210,44 @@ class BaseModel:
       self._compiled_fns[key] = jax.jit(functools.partial(getattr(self, method), *static))
     return self._compiled_fns[key]
 
+  @functools.cached_property
+  def _decoding_module(self) -> nn.Module:
+    """The module with layers unrolled, so that XLA updates each layer's cache in place."""
+    return type(self.module)(self.config.replace(scan_layers=False))
+
   def _decoder(self, params):
-    """`apply` of the module that decodes: layers unrolled, so that XLA updates each layer's
-    cache in place; scanned parameters are unstacked once per call, outside the decoding loop."""
-    module = type(self.module)(self.config.replace(scan_layers=False))
+    """(decoding module, its apply on `params`); scanned parameters are unstacked once per
+    call, outside the decoding loop."""
     if self.config.scan_layers:
       params = transformer.unstack_layers(params)
+    module = self._decoding_module
     return module, functools.partial(module.apply, {"params": params})
 
 
+def add_auxiliary_losses(loss: Array, metrics: dict, aux_losses) -> tuple[Array, dict]:
+  """`loss` plus every auxiliary loss term layers sowed (summed over layers), each also reported
+  as the metric "aux/<name>" weighted like the loss."""
+  flat = jax.tree_util.tree_flatten_with_path(aux_losses)[0]
+  totals: dict[str, Array] = {}
+  for path, value in flat:
+    name = next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    totals[name] = totals.get(name, 0.0) + jnp.sum(value)
+  weight = metrics["loss"].count
+  for name, value in totals.items():
+    loss = loss + value
+    metrics[f"aux/{name}"] = Average.of(value, weight)
+  if totals:
+    aux = sum(totals.values())
+    metrics["loss"] = Average(metrics["loss"].total + aux * weight, weight)
+  return loss, metrics
+
+
 @gin.configurable(module="t5x_lite.models")
+@_model_of_family("encoder")
 class EncoderOnlyModel(BaseModel):
   """BERT-style masked LM: loss only where `encoder_loss_weights` is nonzero (masked tokens)."""
   REQUIRED_FEATURES = ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights")
-  family = "encoder"
+  HF_ARCHITECTURES = ("BertForMaskedLM",)
 
   @property
   def module(self):
@@ -167,6 +259,17 @@ class EncoderOnlyModel(BaseModel):
 
   def _targets(self, batch):
     return batch["encoder_target_tokens"], batch["encoder_loss_weights"]
+
+  def stacks(self, batch_shapes):
+    b, s = batch_shapes["encoder_input_tokens"]
+    return [costs.StackShape(b, s, self.config.num_layers)]
+
+  def _head_tokens(self, batch_shapes):
+    return math.prod(batch_shapes["encoder_input_tokens"])
+
+  def _head_flops_per_token(self):
+    d = self.config.d_model  # the MLM transform (d x d), then the vocabulary projection
+    return 2 * d * d + super()._head_flops_per_token()
 
   def fill_mask(self, params, tokens: Array, mask_id: int,
                 top_k: int = 5) -> tuple[Array, Array, Array]:
@@ -187,11 +290,13 @@ class EncoderOnlyModel(BaseModel):
 
 
 @gin.configurable(module="t5x_lite.models")
+@_model_of_family("decoder")
 class DecoderOnlyModel(BaseModel):
   """GPT / LLaMA causal LM. With `inputs_bidirectional_attention`, batches from prefix-LM tasks
   (which carry `decoder_causal_attention`) see their inputs part bidirectionally."""
   REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
-  family = "decoder"
+  HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+  GENERATES = True
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
                label_smoothing: float = 0.0, inputs_bidirectional_attention: bool = False):
@@ -211,6 +316,61 @@ class DecoderOnlyModel(BaseModel):
 
   def _targets(self, batch):
     return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+
+  def stacks(self, batch_shapes):
+    b, l = batch_shapes["decoder_input_tokens"]
+    return [costs.StackShape(b, l, self.config.num_layers)]
+
+  def _head_tokens(self, batch_shapes):
+    return math.prod(batch_shapes["decoder_input_tokens"])
+
+  # -- text in, batches out ---------------------------------------------------------------------
+  def generation_batch(self, prompts: Sequence[Sequence[int]], eos_id: int, max_new_tokens: int,
+                       rows: Optional[int] = None, round_width: Callable[[int], int] = int):
+    """The batch `predict_batch` continues: BOS (0) then each prompt's ids, right-padded, with
+    `decoder_causal_attention` marking the prompt. Rows past the prompts (up to `rows`) hold BOS
+    alone; `round_width` rounds the width up (so similar calls share one compiled decoder)."""
+    del eos_id  # a decoder's prompt is continued, not terminated
+    limit = self.config.max_length - max_new_tokens
+    check_lengths(prompts, limit - 1, f"with max_new_tokens={max_new_tokens} ",
+                  self.config.max_length)
+    rows = rows or len(prompts)
+    width = min(round_width(1 + max(map(len, prompts))), limit)
+    tokens = np.zeros((rows, width), np.int32)
+    prompt = np.zeros((rows, width), np.int32)
+    prompt[len(prompts):, 0] = 1
+    for row, ids in enumerate(prompts):
+      tokens[row, 1:1 + len(ids)] = ids
+      prompt[row, :1 + len(ids)] = 1
+    return {"decoder_input_tokens": tokens, "decoder_causal_attention": prompt}
+
+  def scoring_batch(self, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                    eos_id: int, rows: Optional[int] = None,
+                    round_width: Callable[[int], int] = int):
+    """The batch whose `score_batch` is log p(target | source): the target continues the
+    source (BOS, source, target), and only the target's tokens are weighted."""
+    del eos_id
+    if any(not ids for ids in targets):
+      raise ValueError("Every target needs at least one token; an empty target has nothing to "
+                       "score.")
+    joined = [list(s) + list(t) for s, t in zip(sources, targets)]
+    max_length = self.config.max_length
+    check_lengths(joined, max_length - 1, "(input + target) ", max_length)
+    rows = rows or len(joined)
+    targets_array = pad_rows(joined, rows, min(round_width(1 + max(map(len, joined))),
+                                                max_length))
+    weights = np.zeros_like(targets_array)
+    prompt = np.zeros_like(targets_array)  # BOS and the input, as seqio's PrefixLM marks them.
+    for row, (source, target) in enumerate(zip(sources, targets)):
+      weights[row, len(source):len(source) + len(target)] = 1
+      prompt[row, :1 + len(source)] = 1
+    return {"decoder_target_tokens": targets_array,
+            "decoder_input_tokens": np.pad(targets_array[:, :-1], ((0, 0), (1, 0))),
+            "decoder_loss_weights": weights, "decoder_causal_attention": prompt}
+
+  @staticmethod
+  def sample_text(prompt: str, continuation: str) -> str:
+    return prompt + continuation
 
   def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
                     **decode_overrides) -> tuple[Array, Array]:
@@ -254,11 +414,13 @@ class DecoderOnlyModel(BaseModel):
 
 
 @gin.configurable(module="t5x_lite.models")
+@_model_of_family("encoder_decoder")
 class EncoderDecoderModel(BaseModel):
   """T5: encoder over `encoder_input_tokens`, decoder teacher-forced on `decoder_input_tokens`."""
   REQUIRED_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                        "decoder_loss_weights")
-  family = "encoder_decoder"
+  HF_ARCHITECTURES = ("T5ForConditionalGeneration",)
+  GENERATES = True
 
   @property
   def module(self):
@@ -271,6 +433,50 @@ class EncoderDecoderModel(BaseModel):
 
   def _targets(self, batch):
     return batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+
+  def stacks(self, batch_shapes):
+    cfg = self.config
+    b, s = batch_shapes["encoder_input_tokens"]
+    l = batch_shapes["decoder_input_tokens"][1]
+    return [costs.StackShape(b, s, cfg.num_layers),
+            costs.StackShape(b, l, cfg.resolved_num_decoder_layers, cross_length=s)]
+
+  def _head_tokens(self, batch_shapes):
+    return math.prod(batch_shapes["decoder_input_tokens"])
+
+  # -- text in, batches out ---------------------------------------------------------------------
+  def generation_batch(self, prompts: Sequence[Sequence[int]], eos_id: int, max_new_tokens: int,
+                       rows: Optional[int] = None, round_width: Callable[[int], int] = int):
+    """The batch `predict_batch` decodes from: each prompt's ids and EOS as the encoder's input
+    (as text-to-text tasks have it), right-padded; rows past the prompts are padding."""
+    del max_new_tokens  # the decoder's length does not depend on the prompt's
+    encoded = [list(ids) + [eos_id] for ids in prompts]
+    max_length = self.config.max_length
+    check_lengths(encoded, max_length, "", max_length)
+    width = min(round_width(max(map(len, encoded))), max_length)
+    return {"encoder_input_tokens": pad_rows(encoded, rows or len(encoded), width)}
+
+  def scoring_batch(self, sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                    eos_id: int, rows: Optional[int] = None,
+                    round_width: Callable[[int], int] = int):
+    """The batch whose `score_batch` is log p(target + EOS | source + EOS), teacher-forced."""
+    sources = [list(ids) + [eos_id] for ids in sources]
+    targets = [list(ids) + [eos_id] for ids in targets]
+    max_length = self.config.max_length
+    check_lengths(sources, max_length, "", max_length)
+    check_lengths(targets, max_length, "", max_length)
+    rows = rows or len(sources)
+    width = lambda seqs: min(round_width(max(map(len, seqs))), max_length)
+    targets_array = pad_rows(targets, rows, width(targets))
+    return {"encoder_input_tokens": pad_rows(sources, rows, width(sources)),
+            "decoder_target_tokens": targets_array,
+            "decoder_input_tokens": np.pad(targets_array[:, :-1], ((0, 0), (1, 0))),
+            "decoder_loss_weights": (targets_array > 0).astype(np.int32)}
+
+  @staticmethod
+  def sample_text(prompt: str, continuation: str) -> str:
+    del prompt  # the output answers the prompt; it does not continue it
+    return continuation
 
   def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
                     **decode_overrides) -> tuple[Array, Array]:
@@ -305,11 +511,23 @@ class EncoderDecoderModel(BaseModel):
                            options.join(traced), transformer.cache_logical_axes(cache))
 
 
-def param_logical_specs_to_str(specs) -> dict:
-  """Logical axes of every parameter as strings, for inspection and golden tests."""
-  flat = jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(spec) for path, spec in flat}
+def check_lengths(sequences: Sequence[Sequence[int]], limit: int, what: str,
+                  max_length: int) -> None:
+  """Refuses a sequence longer than `limit` tokens, saying which and by how much."""
+  for i, ids in enumerate(sequences):
+    if len(ids) > limit:
+      raise ValueError(
+          f"Text {i} is {len(ids)} tokens long; {what}this model (max_length={max_length}) takes "
+          f"at most {limit}. Shorten it" + (" or ask for fewer new tokens."
+                                             if what.startswith("with") else "."))
+
+
+def pad_rows(rows: Sequence[Sequence[int]], num_rows: int, width: int) -> np.ndarray:
+  """Token rows right-padded with 0 into an int32 [num_rows, width] array."""
+  out = np.zeros((num_rows, width), np.int32)
+  for i, ids in enumerate(rows):
+    out[i, :len(ids)] = ids
+  return out
 
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -319,14 +537,35 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def from_gin(preset: str, bindings: Sequence[str] = ()) -> BaseModel:
   """The `MODEL` defined by a gin file: a path, or a preset name in gin_configs/models/.
 
-  Clears gin's global config first, so call it before parsing a run's own gin files.
+  The file is parsed in a gin config of its own: the caller's bindings are neither read nor
+  changed (so loading a model in the middle of a job or notebook leaves its tasks as they were).
   """
   path = preset if os.path.exists(preset) else os.path.join(PRESET_DIR, preset + ".gin")
   if not os.path.exists(path):
     names = sorted(f[:-4] for f in os.listdir(PRESET_DIR) if f.endswith(".gin"))
     raise ValueError(f"No model preset {preset!r}: not a file, and not one of {names}.")
+  with _separate_gin_config():
+    gin.parse_config_files_and_bindings([path], list(bindings), finalize_config=False)
+    return gin.query_parameter("%MODEL").scoped_configurable_fn()
+
+
+@contextlib.contextmanager
+def _separate_gin_config():
+  """Runs the body on an empty gin config and puts the caller's back afterwards.
+
+  gin keeps one global config and has no public way to stack them, so its state is saved and
+  restored here, in the one place that needs it.
+  """
+  config = gin.config
+  saved = ({k: dict(v) for k, v in config._CONFIG.items()}, dict(config._SINGLETONS),  # pylint: disable=protected-access
+           set(config._IMPORTS), dict(config._OPERATIVE_CONFIG), config.config_is_locked())  # pylint: disable=protected-access
   gin.clear_config()
-  # Not finalized: a locked config would refuse modules imported later that register
-  # configurables (e.g. t5x_lite.data after loading a model).
-  gin.parse_config_files_and_bindings([path], list(bindings), finalize_config=False)
-  return gin.query_parameter("%MODEL").scoped_configurable_fn()
+  try:
+    yield
+  finally:
+    gin.clear_config()
+    config._CONFIG.update(saved[0])  # pylint: disable=protected-access
+    config._SINGLETONS.update(saved[1])  # pylint: disable=protected-access
+    config._IMPORTS.update(saved[2])  # pylint: disable=protected-access
+    config._OPERATIVE_CONFIG.update(saved[3])  # pylint: disable=protected-access
+    config._set_config_is_locked(saved[4])  # pylint: disable=protected-access

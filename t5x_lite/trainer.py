@@ -5,10 +5,16 @@
     state, metrics = trainer.train_step(state, batch)   # state donated: updated in place
     metrics = trainer.eval_step(state.params, batch)
 
+The trainer knows no loss: it minimises `model.loss_fn`, whose metrics merge themselves (see
+`t5x_lite.metrics`; the loss's own normaliser weights microbatches). `trainable` chooses the
+parameters the optimizer updates (the rest are frozen: no gradient kept, no optimizer state, no
+update), and `frozen_trees` are further trees the loss reads but nobody trains (a reference
+model, a teacher), passed to `model.loss_fn` as keyword arguments.
+
 Metrics stay on the device; the caller fetches them only when it logs, so the host never waits
 for a step it does not need to. Mixed precision, remat and scan over layers are model choices
 (`TransformerConfig.dtype = 'bfloat16'` keeps fp32 parameters with bf16 compute, `remat_policy`,
-`scan_layers`), and z-loss / label smoothing come from the model's loss.
+`scan_layers`).
 
 Letters in shapes: b batch, m microbatches, l length.
 """
@@ -16,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import flax.struct
@@ -27,37 +34,87 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from t5x_lite import metrics as metrics_lib
 from t5x_lite import partitioning
-from t5x_lite.config import TransformerConfig
 from t5x_lite.optimizers import Optimizer
 
-# Metrics averaged over target tokens (weighted by num_tokens when combining microbatches).
-TOKEN_MEAN_METRICS = ("loss", "cross_entropy", "z_loss", "accuracy")
+# Which parameters train: None (all), a regular expression that must match the whole path of a
+# parameter ("decoder/layers/mlp/wo/kernel"), or a function of that path.
+Trainable = Union[None, str, Callable[[str], bool]]
 
 
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs besides the data position (kept by the checkpoint)."""
   step: jax.Array       # int32 scalar: optimizer updates done
-  params: Any
-  opt_state: Any
+  params: Any           # all parameters, trainable and frozen
+  opt_state: Any        # the optimizer's state of the trainable parameters only
   rng: jax.Array        # base dropout key; step `s` uses fold_in(rng, s)
 
 
-def init_state(model, optimizer: Optimizer, batch: Mapping[str, jax.Array],
-               rng: jax.Array) -> TrainState:
+# ---------------------------------------------------------------------------- trainable subsets
+
+def param_path(path) -> str:
+  """"decoder/layers/mlp/wo/kernel": a parameter's path as `trainable` patterns see it."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_mask(params, trainable: Trainable):
+  """A tree of bools shaped like `params`: True where the parameter trains."""
+  if trainable is None:
+    return jax.tree.map(lambda _: True, params)
+  if isinstance(trainable, str):
+    pattern = re.compile(trainable)
+    trainable = lambda path: pattern.fullmatch(path) is not None
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(trainable(param_path(path))),
+                                          params)
+  if not any(jax.tree.leaves(mask)):
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    raise ValueError(f"trainable={trainable!r} matches no parameter; paths look like "
+                     f"{paths[:4]}.")
+  return mask
+
+
+def partition(tree, mask):
+  """(trainable part, frozen part): the same structure, None where the other part holds a leaf."""
+  return (jax.tree.map(lambda x, m: x if m else None, tree, mask),
+          jax.tree.map(lambda x, m: None if m else x, tree, mask))
+
+
+def combine(trainable, frozen):
+  """The inverse of `partition`."""
+  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
+# ---------------------------------------------------------------------------- pure steps
+
+def init_state(model, optimizer: Optimizer, batch: Mapping[str, jax.Array], rng: jax.Array,
+               mask=None) -> TrainState:
   params_rng, dropout_rng = jax.random.split(rng)
-  params = model.init(params_rng, batch)
+  return state_around(model.init(params_rng, batch), optimizer, dropout_rng, mask)
+
+
+def state_around(params, optimizer: Optimizer, rng: jax.Array, mask=None) -> TrainState:
+  """Step 0 and a fresh optimizer state (for the trainable leaves of `mask`) around `params`."""
+  trainable = params if mask is None else partition(params, mask)[0]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.tx.init(params), rng=dropout_rng)
+                    opt_state=optimizer.tx.init(trainable), rng=rng)
 
 
-def _loss_and_grads(model, params, batch, rng):
-  """(grads, metrics) of one (micro)batch; dropout only when the model has any."""
-  dropout_rng = rng if model.config.dropout_rate > 0 else None
-  grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-  (_, metrics), grads = grad_fn(params, batch, dropout_rng)
-  return grads, metrics
+def _checked(loss_fn):
+  """`loss_fn`, refusing (at trace time) metrics that cannot be merged."""
+  @functools.wraps(loss_fn)
+  def checked(*args, **kwargs):
+    loss, metrics = loss_fn(*args, **kwargs)
+    bad = sorted(name for name, value in metrics.items() if not metrics_lib.is_metric(value))
+    if bad or not isinstance(metrics.get("loss"), metrics_lib.Average):
+      raise TypeError(
+          f"A loss must return (loss, metrics) with every metric a t5x_lite.metrics Average or "
+          f"Sum and metrics['loss'] the Average of the loss (its count is the normaliser that "
+          f"weights microbatches); got plain values for {bad or ['loss']}.")
+    return loss, metrics
+  return checked
 
 
 def _split_microbatches(batch, num_microbatches: int):
@@ -66,71 +123,84 @@ def _split_microbatches(batch, num_microbatches: int):
   def split(x):
     b = x.shape[0]
     x = x.reshape((b // num_microbatches, num_microbatches) + x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(model, params, batch, rng, num_microbatches: int):
-  """Gradients and metrics of the whole batch, computed `num_microbatches` rows at a time.
+def accumulate_gradients(loss_fn, params, batch, rng, num_microbatches: int):
+  """Gradients and merged metrics of `loss_fn(params, batch, rng)` over the whole batch,
+  computed `num_microbatches` rows at a time.
 
-  Each microbatch's mean loss is weighted by its number of target tokens, so the result equals
-  the full batch's token-mean loss and gradient whatever the padding per microbatch.
+  Each microbatch's gradient is weighted by its loss's normaliser (`metrics["loss"].count`:
+  target tokens for cross entropy), so the result equals the full batch's whatever the padding
+  per microbatch; every metric merges by its own rule.
   """
+  grad_fn = jax.value_and_grad(_checked(loss_fn), has_aux=True)
   if num_microbatches == 1:
-    return _loss_and_grads(model, params, batch, rng)
+    (_, metrics), grads = grad_fn(params, batch, rng)
+    return grads, metrics
   micro = _split_microbatches(batch, num_microbatches)
+
+  def microbatch(index, rows):
+    (_, metrics), grads = grad_fn(params, rows, jax.random.fold_in(rng, index))
+    return grads, metrics
 
   def body(carry, xs):
     grad_sum, metric_sum = carry
-    index, microbatch = xs
-    grads, metrics = _loss_and_grads(model, params, microbatch, jax.random.fold_in(rng, index))
-    n = metrics["num_tokens"]
-    grad_sum = jax.tree.map(lambda s, g: s + n * g, grad_sum, grads)
-    metric_sum = {k: metric_sum[k] + (n * v if k in TOKEN_MEAN_METRICS else v)
-                  for k, v in metrics.items()}
-    return (grad_sum, metric_sum), None
+    grads, metrics = microbatch(*xs)
+    weight = metrics["loss"].count
+    grad_sum = jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads)
+    return (grad_sum, metrics_lib.merge(metric_sum, metrics)), None
 
-  zeros_grads = jax.tree.map(jnp.zeros_like, params)
-  zero_metrics = {k: jnp.zeros((), jnp.float32) for k in TOKEN_MEAN_METRICS + ("num_tokens",)}
-  (grad_sum, metric_sum), _ = jax.lax.scan(
-      body, (zeros_grads, zero_metrics), (jnp.arange(num_microbatches), micro))
-  total = jnp.maximum(metric_sum["num_tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / total, grad_sum)
-  metrics = {k: (v / total if k in TOKEN_MEAN_METRICS else v) for k, v in metric_sum.items()}
-  return grads, metrics
+  shapes = jax.eval_shape(microbatch, 0, jax.tree.map(lambda x: x[0], micro))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  (grad_sum, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
+  total = jnp.maximum(metrics["loss"].count, 1e-9)
+  return jax.tree.map(lambda g: g / total, grad_sum), metrics
 
 
-def train_step(model, optimizer: Optimizer, num_microbatches: int, state: TrainState,
-               batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on `batch`; a pure function of (state, batch).
+def train_step(model, optimizer: Optimizer, num_microbatches: int, state: TrainState, frozen,
+               batch: Mapping[str, jax.Array], frozen_trees: Mapping[str, Any]
+               ) -> tuple[TrainState, dict]:
+  """One optimizer update on `batch`; a pure function of its arguments.
 
-  If the loss or the gradient norm is not finite (NaN/Inf), the update is skipped: parameters
-  and optimizer state stay as they were, the step still advances (so the data position and the
-  schedule stay aligned), and metrics["nonfinite"] is 1. The caller decides whether to go on.
+  `state.params` holds the trainable parameters (None where frozen) and `frozen` the others
+  (None where trainable). If the loss or the gradient norm is not finite (NaN/Inf), the update
+  is skipped: parameters and optimizer state stay as they were, the step still advances (so the
+  data position and the schedule stay aligned), and metrics["nonfinite"] is 1. The caller
+  decides whether to go on.
   """
+  use_dropout = model.config.dropout_rate > 0
+
+  def loss_fn(trainable, rows, rng):
+    return model.loss_fn(combine(trainable, frozen), rows, rng if use_dropout else None,
+                         **frozen_trees)
+
   rng = jax.random.fold_in(state.rng, state.step)
-  grads, metrics = accumulate_gradients(model, state.params, batch, rng, num_microbatches)
+  grads, metrics = accumulate_gradients(loss_fn, state.params, batch, rng, num_microbatches)
   updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(metrics["loss"].compute()) & jnp.isfinite(grad_norm)
   params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                    (params, opt_state), (state.params, state.opt_state))
-  metrics = dict(metrics, learning_rate=jnp.asarray(optimizer.schedule(state.step), jnp.float32),
-                 grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+  metrics = dict(metrics, learning_rate=metrics_lib.Average.of(optimizer.schedule(state.step)),
+                 grad_norm=metrics_lib.Average.of(grad_norm),
+                 nonfinite=metrics_lib.Sum.of(1.0 - finite.astype(jnp.float32)))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(model, params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Metrics of `batch` without dropout (token-weighted means, plus num_tokens)."""
-  return model.loss_fn(params, batch)[1]
+def eval_step(model, params, batch: Mapping[str, jax.Array],
+              frozen_trees: Mapping[str, Any]) -> dict:
+  """Metrics of `batch` without dropout."""
+  return _checked(model.loss_fn)(params, batch, None, **frozen_trees)[1]
 
 
 class Trainer:
   """`init_state`, `train_step` and `eval_step` compiled once for one batch shape on one mesh.
 
   Args:
-    model: a t5x_lite model.
+    model: a t5x_lite model (anything with its `init`, `abstract_params`, `loss_fn`, ...).
     optimizer: from `optimizers.create_optimizer`.
     mesh: from `partitioning.make_mesh`.
     batch_shapes: global shape of every batch feature, e.g. {"decoder_input_tokens": (8, 256)}.
@@ -139,11 +209,18 @@ class Trainer:
     donate_state: donate the train state to `train_step`, which then updates it in place (one
       copy of params and optimizer state alive, not two); the state passed in is invalid after
       the call. False keeps it usable, at the cost of that memory (and, on accelerators, the copy).
+      Frozen parameters are never donated.
+    trainable: which parameters train (see `Trainable`); the others get no optimizer state and
+      never change.
+    frozen_trees: {name: tree of jax arrays already on the mesh} passed to every `loss_fn` call
+      as keyword arguments and never updated (e.g. a DPO reference or a distillation teacher).
+      A tree that is the frozen part of the parameters is the same buffers, not a copy.
   """
 
   def __init__(self, model, optimizer: Optimizer, mesh: Mesh,
                batch_shapes: Mapping[str, Sequence[int]], num_microbatches: int = 1,
-               donate_state: bool = True):
+               donate_state: bool = True, trainable: Trainable = None,
+               frozen_trees: Optional[Mapping[str, Any]] = None):
     self.model, self.optimizer, self.mesh = model, optimizer, mesh
     self.batch_shapes = {k: tuple(v) for k, v in batch_shapes.items()}
     model.check_batch(self.batch_shapes)
@@ -153,47 +230,55 @@ class Trainer:
       raise ValueError(f"num_microbatches={num_microbatches} must be >= 1 and divide the batch "
                        f"size {global_batch}.")
     self.num_microbatches, self.donate_state = num_microbatches, donate_state
+    self.frozen_trees = dict(frozen_trees or {})
 
+    abstract_batch = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in self.batch_shapes.items()}
+    param_shapes, self.param_specs = model.abstract_params(abstract_batch)
+    self.mask = trainable_mask(param_shapes, trainable)
+    self.abstract_state, self.state_shardings = self._abstract_state(param_shapes)
+    self._compile(model, optimizer, mesh)
+
+  def _compile(self, model, optimizer, mesh):
     replicated = partitioning.replicated(mesh)
     self.batch_shardings = {k: partitioning.batch_sharding(mesh, len(v))
                             for k, v in self.batch_shapes.items()}
-    self.abstract_state, self.state_shardings = self._abstract_state()
+    trees_shardings = jax.tree.map(lambda x: x.sharding, self.frozen_trees)
+    shardings = self.state_shardings
+    trainable, frozen = partition(shardings.params, self.mask)
     self._init = partitioning.jit(
-        lambda rng: init_state(model, optimizer, self._zeros_batch(), rng), mesh,
-        in_shardings=(replicated,), out_shardings=self.state_shardings)
+        lambda rng: init_state(model, optimizer, self._zeros_batch(), rng, self.mask), mesh,
+        in_shardings=(replicated,), out_shardings=shardings)
     self._from_params = partitioning.jit(
-        lambda params, rng: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                       opt_state=optimizer.tx.init(params),
-                                       rng=jax.random.split(rng)[1]), mesh,
-        in_shardings=(self.state_shardings.params, replicated),
-        out_shardings=self.state_shardings)
+        lambda params, rng: state_around(params, optimizer, jax.random.split(rng)[1], self.mask),
+        mesh, in_shardings=(shardings.params, replicated), out_shardings=shardings)
     self._train_step = partitioning.jit(
-        functools.partial(train_step, model, optimizer, num_microbatches), mesh,
-        in_shardings=(self.state_shardings, self.batch_shardings),
-        out_shardings=(self.state_shardings, replicated),
-        donate_argnums=(0,) if donate_state else ())
+        functools.partial(train_step, model, optimizer, self.num_microbatches), mesh,
+        in_shardings=(shardings.replace(params=trainable), frozen, self.batch_shardings,
+                      trees_shardings),
+        out_shardings=(shardings.replace(params=trainable), replicated),
+        donate_argnums=(0,) if self.donate_state else ())
     self._eval_step = partitioning.jit(
         functools.partial(eval_step, model), mesh,
-        in_shardings=(self.state_shardings.params, self.batch_shardings),
+        in_shardings=(shardings.params, self.batch_shardings, trees_shardings),
         out_shardings=replicated)
 
   def _zeros_batch(self):
     return {k: jnp.zeros(v, jnp.int32) for k, v in self.batch_shapes.items()}
 
-  def _abstract_state(self):
+  def _abstract_state(self, param_shapes):
     """(TrainState of ShapeDtypeStructs carrying shardings, TrainState of shardings)."""
     mesh, replicated = self.mesh, partitioning.replicated(self.mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in self.batch_shapes.items()}
-    param_shapes, param_specs = self.model.abstract_params(abstract_batch)
-    param_shardings = partitioning.tree_shardings(param_shapes, param_specs, mesh)
-    shapes = jax.eval_shape(functools.partial(init_state, self.model, self.optimizer),
-                            abstract_batch, jax.random.PRNGKey(0))
+    param_shardings = partitioning.tree_shardings(param_shapes, self.param_specs, mesh)
+    shapes = jax.eval_shape(
+        lambda p: state_around(p, self.optimizer, jax.random.PRNGKey(0), self.mask), param_shapes)
     # Optimizer statistics shaped like their parameter are sharded like it; anything else
     # (counts, Adafactor's factored row/column statistics) is small and replicated.
+    trainable_shapes = partition(param_shapes, self.mask)[0]
+    trainable_shardings = partition(param_shardings, self.mask)[0]
     opt_shardings = optax.tree_map_params(
         self.optimizer.tx,
         lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
-        shapes.opt_state, param_shardings, param_shapes,
+        shapes.opt_state, trainable_shardings, trainable_shapes,
         transform_non_params=lambda _: replicated)
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                            rng=replicated)
@@ -210,11 +295,14 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
     """(new state, metrics on device). `state` is donated (unless `donate_state=False`): do
-    not use it afterwards."""
-    return self._train_step(state, self._check(batch))
+    not use it afterwards (its frozen parameters stay valid: they are not donated)."""
+    trainable, frozen = partition(state.params, self.mask)
+    new, metrics = self._train_step(state.replace(params=trainable), frozen, self._check(batch),
+                                    self.frozen_trees)
+    return new.replace(params=combine(new.params, frozen)), metrics
 
-  def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    return self._eval_step(params, self._check(batch))
+  def eval_step(self, params, batch: Mapping[str, jax.Array]) -> dict:
+    return self._eval_step(params, self._check(batch), self.frozen_trees)
 
   def _check(self, batch):
     shapes = {k: tuple(v.shape) for k, v in batch.items()}
@@ -224,50 +312,53 @@ class Trainer:
                        "(pad, and drop the last partial batch).")
     return batch
 
-  def compile_train_step(self) -> float:
-    """Compiles the train step ahead of the first batch; returns the seconds it took."""
-    start = time.perf_counter()
-    abstract_batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=self.batch_shardings[k])
-                      for k, v in self.batch_shapes.items()}
-    self._train_step.lower(self.abstract_state, abstract_batch).compile()
-    return time.perf_counter() - start
-
   def flops_per_step(self) -> float:
-    return model_flops_per_step(self.model.config, self.batch_shapes)
+    return self.model.flops_per_step(self.batch_shapes)
+
+  def estimate_memory(self) -> dict[str, float]:
+    """Bytes per device a train step needs, estimated before compiling: the train state's shard
+    and the gradients of the trainable parameters (exact, from the shardings) and the
+    activations kept for the backward pass (`model.activation_bytes`, an estimate that errs low,
+    so that it refuses only runs that cannot fit)."""
+    def shard_bytes(leaf):
+      shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+      return float(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    state = sum(shard_bytes(x) for x in jax.tree.leaves(self.abstract_state))
+    trainable = partition(self.abstract_state.params, self.mask)[0]
+    grads = sum(shard_bytes(x) for x in jax.tree.leaves(trainable))
+    rows = partitioning.data_parallel_size(self.mesh) * self.num_microbatches
+    per_device = {k: (v[0] / rows,) + v[1:] for k, v in self.batch_shapes.items()}
+    activations = self.model.activation_bytes(per_device, self.mesh.shape["tensor"])
+    return {"state": state, "gradients": grads, "activations": activations,
+            "total": state + grads + activations}
+
+  def check_memory(self) -> None:
+    """Refuses, with the estimate, a run that cannot fit before spending minutes compiling it."""
+    need, have = self.estimate_memory(), available_memory_per_device()
+    if need["total"] > have:
+      gib = {k: f"{v / 2**30:.2f}" for k, v in need.items()}
+      raise MemoryError(
+          f"This run needs about {gib['total']} GiB per device (train state {gib['state']}, "
+          f"gradients {gib['gradients']}, activations {gib['activations']}) but "
+          f"{have / 2**30:.2f} GiB are available per device. Lower BATCH_SIZE or the "
+          "TASK_FEATURE_LENGTHS, raise train.num_microbatches, set "
+          "TransformerConfig.remat_policy, shard more (make_mesh.fsdp / .tensor), or use a "
+          "smaller model.")
 
 
-# ---------------------------------------------------------------------------- FLOPs and MFU
+def available_memory_per_device() -> float:
+  """Free bytes per local device: the accelerator's limit, or on CPU the host's available
+  memory shared by the (possibly simulated) local devices."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  with open("/proc/meminfo") as f:
+    meminfo = dict(line.split(":", 1) for line in f)
+  return float(meminfo["MemAvailable"].split()[0]) * 1024 / jax.local_device_count()
 
-def model_flops_per_step(config: TransformerConfig, batch_shapes: Mapping[str, Sequence[int]]
-                         ) -> float:
-  """Model FLOPs of one training step (forward + backward = 3x forward; recomputation by remat
-  is not counted, as MFU demands). Matmuls count 2 FLOPs per multiply-add; attention counts the
-  full l x l score matrix, as in the PaLM paper's MFU."""
-  d, f, v = config.d_model, config.d_ff, config.vocab_size
-  he = config.num_heads * config.resolved_head_dim
-  ke = config.resolved_num_kv_heads * config.resolved_head_dim
-  mlp = 2 * d * f * (2 if config.gated_mlp else 1) + 2 * f * d
-  self_proj = 2 * d * he * 2 + 2 * d * ke * 2  # q, out; k, v
 
-  def stack(tokens, length, layers):
-    return layers * tokens * (self_proj + mlp + 4 * length * he)
-
-  forward = 0.0
-  if "encoder_input_tokens" in batch_shapes:
-    b, s = batch_shapes["encoder_input_tokens"]
-    forward += stack(b * s, s, config.num_layers)
-    if config.family == "encoder":  # MLM transform (d x d) and the vocabulary projection.
-      forward += b * s * (2 * d * d + 2 * d * v)
-  if "decoder_input_tokens" in batch_shapes:
-    b, l = batch_shapes["decoder_input_tokens"]
-    layers = (config.resolved_num_decoder_layers if config.family == "encoder_decoder"
-              else config.num_layers)
-    forward += stack(b * l, l, layers) + b * l * 2 * d * v
-    if config.family == "encoder_decoder":  # cross-attention: q/out on l, k/v on s tokens.
-      s = batch_shapes["encoder_input_tokens"][1]
-      forward += layers * (b * l * (2 * d * he * 2 + 4 * s * he) + b * s * 2 * d * ke * 2)
-  return 3.0 * forward
-
+# ---------------------------------------------------------------------------- MFU
 
 # Dense bf16 peaks per chip, from the vendors' data sheets.
 KNOWN_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
@@ -302,20 +393,3 @@ def peak_flops_per_second() -> float:
   logging.warning("Unknown device kind %r: MFU is relative to a measured bf16 matmul.",
                   device.device_kind)
   return measure_matmul_flops(n=8192, dtype=jnp.bfloat16) * jax.device_count()
-
-
-def mean_metrics(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """Combines per-step metrics (fetched from the device together): token-weighted means for the
-  loss metrics, plain means for the rest, and the total token count."""
-  history = jax.device_get(list(history))
-  tokens = np.array([float(m["num_tokens"]) for m in history])
-  out = {}
-  for name in history[0]:
-    values = np.array([float(m[name]) for m in history])
-    if name == "num_tokens":
-      out[name] = float(values.sum())
-    elif name in TOKEN_MEAN_METRICS:
-      out[name] = float((values * tokens).sum() / max(tokens.sum(), 1.0))
-    else:
-      out[name] = float(values.mean())
-  return out

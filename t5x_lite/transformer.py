@@ -28,6 +28,7 @@ class Block(nn.Module):
   config: TransformerConfig
   cross_attention: bool = False
   deterministic: bool = True
+  remat_mlp_activation: bool = False  # see Stack
 
   @nn.compact
   def __call__(self, x, self_mask, self_bias, positions, encoded, cross_mask, encoded_positions,
@@ -62,7 +63,8 @@ class Block(nn.Module):
     if self.cross_attention:
       x = residual(x, "cross_attention", attention(
           "cross", False, cross_mask, None, encoded_positions, None))
-    x = residual(x, "mlp", lambda y: layers.Mlp(cfg, self.deterministic, name="mlp")(y))
+    mlp = layers.make_mlp(cfg, self.deterministic, self.remat_mlp_activation, name="mlp")
+    x = residual(x, "mlp", mlp)
     x = layers.constrain(x, ("batch", "length", "embed"))
     return x, new_cache  # (carry, per-layer output) as nn.scan expects.
 
@@ -76,7 +78,11 @@ REMAT_POLICIES = {
 
 class Stack(nn.Module):
   """`num_layers` Blocks, scanned (one compiled layer, params stacked on a `layers` axis) or
-  unrolled, with optional rematerialisation, and the final norm of pre-norm models."""
+  unrolled, with optional rematerialisation, and the final norm of pre-norm models.
+
+  What layers sow (`layers.AUX_LOSSES`, "intermediates") is carried through the scan, stacked on
+  the layers axis like the parameters, so a model sees it whether the stack is scanned or not.
+  """
   config: TransformerConfig
   num_layers: int
   cross_attention: bool = False
@@ -94,11 +100,16 @@ class Stack(nn.Module):
     if cache is not None:
       x, cache = self._decode(x, args, cache, cache_index, deterministic)
     elif cfg.scan_layers:
-      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                         "dropout": True},
+      # Scanned, JAX would stack every elementwise intermediate of the MLP's activation for each
+      # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
+      # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
+      stacked = {name: 0 for name in ("params",) + layers.SOWN_COLLECTIONS}
+      scanned = nn.scan(block, variable_axes=stacked,
+                        split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.cross_attention, deterministic, name="layers")(x, *args)
+      x, _ = scanned(cfg, self.cross_attention, deterministic, remat_mlp_activation=True,
+                     name="layers")(x, *args)
     else:
       for i in range(self.num_layers):
         x, _ = block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(x, *args)
@@ -355,7 +366,8 @@ class EncoderDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def init_cache(config: TransformerConfig, batch_size: int, length: int,
                encoder_length: Optional[int] = None) -> dict:
-  """An empty decoding cache: `length` slots per row for the decoder's self-attention.
+  """An empty decoding cache: `length` slots per row for the decoder's self-attention and, with
+  `encoder_length` (an encoder-decoder's decoder), room for its cross-attention.
 
   A plain pytree, threaded through `DecoderOnly(..., cache=)` / `EncoderDecoder.decode(...,
   cache=)` and returned updated, so jit and sharding see ordinary arrays:
@@ -378,23 +390,17 @@ def init_cache(config: TransformerConfig, batch_size: int, length: int,
     raise ValueError(
         f"Decoding needs {length} positions (prompt + new tokens) but the model accepts at most "
         f"max_length={config.max_length}; shorten the prompt or ask for fewer new tokens.")
-  num_layers = (config.num_layers if config.family == "decoder"
-                else config.resolved_num_decoder_layers)
   shape = lambda s: (batch_size, config.resolved_num_kv_heads, s, config.resolved_head_dim)
   kv = lambda s: {"key": jnp.zeros(shape(s), config.dtype),
                   "value": jnp.zeros(shape(s), config.dtype)}
   slots = jnp.zeros((batch_size, length), jnp.int32)
   cache = {"index": jnp.zeros((), jnp.int32), "positions": slots, "segment_ids": slots}
-  if config.family == "encoder_decoder":
-    if encoder_length is None:
-      raise ValueError("An encoder-decoder cache needs encoder_length (the encoder input length).")
+  if encoder_length is None:
+    cache["layers"] = [{"self": kv(length)} for _ in range(config.num_layers)]
+  else:
     cache["encoder_segment_ids"] = jnp.zeros((batch_size, encoder_length), jnp.int32)
     cache["layers"] = [{"self": kv(length), "cross": kv(encoder_length)}
-                       for _ in range(num_layers)]
-  elif config.family == "decoder":
-    cache["layers"] = [{"self": kv(length)} for _ in range(num_layers)]
-  else:
-    raise ValueError(f"Only decoders decode; family={config.family!r} has no decoding cache.")
+                       for _ in range(config.resolved_num_decoder_layers)]
   return cache
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import seqio
 
-from t5x_lite import checkpoints, eval as eval_lib, models, optimizers, partitioning
+from t5x_lite import checkpoints, eval as eval_lib, launch, models, optimizers, partitioning
 from t5x_lite import trainer as trainer_lib
 
 LENGTHS = {"inputs": 24, "targets": 8}
@@ -76,3 +76,17 @@ def test_the_checkpoints_to_evaluate_must_be_named_once_and_exist(tmp_path):
                               model_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="No train-state checkpoints"):
     eval_lib.eval_checkpoints(model, "addition", LENGTHS, model_dir=str(tmp_path / "empty"))
+
+
+def test_the_teacher_forced_job_reports_a_params_checkpoint(tmp_path):
+  model = models.from_gin("gpt2_tiny")
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(1, {"targets": 8}))
+  ckpt = checkpoints.save_params(str(tmp_path), params, checkpoints.model_gin(model))
+  launch.configure([f"{ckpt}/model.gin", "runs/eval.gin"], [
+      f"CHECKPOINT_PATH = '{ckpt}'", "MIXTURE_OR_TASK_NAME = 'stdlib_clm'",
+      "TASK_FEATURE_LENGTHS = {'targets': 32}", "BATCH_SIZE = 8", "evaluate.eval_batches = 2",
+      "stdlib_corpus.max_files = 40"])
+  metrics = eval_lib.run()
+  assert metrics["batches"] == 2 and np.isfinite(metrics["loss"]) and metrics["num_tokens"] > 0
+  with open(tmp_path / "eval_stdlib_clm_validation.json") as f:
+    assert json.load(f)["loss"] == pytest.approx(metrics["loss"])

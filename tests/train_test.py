@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, models
+from t5x_lite import checkpoints, launch, models
 from t5x_lite import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,9 +43,8 @@ def compilation_cache(tmp_path_factory):
 
 def run_job(model_dir, *bindings, preset="models/gpt2_tiny.gin", run_file="runs/pretrain.gin"):
   """`python -m t5x_lite.train --gin_file=PRESET --gin_file=RUN --gin.X=...`, in-process."""
-  train_lib.configure([preset, run_file],
-                      [f"MODEL_DIR = '{model_dir}'"] + COMMON + list(bindings))
-  return train_lib.run()
+  launch.configure([preset, run_file], [f"MODEL_DIR = '{model_dir}'"] + COMMON + list(bindings))
+  return train_lib.train()
 
 
 def params_of(model_dir):
@@ -85,7 +84,9 @@ def test_run_writes_config_metrics_and_an_exported_model(straight_run):
   model = models.from_gin(str(model_dir / "model.gin"))
   assert model.config.d_model == 64 and model.config.family == "decoder"
   train_scalars = read_scalars(model_dir / "train")
-  assert [step for step, _ in train_scalars["loss"]] == [2, 3, 4]  # step 1 carries compilation
+  assert [step for step, _ in train_scalars["loss"]] == [1, 2, 3, 4]
+  # Step 1 includes compilation: it is in the metrics but not in the timing.
+  assert [step for step, _ in train_scalars["tokens_per_second"]] == [2, 3, 4]
   assert {"learning_rate", "grad_norm", "tokens_per_second", "mfu", "z_loss"} <= set(
       train_scalars)
   validation = read_scalars(model_dir / "validation")
@@ -102,7 +103,7 @@ def test_other_families_train_on_their_objectives(tmp_path, preset, task, length
   run_job(tmp_path, "TRAIN_STEPS = 2", f"MIXTURE_OR_TASK_NAME = '{task}'",
           f"TASK_FEATURE_LENGTHS = {lengths}", "train.eval_batches = 0", preset=preset)
   losses = [loss for _, loss in read_scalars(tmp_path / "train")["loss"]]
-  assert len(losses) == 1 and np.isfinite(losses[0])
+  assert len(losses) == 2 and np.isfinite(losses).all()
   assert os.path.isdir(tmp_path / "params")
 
 
@@ -113,18 +114,6 @@ def test_finetuning_starts_from_the_initial_checkpoint(straight_run, tmp_path):
           run_file="runs/finetune.gin")
   for a, b in zip(jax.tree.leaves(params_of(pretrained)), jax.tree.leaves(params_of(tmp_path))):
     np.testing.assert_array_equal(a, b)
-
-
-def test_evaluate_job_reports_a_checkpoint(straight_run):
-  model_dir, _ = straight_run
-  train_lib.configure([str(model_dir / "model.gin"), "runs/eval.gin"], [
-      f"CHECKPOINT_PATH = '{model_dir}'", "MIXTURE_OR_TASK_NAME = 'stdlib_clm'",
-      "TASK_FEATURE_LENGTHS = {'targets': 32}", "BATCH_SIZE = 8", "evaluate.eval_batches = 2",
-      "stdlib_corpus.max_files = 40"])
-  metrics = train_lib.run()
-  assert metrics["batches"] == 2 and np.isfinite(metrics["loss"])
-  with open(model_dir / "eval_stdlib_clm_validation.json") as f:
-    assert json.load(f)["loss"] == pytest.approx(metrics["loss"])
 
 
 @pytest.mark.parametrize("bindings, error, message", [
@@ -153,29 +142,6 @@ def test_a_model_dir_of_another_model_is_refused(straight_run):
   model_dir, _ = straight_run
   with pytest.raises(ValueError, match="different model.*a fresh MODEL_DIR"):
     run_job(model_dir, "TRAIN_STEPS = 5", "TransformerConfig.d_model = 32")
-
-
-@pytest.mark.parametrize("flag, binding", [
-    ("--gin.MODEL_DIR=/tmp/run 1", "MODEL_DIR = '/tmp/run 1'"),
-    ("--gin.TRAIN_STEPS=100", "TRAIN_STEPS = 100"),
-    ("--gin.TASK_FEATURE_LENGTHS={'targets': 64}", "TASK_FEATURE_LENGTHS = {'targets': 64}"),
-    ("--gin.train.optimizer=@create_optimizer()", "train.optimizer = @create_optimizer()"),
-    ("--gin.MODEL_DIR='/quoted'", "MODEL_DIR = '/quoted'"),
-])
-def test_gin_flags_become_bindings(flag, binding):
-  args = train_lib.parse_flags(["--gin_file=runs/quickstart.gin", flag])
-  assert args.gin_bindings == [binding]
-
-
-def test_unknown_gin_names_and_flags_are_refused():
-  with pytest.raises(ValueError, match="no gin file defines the macro TRAIN_STEP"):
-    train_lib.configure(["runs/quickstart.gin"], ["TRAIN_STEP = 5"])
-  with pytest.raises(ValueError, match="No configurable matching 'trian'"):
-    train_lib.configure(["runs/quickstart.gin"], ["trian.seed = 5"])
-  with pytest.raises(FileNotFoundError, match="runs/nope.gin"):
-    train_lib.configure(["runs/nope.gin"], [])
-  with pytest.raises(SystemExit):
-    train_lib.parse_flags(["--gin_file=runs/quickstart.gin", "--train_steps=5"])
 
 
 @pytest.fixture(scope="module")

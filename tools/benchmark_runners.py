@@ -53,7 +53,7 @@ def make_batch(model, batch_size: int, lengths: dict, seed: int = 0) -> dict[str
     prefix = name.split("_")[0]
     b, l = value.shape
     if name.endswith("_loss_weights"):
-      rate = MLM_RATE if model.config.family == "encoder" else 1.0
+      rate = MLM_RATE if name == "encoder_loss_weights" else 1.0  # BERT's masked tokens
       batch[name] = (rng.random((b, l)) < rate).astype(np.int32)
     else:
       batch[name] = rng.integers(2, model.config.vocab_size, (b, l)).astype(np.int32)
@@ -62,13 +62,14 @@ def make_batch(model, batch_size: int, lengths: dict, seed: int = 0) -> dict[str
   return batch
 
 
-def hf_batch(family: str, batch: dict) -> dict[str, np.ndarray]:
-  """The same examples as HF model arguments (HF shifts `labels` itself; -100 = no loss)."""
-  if family == "encoder":
+def hf_batch(batch: dict) -> dict[str, np.ndarray]:
+  """The same examples as HF model arguments (HF shifts `labels` itself; -100 = no loss), by
+  the features the batch has: BERT's MLM, T5's text-to-text, or a decoder's CLM."""
+  if "encoder_loss_weights" in batch:
     return {"input_ids": batch["encoder_input_tokens"],
             "labels": np.where(batch["encoder_loss_weights"] > 0, batch["encoder_target_tokens"],
                                -100)}
-  if family == "encoder_decoder":
+  if "encoder_input_tokens" in batch:
     return {"input_ids": batch["encoder_input_tokens"], "labels": batch["decoder_target_tokens"]}
   return {"input_ids": batch["decoder_target_tokens"], "labels": batch["decoder_target_tokens"]}
 
@@ -160,7 +161,7 @@ class JaxTrain(Runner):
     self.dtype = model.config.dtype
     self.info = {"first_step_s": _timed(self._call, 1)[0], "flops": self.trainer.flops_per_step(),
                  "params": model.num_params(), "hf_config": _hf_config(model.config),
-                 "hf_batch": hf_batch(model.config.family, batch), "family": model.config.family,
+                 "hf_batch": hf_batch(batch),
                  "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     self.info["target_tokens"], self.info["tokens"] = token_counts(batch)
     if xla_flops:
@@ -221,8 +222,10 @@ def xla_train_flops(preset: str, bindings: Sequence[str], shapes: dict) -> float
   mesh = partitioning.make_mesh()
   abstract = trainer.Trainer(model, optimizer, mesh, shapes).abstract_state
   step = jax.jit(functools.partial(trainer.train_step, model, optimizer, 1))
+  frozen = jax.tree.map(lambda _: None, abstract.params)
   with partitioning.activation_sharding(mesh):
-    lowered = step.lower(abstract, {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()})
+    lowered = step.lower(abstract, frozen,
+                         {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}, {})
   analysis = lowered.cost_analysis()
   return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
@@ -282,22 +285,18 @@ class JaxDecode(Runner):
     from t5x_lite import models  # pylint: disable=g-import-not-at-top
     self.jax = jax
     self.model = models.from_gin(shape.preset, tuple(shape.bindings) + tuple(bindings))
-    if self.model.config.family == "encoder":
+    if not self.model.GENERATES:
       raise ValueError(f"{shape.preset} is an encoder: it does not generate; decode benchmarks "
                        "take decoder-only or encoder-decoder shapes.")
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, self.model.config.vocab_size, (batch_size, prompt)).astype(np.int32)
-    if self.model.config.family == "decoder":
-      tokens[:, 0] = 0  # BOS, as seqio's decoder inputs start
-      self.batch = {"decoder_input_tokens": tokens,
-                    "decoder_causal_attention": np.ones_like(tokens)}
-    else:
-      self.batch = {"encoder_input_tokens": tokens}
+    # `prompt` tokens per row as the model reads them: BOS + the rest, or the rest + EOS.
+    self.batch = self.model.generation_batch(list(tokens[:, 1:]), 1, new_tokens)
     self.params = self.model.init(jax.random.PRNGKey(0), self.model.dummy_batch(
         batch_size, {"inputs": prompt, "targets": prompt}))
     self.new_tokens = new_tokens
     self.info = {"first_step_s": _timed(self._call, 1)[0], "hf_config": _hf_config(
-        self.model.config), "hf_inputs": tokens, "family": self.model.config.family}
+        self.model.config), "hf_inputs": tokens}
     _timed(self._call, warmup)
     # Rows stop at EOS (1) and the loop once all have: count the steps really taken.
     outputs = np.asarray(self.outputs)[:, 0]

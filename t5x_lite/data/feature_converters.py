@@ -95,7 +95,7 @@ class MLMFeatureConverter(_FastPacking, seqio.EncoderFeatureConverter):
     return ds.map(plain(convert), num_parallel_calls=AUTOTUNE)
 
 
-# Model family -> converter class. Model classes expose the same thing as FEATURE_CONVERTER_CLS.
+# Model family -> converter class (what each model's `feature_converter()` returns).
 CONVERTERS = {
     "encoder": MLMFeatureConverter,
     "decoder": DecoderFeatureConverter,
@@ -115,7 +115,7 @@ def converter_family(converter: seqio.FeatureConverter) -> str | None:
 
 
 def make_feature_converter(converter, pack: bool = True) -> seqio.FeatureConverter:
-  """An instance from a converter instance, class (e.g. a model's FEATURE_CONVERTER_CLS) or family."""
+  """An instance from a converter instance, class or family name."""
   if isinstance(converter, seqio.FeatureConverter):
     return converter
   if isinstance(converter, str):

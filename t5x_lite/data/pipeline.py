@@ -172,9 +172,9 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
     task_feature_lengths: e.g. {"inputs": 512, "targets": 114} (gin: TASK_FEATURE_LENGTHS).
     split: "train" or "validation".
     batch_size: examples per batch (gin: BATCH_SIZE); per host when sharded.
-    feature_converter: a seqio FeatureConverter instance or class (a model's
-      FEATURE_CONVERTER_CLS), or a family name "decoder" / "encoder_decoder" / "encoder".
-      Default: the family the task is registered for.
+    feature_converter: a seqio FeatureConverter instance (a model's `feature_converter()`) or
+      class, or a family name "decoder" / "encoder_decoder" / "encoder". Default: the family
+      the task is registered for.
     shuffle: shuffle files and examples (training); False gives a fixed order (evaluation).
     seed: makes shuffling and the random objectives reproducible.
     shard_info: (index, num_shards) or seqio.ShardInfo: this host's share of the data.
@@ -189,3 +189,26 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
                       num_epochs=num_epochs, drop_remainder=drop_remainder,
                       use_cached=use_cached)
   return BatchIterator(ds, f"{mixture_or_task_name!r} split {split!r}")
+
+
+def train_batches(name: str, lengths: Mapping[str, int], per_host_batch: int,
+                  feature_converter: Any, seed: int, shard: tuple[int, int],
+                  skip: int = 0) -> BatchIterator:
+  """Numpy training batches of this process's shard, after skipping `skip` batches.
+
+  The pipeline is seeded, so the batch order is a pure function of (seed, shard) and skipping
+  the batches a checkpoint says were consumed puts a resumed run exactly where it stopped."""
+  ds = get_tf_dataset(name, lengths, split="train", batch_size=per_host_batch,
+                      feature_converter=feature_converter, shuffle=True, seed=seed,
+                      shard_info=shard)
+  return BatchIterator(ds.skip(skip), f"{name!r} split 'train'")
+
+
+def validation_batches(name: str, lengths: Mapping[str, int], per_host_batch: int,
+                       feature_converter: Any, seed: int, shard: tuple[int, int],
+                       count: int) -> list[dict[str, np.ndarray]]:
+  """The first `count` validation batches (no shuffling): the same ones at every evaluation."""
+  ds = get_tf_dataset(name, lengths, split="validation", batch_size=per_host_batch,
+                      feature_converter=feature_converter, shuffle=False, seed=seed,
+                      shard_info=shard)
+  return list(BatchIterator(ds.repeat().take(count), f"{name!r} split 'validation'"))

@@ -63,6 +63,16 @@ def get_vocabulary(kind: str = "byte", spm_path: str | None = None,
   return _build(kind, spm_path, int(extra_ids))
 
 
+def check_vocabulary_fits(model_vocab_size: int) -> None:
+  """Refuses a model too small for the gin-selected vocabulary, naming both fixes."""
+  vocab_size = get_vocabulary().vocab_size
+  if vocab_size > model_vocab_size:
+    raise ValueError(
+        f"The vocabulary has {vocab_size} ids but the model's TransformerConfig.vocab_size is "
+        f"{model_vocab_size}; set --gin.TransformerConfig.vocab_size={vocab_size} (or larger), "
+        "or choose a smaller vocabulary (get_vocabulary.kind).")
+
+
 class GinVocabulary(seqio.Vocabulary):
   """A seqio Vocabulary that delegates to whatever `get_vocabulary()` returns right now."""
 

@@ -34,8 +34,6 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_CONFIG_COPY = "hf_config.json"  # The imported config.json, kept so export restores token ids.
 
-MODEL_CLASSES = {"encoder": models.EncoderOnlyModel, "decoder": models.DecoderOnlyModel,
-                 "encoder_decoder": models.EncoderDecoderModel}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -103,9 +101,8 @@ class SafetensorsWeights:
 # The walk shared by import and export
 # ----------------------------------------------------------------------------------------------
 def _depth(cfg: TransformerConfig, stack: str) -> int:
-  if stack == "decoder" and cfg.family == "encoder_decoder":
-    return cfg.resolved_num_decoder_layers
-  return cfg.num_layers
+  # A decoder-only config has no num_decoder_layers: its decoder depth is num_layers.
+  return cfg.resolved_num_decoder_layers if stack == "decoder" else cfg.num_layers
 
 
 def _expand(family: Family, cfg: TransformerConfig) -> dict[str, tuple]:
@@ -153,7 +150,7 @@ def _listing(names) -> str:
 
 
 def make_model(cfg: TransformerConfig) -> models.BaseModel:
-  return MODEL_CLASSES[cfg.family](cfg)
+  return models.MODEL_CLASSES[cfg.family](cfg)
 
 
 # ----------------------------------------------------------------------------------------------

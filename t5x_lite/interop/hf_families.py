@@ -455,15 +455,14 @@ def family_of_hf_config(hf: dict) -> Family:
 
 
 def family_of_config(cfg: TransformerConfig) -> Family:
-  """The HF architecture that holds a t5x_lite model of this config."""
-  if cfg.family == "encoder":
-    return BERT
-  if cfg.family == "encoder_decoder":
-    return T5
-  if cfg.position_type == "learned":
-    return GPT2
-  if cfg.position_type == "rope":
-    return LLAMA
-  raise ValueError(f"No Hugging Face architecture holds a decoder with position_type="
-                   f"{cfg.position_type!r}; export supports 'learned' (GPT2LMHeadModel) and "
-                   "'rope' (LlamaForCausalLM).")
+  """The HF architecture that holds a t5x_lite model of this config: the first of its model
+  class's `HF_ARCHITECTURES` that can express the config."""
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  reasons = []
+  for architecture in models.MODEL_CLASSES[cfg.family].HF_ARCHITECTURES:
+    try:
+      FAMILIES[architecture].config_to_hf(cfg)
+      return FAMILIES[architecture]
+    except ValueError as error:
+      reasons.append(str(error))
+  raise ValueError("No Hugging Face architecture holds this config: " + " / ".join(reasons))

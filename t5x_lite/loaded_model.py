@@ -87,7 +87,6 @@ class LoadedModel:
     self.model = model
     self.params = params
     self.vocabulary = vocabulary
-    self.family = model.config.family
 
   def __repr__(self):
     return (f"LoadedModel({type(self.model).__name__}, {self.model.num_params():,} parameters, "
@@ -107,24 +106,9 @@ class LoadedModel:
     if isinstance(prompts, str):
       raise TypeError("generate takes a list of prompts, e.g. generate([\"Hello\"]).")
     self._check_generates()
-    encoded = [self._encode(p, eos=self.family == "encoder_decoder") for p in prompts]
-    limit = (self.model.config.max_length - max_new_tokens if self.family == "decoder"
-             else self.model.config.max_length)
-    self._check_lengths(encoded, limit - (self.family == "decoder"),
-                        f"with max_new_tokens={max_new_tokens} ")
-    rows = _bucket(len(encoded))
-    if self.family == "decoder":
-      width = min(_bucket(1 + max(map(len, encoded))), limit)
-      tokens = np.zeros((rows, width), np.int32)
-      prompt = np.zeros((rows, width), np.int32)
-      prompt[len(encoded):, 0] = 1  # Filler rows: BOS alone.
-      for row, ids in enumerate(encoded):
-        tokens[row, 1:1 + len(ids)] = ids
-        prompt[row, :1 + len(ids)] = 1
-      batch = {"decoder_input_tokens": tokens, "decoder_causal_attention": prompt}
-    else:
-      batch = {"encoder_input_tokens": _pad(encoded, rows, min(_bucket(max(map(len, encoded))),
-                                                                limit))}
+    batch = self.model.generation_batch([self._encode(p) for p in prompts],
+                                        self.vocabulary.eos_id, max_new_tokens,
+                                        rows=_bucket(len(prompts)), round_width=_bucket)
     outputs, _ = self.model.predict_batch(
         self.params, batch, rng=jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, num_decodes=num_decodes,
@@ -141,46 +125,19 @@ class LoadedModel:
     if isinstance(inputs, str) or isinstance(targets, str) or len(inputs) != len(targets):
       raise ValueError("score takes two lists of the same length: inputs and their targets.")
     self._check_generates()
-    ende = self.family == "encoder_decoder"
-    sources = [self._encode(text, eos=ende) for text in inputs]
-    outputs = [self._encode(text, eos=ende) for text in targets]
-    if any(not ids for ids in outputs):
-      raise ValueError("Every target needs at least one token; an empty target has nothing to "
-                       "score.")
-    max_length = self.model.config.max_length
-    rows = _bucket(len(inputs))
-    if ende:
-      self._check_lengths(sources, max_length, "")
-      self._check_lengths(outputs, max_length, "")
-      width = min(_bucket(max(map(len, outputs))), max_length)
-      targets_array = _pad(outputs, rows, width)
-      batch = {"encoder_input_tokens": _pad(sources, rows, min(_bucket(max(map(len, sources))),
-                                                                max_length)),
-               "decoder_target_tokens": targets_array,
-               "decoder_input_tokens": np.pad(targets_array[:, :-1], ((0, 0), (1, 0))),
-               "decoder_loss_weights": (targets_array > 0).astype(np.int32)}
-    else:
-      joined = [s + t for s, t in zip(sources, outputs)]
-      self._check_lengths(joined, max_length - 1, "(input + target) ")
-      width = min(_bucket(1 + max(map(len, joined))), max_length)
-      targets_array = _pad(joined, rows, width)
-      weights = np.zeros_like(targets_array)
-      prompt = np.zeros_like(targets_array)  # BOS and the input, as seqio's PrefixLM marks them.
-      for row, (source, output) in enumerate(zip(sources, outputs)):
-        weights[row, len(source):len(source) + len(output)] = 1
-        prompt[row, :1 + len(source)] = 1
-      batch = {"decoder_target_tokens": targets_array,
-               "decoder_input_tokens": np.pad(targets_array[:, :-1], ((0, 0), (1, 0))),
-               "decoder_loss_weights": weights, "decoder_causal_attention": prompt}
+    batch = self.model.scoring_batch([self._encode(text) for text in inputs],
+                                     [self._encode(text) for text in targets],
+                                     self.vocabulary.eos_id, rows=_bucket(len(inputs)),
+                                     round_width=_bucket)
     return [float(s) for s in np.asarray(self.model.score_batch(self.params, batch))[:len(inputs)]]
 
   # -- masked LM --------------------------------------------------------------------------------
   def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
     """For each [MASK] in `text`, the top_k tokens an encoder-only model predicts there:
     [{"token": id, "text": str, "prob": p}, ...] best first, one list per [MASK]."""
-    if self.family != "encoder":
+    if not hasattr(self.model, "fill_mask"):
       raise ValueError(f"fill_mask needs an encoder-only (BERT) model; this checkpoint is "
-                       f"family={self.family!r}: use generate or score.")
+                       f"family={self.model.config.family!r}: use generate or score.")
     if MASK not in text:
       raise ValueError(f"fill_mask: put {MASK} where a token should be predicted, e.g. "
                        f"'import [MASK]s'; got {text!r}.")
@@ -188,10 +145,11 @@ class LoadedModel:
     mask_id = vocabularies.mask_id(self.vocabulary)
     ids = []
     for i, piece in enumerate(text.split(MASK)):
-      ids += ([mask_id] if i else []) + (self._encode(piece, eos=False) if piece else [])
+      ids += ([mask_id] if i else []) + (self._encode(piece) if piece else [])
     ids.append(self.vocabulary.eos_id)  # MLM tasks append EOS to their inputs.
-    self._check_lengths([ids], self.model.config.max_length, "")
-    tokens = _pad([ids], 1, min(_bucket(len(ids)), self.model.config.max_length))
+    max_length = self.model.config.max_length
+    models.check_lengths([ids], max_length, "", max_length)
+    tokens = models.pad_rows([ids], 1, min(_bucket(len(ids)), max_length))
     top_ids, probs, is_mask = self.model.fill_mask(self.params, tokens, mask_id, top_k)
     top_ids, probs = np.asarray(top_ids)[0], np.asarray(probs)[0]
     return [[{"token": int(t), "text": self.vocabulary.decode([int(t)]), "prob": float(p)}
@@ -200,12 +158,12 @@ class LoadedModel:
 
   # -- helpers ----------------------------------------------------------------------------------
   def _check_generates(self):
-    if self.family == "encoder":
+    if not self.model.GENERATES:
       raise ValueError("This checkpoint is an encoder-only (BERT) model: it does not generate or "
                        "score text left to right; use fill_mask.")
 
-  def _encode(self, text: str, eos: bool) -> list[int]:
-    return list(self.vocabulary.encode(text)) + ([self.vocabulary.eos_id] if eos else [])
+  def _encode(self, text: str) -> list[int]:
+    return list(self.vocabulary.encode(text))
 
   def _decode(self, ids) -> str:
     ids = [int(t) for t in ids]
@@ -213,23 +171,8 @@ class LoadedModel:
       ids = ids[:ids.index(self.vocabulary.eos_id)]
     return self.vocabulary.decode([t for t in ids if t != 0])
 
-  def _check_lengths(self, encoded, limit: int, what: str):
-    for i, ids in enumerate(encoded):
-      if len(ids) > limit:
-        raise ValueError(
-            f"Text {i} is {len(ids)} tokens long; {what}this model (max_length="
-            f"{self.model.config.max_length}) takes at most {limit}. Shorten it"
-            + (" or ask for fewer new tokens." if what.startswith("with") else "."))
-
 
 def _bucket(n: int) -> int:
   """n rounded up to a power of two (at least 8): calls with similar sizes share one compiled
   decoder instead of compiling for every new prompt length or batch size."""
   return max(8, 1 << (n - 1).bit_length())
-
-
-def _pad(rows: Sequence[Sequence[int]], num_rows: int, width: int) -> np.ndarray:
-  out = np.zeros((num_rows, width), np.int32)
-  for i, ids in enumerate(rows):
-    out[i, :len(ids)] = ids
-  return out

@@ -1,0 +1,79 @@
+"""What a transformer stack costs: analytic FLOPs and the activations a train step keeps.
+
+A model describes its stacks as `StackShape`s (how many rows, how long, how many layers, and
+for a decoder with cross-attention the encoder length it reads); the functions here price one
+stack. The models add their output head and sum (`BaseModel.flops_per_step`,
+`BaseModel.activation_bytes`), so the trainer's MFU, the memory check before compiling and the
+scaling tools all count with the same formulas.
+
+FLOPs count 2 per multiply-add, the full l x l attention score matrix (as the PaLM paper's MFU
+does) and no recomputation by remat. Letters: b rows, l length, s encoder length, d model width,
+f MLP width, h query heads, k key/value heads, e head width, v vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from t5x_lite.config import TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StackShape:
+  """One stack of layers as a train step runs it."""
+  batch: float  # rows (a fraction when divided per device)
+  length: int
+  layers: int
+  cross_length: int = 0  # encoder length the layers cross-attend to (0: no cross-attention)
+
+
+def mlp_flops_per_token(config: TransformerConfig) -> float:
+  """Forward FLOPs of one token through one layer's MLP."""
+  d, f = config.d_model, config.d_ff
+  return 2 * d * f * (2 if config.gated_mlp else 1) + 2 * f * d
+
+
+def attention_flops_per_token(config: TransformerConfig, length: int) -> float:
+  """Forward FLOPs of one token through one self-attention layer over `length` keys:
+  projections (q, out over h heads; k, v over k heads) and the score and value matmuls."""
+  d = config.d_model
+  he = config.num_heads * config.resolved_head_dim
+  ke = config.resolved_num_kv_heads * config.resolved_head_dim
+  return 2 * d * he * 2 + 2 * d * ke * 2 + 4 * length * he
+
+
+def stack_flops(config: TransformerConfig, stack: StackShape) -> float:
+  """Forward FLOPs of a whole stack."""
+  per_token = attention_flops_per_token(config, stack.length) + mlp_flops_per_token(config)
+  flops = stack.layers * stack.batch * stack.length * per_token
+  if stack.cross_length:
+    d = config.d_model
+    he = config.num_heads * config.resolved_head_dim
+    ke = config.resolved_num_kv_heads * config.resolved_head_dim
+    queries = stack.batch * stack.length * (2 * d * he * 2 + 4 * stack.cross_length * he)
+    keys = stack.batch * stack.cross_length * 2 * d * ke * 2  # k, v of the encoder outputs
+    flops += stack.layers * (queries + keys)
+  return flops
+
+
+def stack_activation_bytes(config: TransformerConfig, stack: StackShape,
+                           tensor_shards: int = 1) -> float:
+  """Bytes of the activations a stack keeps for the backward pass (an estimate that errs low).
+
+  Without remat: about 16 [b, l, d]-sized and 3 [b, l, f]-sized tensors per layer and 2
+  [b, h, l, l] attention maps (none with a flash kernel); with remat only each layer's input.
+  """
+  b, l = stack.batch, stack.length
+  if config.remat_policy == "none":
+    maps = 0 if config.attention_implementation == "cudnn" else 2
+    per_layer = b * l * (16 * config.d_model + 3 * config.d_ff / tensor_shards) + (
+        maps * b * config.num_heads / tensor_shards * l * l)
+  else:
+    per_layer = 2 * b * l * config.d_model
+  return stack.layers * per_layer * np.dtype(config.dtype).itemsize
+
+
+def logits_bytes(config: TransformerConfig, tokens: float, tensor_shards: int = 1) -> float:
+  """The float32 logits, their softmax and their gradient."""
+  return 3 * tokens * config.vocab_size / tensor_shards * 4

@@ -1,0 +1,107 @@
+"""What every job (train, infer, eval) does first: flags, multi-host start-up, gin.
+
+Flags, as T5X's: `--gin_file` (repeatable; relative paths are looked up in `--gin_search_paths`
+and in gin_configs/), `--gin.NAME=VALUE` (a binding or macro, e.g. `--gin.TRAIN_STEPS=100`;
+strings need no quotes), `--gin_search_paths`, and for multi-host runs `--coordinator_address`,
+`--num_processes`, `--process_id`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import os
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import gin
+
+from t5x_lite import partitioning
+
+GIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "gin_configs")
+START = time.perf_counter()  # when the job's process imported t5x_lite (first-step timing)
+
+
+def _binding(flag: str) -> str:
+  """`--gin.NAME=VALUE` -> "NAME = VALUE"; a VALUE that is not a Python literal or a gin
+  reference (@x, %X) is taken as a string, so paths need no quoting."""
+  name, sep, value = flag[len("--gin."):].partition("=")
+  if not sep or not name:
+    raise ValueError(f"{flag!r}: write gin flags as --gin.NAME=VALUE, e.g. --gin.TRAIN_STEPS=100.")
+  if not value.startswith(("@", "%")):
+    try:
+      ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      value = repr(value)
+  return f"{name} = {value}"
+
+
+def parse_flags(argv: Sequence[str], prog: str = "python -m t5x_lite.train",
+                description: str = __doc__) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file to parse (repeatable, in order)")
+  parser.add_argument("--gin_search_paths", action="append", default=[],
+                      help="comma-separated directories to look up gin files and includes in")
+  parser.add_argument("--coordinator_address", help="multi-host: HOST:PORT of process 0")
+  parser.add_argument("--num_processes", type=int, help="multi-host: number of processes")
+  parser.add_argument("--process_id", type=int, help="multi-host: this process's id")
+  args, rest = parser.parse_known_args(argv)
+  unknown = [a for a in rest if not a.startswith("--gin.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {unknown} (bindings are --gin.NAME=VALUE)")
+  args.gin_bindings = [_binding(a) for a in rest]
+  if not args.gin_file:
+    parser.error("give at least one --gin_file, e.g. --gin_file=runs/quickstart.gin")
+  return args
+
+
+def configure(gin_files: Sequence[str], bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files then bindings; a binding of a macro no file defines is refused (gin
+  would silently accept the typo `TRAIN_STEP = 5`)."""
+  gin.clear_config()
+  for path in [p for entry in search_paths for p in entry.split(",") if p] + [GIN_CONFIGS]:
+    gin.add_config_file_search_path(path)
+  import t5x_lite.data  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  logging.disable(logging.ERROR)  # gin logs every search-path miss before the hit as an error
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
+  except IOError as e:
+    raise FileNotFoundError(f"{e} (searched the working directory, {GIN_CONFIGS} and "
+                            "--gin_search_paths)") from e
+  finally:
+    logging.disable(logging.NOTSET)
+  for binding in bindings:
+    name = binding.split("=", 1)[0].strip()
+    if "." not in name and "/" not in name:
+      try:
+        gin.query_parameter(f"%{name}")
+      except ValueError:
+        raise ValueError(f"--gin.{name}: no gin file defines the macro {name}; check the "
+                         "spelling (e.g. TRAIN_STEPS, BATCH_SIZE, MODEL_DIR).") from None
+    try:
+      gin.parse_config(binding)
+    except ValueError as e:
+      raise ValueError(f"--gin.{binding}: {e}") from None
+
+
+def start_job(argv: Optional[Sequence[str]] = None, prog: str = "python -m t5x_lite.train",
+              description: str = __doc__) -> None:
+  """Flags, multi-host start-up and gin, then the gin config is final."""
+  args = parse_flags(sys.argv[1:] if argv is None else argv, prog, description)
+  partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
+                                      args.process_id)
+  configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  gin.finalize()
+
+
+def main(job: Callable[[], object], argv: Optional[Sequence[str]] = None, prog: str = "",
+         description: str = __doc__) -> None:
+  """A job's command line: start up, then run `job` (a gin-configurable function)."""
+  logging.basicConfig(level=logging.WARNING)
+  start_job(argv, prog, description)
+  job()

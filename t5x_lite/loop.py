@@ -1,0 +1,290 @@
+"""The train loop and the hooks that attach to it.
+
+    loop = TrainLoop(trainer, state, batches, train_steps, consumed)
+    loop.add(LogMetrics(writer, every=50), Checkpoint(manager, guard, every=1000), ...)
+    loop.run()
+
+The loop only runs train steps. Everything else a job does while training is a `Hook` with an
+`every`: it is called after each step that is a multiple of `every` and after the last step,
+in the order the hooks were added. `on_step` runs after every step for bookkeeping that must see
+each step (it never waits for the device); `on_end` runs once when training is over.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import checkpoints
+from t5x_lite import metrics as metrics_lib
+
+
+class Hook:
+  """Something the loop calls: `__call__` when due (see module docstring)."""
+  every: int = 1
+
+  def on_step(self, loop: "TrainLoop") -> None:
+    pass
+
+  def __call__(self, loop: "TrainLoop") -> None:
+    pass
+
+  def on_end(self, loop: "TrainLoop") -> None:
+    pass
+
+
+class TrainLoop:
+  """Runs `trainer.train_step` from `state` until `train_steps`, calling the hooks.
+
+  `batches` yields global batches (jax arrays on the mesh); the next batch is read while the
+  device runs the current step. `consumed` counts the batches trained on (what a checkpoint
+  records and a resume skips). After each step `metrics` holds that step's metrics (on device).
+  """
+
+  def __init__(self, trainer, state, batches: Iterator, train_steps: int, consumed: int = 0):
+    self.trainer, self.state, self.batches = trainer, state, batches
+    self.train_steps, self.consumed = train_steps, consumed
+    self.step = int(jax.device_get(state.step))
+    self.first_step = self.step
+    self.metrics: dict = {}
+    self.hooks: list[Hook] = []
+
+  def add(self, *hooks: Hook) -> "TrainLoop":
+    self.hooks.extend(hooks)
+    return self
+
+  def run(self):
+    batch = next(self.batches) if self.step < self.train_steps else None
+    while self.step < self.train_steps:
+      self.state, self.metrics = self.trainer.train_step(self.state, batch)
+      self.step, self.consumed = self.step + 1, self.consumed + 1
+      if self.step < self.train_steps:
+        batch = next(self.batches)  # overlaps with the step running on the device
+      for hook in self.hooks:
+        hook.on_step(self)
+        if self.step % hook.every == 0 or self.step == self.train_steps:
+          hook(self)
+    for hook in self.hooks:
+      hook.on_end(self)
+    return self.state
+
+
+# ---------------------------------------------------------------------------- metrics
+
+class LogMetrics(Hook):
+  """Merges every step's metrics since the last log (one host sync per log), adds throughput and
+  MFU, writes them to TensorBoard and the progress bar. The first step of a run (it includes
+  compilation) counts in the metrics but not in the timing."""
+
+  def __init__(self, writer: metrics_lib.MetricsWriter, every: int, tokens_per_step: float,
+               flops_per_step: float, peak_flops: float, start_time: float):
+    self.writer, self.every = writer, every
+    self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_flops
+    self.start_time = start_time
+    self.history: list = []
+    self.timer: Optional[tuple[float, int]] = None  # (start, steps) of the timed interval
+    self.progress = None
+
+  def on_step(self, loop):
+    if self.progress is None:
+      self.progress = metrics_lib.progress_bar(loop.train_steps, loop.step - 1)
+    self.history.append(loop.metrics)
+    if self.timer is None:
+      jax.block_until_ready(loop.metrics)
+      metrics_lib.log(f"First step (with compilation) took "
+                      f"{time.perf_counter() - self.start_time:.1f}s since start-up.")
+      self.timer = (time.perf_counter(), 0)
+    else:
+      self.timer = (self.timer[0], self.timer[1] + 1)
+    if self.progress is not None:
+      self.progress.update(1)
+
+  def __call__(self, loop):
+    scalars = metrics_lib.summarize(self.history)
+    start, steps = self.timer
+    if steps:
+      elapsed = time.perf_counter() - start
+      scalars["steps_per_second"] = steps / elapsed
+      scalars["tokens_per_second"] = steps * self.tokens_per_step / elapsed
+      scalars["mfu"] = steps * self.flops_per_step / elapsed / self.peak
+    self.writer.write(loop.step, scalars)
+    if self.progress is not None:
+      self.progress.set_postfix(loss=f"{scalars['loss']:.3f}",
+                                tok_s=f"{scalars.get('tokens_per_second', 0):,.0f}",
+                                mfu=f"{scalars.get('mfu', 0):.1%}")
+    self.history, self.timer = [], (time.perf_counter(), 0)
+
+  def on_end(self, loop):
+    if self.progress is not None:
+      self.progress.close()
+
+
+# ---------------------------------------------------------------------------- non-finite steps
+
+class NonFiniteGuard(Hook):
+  """Acts on the steps whose loss or gradient norm was NaN/Inf (the trainer skipped their
+  update). The per-step flags stay on the device and are fetched when due or before a checkpoint
+  (`check`), so the guard adds no host sync of its own.
+
+  policy: "skip" counts and reports such steps and goes on; "stop" raises FloatingPointError
+  before any further checkpoint is written. `where` names the data stream in messages.
+  """
+  POLICIES = ("skip", "stop")
+
+  def __init__(self, policy: str, where: str, every: int):
+    if policy not in self.POLICIES:
+      raise ValueError(f"train.on_nonfinite={policy!r}: choose one of {self.POLICIES}.")
+    self.policy, self.where, self.every, self.skipped = policy, where, every, 0
+    self._pending = []  # (step, index of its batch in the training stream, device flag)
+
+  def on_step(self, loop):
+    self._pending.append((loop.step, loop.consumed - 1, loop.metrics["nonfinite"].total))
+
+  def __call__(self, loop):
+    self.check()
+
+  def check(self) -> None:
+    pending, self._pending = jax.device_get(self._pending), []
+    for step, batch_index, flag in pending:
+      if not flag:
+        continue
+      self.skipped += 1
+      message = (f"Step {step}: the loss or gradient norm is not finite; its update was skipped. "
+                 f"It trained on batch {batch_index} of {self.where} (read it with "
+                 f"t5x_lite.data.train_batches(..., skip={batch_index}) and next()).")
+      if self.policy == "stop":
+        raise FloatingPointError(
+            message + " No checkpoint was written after it. Inspect that batch, lower the "
+            "learning rate (or clip gradients), or set train.on_nonfinite = 'skip' to skip "
+            "such steps and go on.")
+      metrics_lib.log(f"{message} ({self.skipped} skipped so far)")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_finite_before_saving(state, step: int) -> None:
+  """The last line of defence: a checkpoint holding NaN/Inf is never written."""
+  if not bool(_all_finite((state.params, state.opt_state))):
+    raise FloatingPointError(
+        f"Step {step}: the parameters or optimizer state hold NaN/Inf, so no checkpoint was "
+        "written (the last one is still good). Was INITIAL_CHECKPOINT_PATH already non-finite? "
+        "Otherwise lower the learning rate or enable gradient clipping.")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+class Checkpoint(Hook):
+  """Saves the train state and data position every `every` steps and after the last step
+  (asynchronously), after the guard has seen every step it would save; waits for the writes and
+  closes the manager at the end."""
+
+  def __init__(self, manager: checkpoints.CheckpointManager, guard: NonFiniteGuard):
+    self.manager, self.guard = manager, guard
+    self.every = manager.save_interval_steps
+
+  def __call__(self, loop):
+    self.save(loop, force=loop.step == loop.train_steps)
+
+  def save(self, loop, force: bool = False) -> None:
+    if not force and loop.step % self.every:
+      return
+    self.guard.check()  # "stop" raises here, before a step it refuses is checkpointed
+    if loop.step not in self.manager.all_steps():
+      check_finite_before_saving(loop.state, loop.step)
+    self.manager.save(loop.step, loop.state, loop.consumed, force=force)
+
+  def on_end(self, loop):
+    self.save(loop, force=True)  # a resumed run with nothing left to do saves nothing new
+    self.close()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class Preempted(SystemExit):
+  """Raised once SIGTERM's final checkpoint is written. Exit status 143 (as if killed by SIGTERM)
+  tells a scheduler the run was interrupted, not finished: rerunning resumes it."""
+
+  def __init__(self, message: str):
+    super().__init__(143)
+    self.message = message
+
+
+@contextlib.contextmanager
+def sigterm_received():
+  """Yields a list that becomes non-empty when SIGTERM arrives: the preemption notice that TPU
+  VMs, spot instances and Kubernetes send before killing. Off the main thread (where Python
+  cannot install handlers) it never fills."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+class Preemption(Hook):
+  """After a step during which SIGTERM arrived: writes a checkpoint and exits (`Preempted`)."""
+
+  def __init__(self, received: list, checkpoint: Checkpoint, progress: Optional[LogMetrics]):
+    self.received, self.checkpoint, self.progress = received, checkpoint, progress
+
+  def on_step(self, loop):
+    if not self.received or loop.step >= loop.train_steps:
+      return
+    if self.progress is not None:
+      self.progress.on_end(loop)
+    self.checkpoint.save(loop, force=True)
+    self.checkpoint.close()
+    message = (f"SIGTERM received: saved checkpoint {self.checkpoint.manager.directory}/"
+               f"{loop.step}; rerun the same command to resume.")
+    metrics_lib.log(message)
+    raise Preempted(message)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+class Evaluate(Hook):
+  """Teacher-forced metrics of fixed validation batches, every `every` steps and at the end
+  (and before the first step of a run that starts at step 0)."""
+
+  def __init__(self, batches: Sequence[dict], writer: metrics_lib.MetricsWriter, every: int):
+    self.batches, self.writer, self.every = batches, writer, every
+    self.last: dict[str, float] = {}
+
+  def evaluate(self, trainer, params, step: int) -> dict[str, float]:
+    if not self.batches:
+      return {}
+    self.last = metrics_lib.summarize([trainer.eval_step(params, b) for b in self.batches])
+    self.writer.write(step, self.last)
+    metrics_lib.log(f"step {step}: validation loss {self.last['loss']:.4f}, "
+                    f"accuracy {self.last.get('accuracy', float('nan')):.4f}")
+    return self.last
+
+  def __call__(self, loop):
+    self.evaluate(loop.trainer, loop.state.params, loop.step)
+
+
+class AtEnd(Hook):
+  """Calls `fn(loop)` once, after training (exporting parameters, printing samples)."""
+
+  def __init__(self, fn: Callable[["TrainLoop"], Any]):
+    self.fn = fn
+
+  def on_end(self, loop):
+    self.fn(loop)
