@@ -1,11 +1,14 @@
-"""Model presets, loss plumbing, and each family overfitting a batch on a (2, 2, 2) mesh."""
+"""Model presets, loss plumbing (sown auxiliary losses, the MLP kind), each family overfitting a
+batch on a (2, 2, 2) mesh, decoding, and gin isolation of `from_gin`."""
+import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from t5x_lite import models, partitioning
+from t5x_lite import layers, models, partitioning, transformer
 
 
 @pytest.mark.parametrize("preset, count", [
@@ -189,3 +192,55 @@ def test_decoding_bad_input_is_refused_with_the_fix():
   bert = models.from_gin("bert_tiny")
   with pytest.raises(ValueError, match="does not generate text"):
     bert.predict_batch(None, {})
+
+
+# ------------------------------------------------------------------------------ the seams
+
+class SowingMlp(layers.Mlp):
+  """The dense MLP plus an auxiliary loss on its output, as an MoE router's balance loss is."""
+
+  @nn.compact
+  def __call__(self, x):
+    y = super().__call__(x)
+    self.sow(layers.AUX_LOSSES, "activity", 0.01 * jnp.mean(jnp.square(y)))
+    return y
+
+
+@pytest.mark.parametrize("preset", ["gpt2_tiny", "t5_tiny"])
+def test_a_sown_auxiliary_loss_survives_the_layer_scan_and_reaches_the_gradient(preset,
+                                                                               monkeypatch):
+  monkeypatch.setitem(layers.MLP_KINDS, "sowing", SowingMlp)
+  scanned = models.from_gin(preset, ["TransformerConfig.mlp = 'sowing'"])
+  unrolled = models.from_gin(preset, ["TransformerConfig.mlp = 'sowing'",
+                                      "TransformerConfig.scan_layers = False"])
+  dense = models.from_gin(preset)  # the same parameters without the auxiliary loss
+  batch = _random_batch(scanned, batch_size=2)
+  params = scanned.init(jax.random.PRNGKey(0), batch)
+  grad_fn = lambda model, p: jax.grad(lambda p: model.loss_fn(p, batch)[0])(p)
+  loss, metrics = scanned.loss_fn(params, batch)
+  loss_unrolled, metrics_unrolled = unrolled.loss_fn(transformer.unstack_layers(params), batch)
+  dense_loss, _ = dense.loss_fn(params, batch)
+  aux = float(metrics["aux/activity"])
+  assert aux > 0  # summed over every layer of every stack
+  np.testing.assert_allclose(aux, float(metrics_unrolled["aux/activity"]), rtol=1e-5)
+  np.testing.assert_allclose(loss, dense_loss + aux, rtol=1e-5)
+  np.testing.assert_allclose(loss, loss_unrolled, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+  difference = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                            grad_fn(scanned, params), grad_fn(dense, params))
+  assert max(jax.tree.leaves(difference)) > 0  # the auxiliary loss moves the weights
+
+
+def test_an_unknown_mlp_kind_names_the_registered_ones():
+  model = models.from_gin("gpt2_tiny", ["TransformerConfig.mlp = 'moe'"])
+  with pytest.raises(ValueError, match=r"mlp='moe' is not a registered MLP kind; registered: "
+                                       r"\['dense'"):
+    model.num_params()
+
+
+def test_loading_a_model_leaves_the_callers_gin_config_alone():
+  gin.parse_config(["TransformerConfig.vocab_size = 999", "SOME_MACRO = 3"])
+  model = models.from_gin("gpt2_tiny")
+  assert model.config.vocab_size != 999  # the preset's own config, not the caller's bindings
+  assert gin.query_parameter("TransformerConfig.vocab_size") == 999
+  assert gin.query_parameter("%SOME_MACRO") == 3
