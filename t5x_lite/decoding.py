@@ -78,21 +78,21 @@ class DecodeParams:
                       f"{[f.name for f in dataclasses.fields(self)]}.")
     return dataclasses.replace(self, **changes)
 
-  @property
-  def num_outputs(self) -> int:
-    return self.beam_size or self.num_decodes
-
   # temperature, top_p and alpha change no shape, so they are passed to compiled decoders as
   # arrays and new values need no recompilation; the rest is static (part of the jit key).
+  # Whether top_p filters at all changes the program: the traced part holds top_p only then, so
+  # the two cases differ in structure and compile separately.
   def split(self) -> tuple["DecodeParams", dict]:
     """(hashable static part, traced part); `join` puts them back together."""
-    static = self.replace(temperature=1.0, top_p=0.5 if self.top_p < 1 else 1.0, alpha=0.0)
-    return static, {"temperature": jnp.float32(self.temperature),
-                    "top_p": jnp.float32(self.top_p), "alpha": jnp.float32(self.alpha)}
+    static = self.replace(temperature=1.0, top_p=1.0, alpha=0.0)
+    traced = {"temperature": jnp.float32(self.temperature), "alpha": jnp.float32(self.alpha)}
+    if self.top_p < 1:
+      traced["top_p"] = jnp.float32(self.top_p)
+    return static, traced
 
   def join(self, traced: dict) -> "DecodeParams":
     return dataclasses.replace(self, temperature=traced["temperature"], alpha=traced["alpha"],
-                               top_p=traced["top_p"] if self.top_p < 1 else 1.0)
+                               top_p=traced.get("top_p", 1.0))
 
 
 def decode(step_fn: StepFn, logits: Array, cache: Any, positions: Array, rng: Array,

@@ -111,8 +111,8 @@ def extract_functions(source: str, max_chars: int = 4000) -> list[tuple[str, str
 
 @functools.lru_cache(maxsize=None)
 def _extract_cached(path: str, size: int, mtime_ns: int) -> tuple[list[bytes], list[bytes]]:
-  """Pairs of one file, memoised: parsing costs ~20 ms a file but the results are small (the
-  whole stdlib gives ~8k pairs, ~4 MB), so later epochs and other datasets reuse them."""
+  """Pairs of one file, memoised: parsing is the slow part and the results are small (the
+  whole stdlib gives a few thousand pairs), so later epochs and other datasets reuse them."""
   del size, mtime_ns  # part of the cache key only
   with open(path, encoding="utf-8") as f:
     pairs = extract_functions(f.read())
