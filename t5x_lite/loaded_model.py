@@ -57,19 +57,19 @@ def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
 
 
 def _vocabulary(checkpoint_dir: str, vocabulary):
-  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top  # TensorFlow
+  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top  # no TF
   if isinstance(vocabulary, str):
-    return vocabularies.get_vocabulary("sentencepiece", vocabulary)
-  return vocabulary or checkpoint_vocabulary(checkpoint_dir) or vocabularies.get_vocabulary("byte")
+    return vocab_lib.build("sentencepiece", vocabulary)
+  return vocabulary or checkpoint_vocabulary(checkpoint_dir) or vocab_lib.build("byte")
 
 
 def checkpoint_vocabulary(checkpoint_dir: str):
   """The vocabulary a checkpoint directory records, or None: its SentencePiece `vocab.model`,
   else the `get_vocabulary.NAME = VALUE` lines of the config.gin a training run writes."""
-  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top  # TensorFlow
+  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top  # no TF
   spm_path = os.path.join(checkpoint_dir, SPM_FILE)
   if os.path.exists(spm_path):
-    return vocabularies.get_vocabulary("sentencepiece", spm_path)
+    return vocab_lib.build("sentencepiece", spm_path)
   path = os.path.join(checkpoint_dir, TRAIN_CONFIG)
   if not os.path.exists(path):
     return None
@@ -77,7 +77,7 @@ def checkpoint_vocabulary(checkpoint_dir: str):
     found = re.findall(r"^get_vocabulary\.(\w+)\s*=\s*(.+?)\s*$", f.read(), re.MULTILINE)
   if not found:
     return None
-  return vocabularies.get_vocabulary(**{name: ast.literal_eval(value) for name, value in found})
+  return vocab_lib.build(**{name: ast.literal_eval(value) for name, value in found})
 
 
 class LoadedModel:
@@ -141,8 +141,8 @@ class LoadedModel:
     if MASK not in text:
       raise ValueError(f"fill_mask: put {MASK} where a token should be predicted, e.g. "
                        f"'import [MASK]s'; got {text!r}.")
-    from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top
-    mask_id = vocabularies.mask_id(self.vocabulary)
+    from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
+    mask_id = vocab_lib.mask_id(self.vocabulary)
     ids = []
     for i, piece in enumerate(text.split(MASK)):
       ids += ([mask_id] if i else []) + (self._encode(piece) if piece else [])

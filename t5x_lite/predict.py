@@ -32,6 +32,7 @@ def tasks_of(mixture_or_task_name: str) -> list:
 
 def check_vocabulary(model, checkpoint_path: str, task) -> Any:
   """The task's vocabulary, after checking that the checkpoint was trained with it."""
+  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
   vocab = task.output_features["targets"].vocabulary
   vocab = getattr(vocab, "resolved", vocab)  # The gin-selected one behind DEFAULT_VOCABULARY.
   if vocab.vocab_size > model.config.vocab_size:
@@ -40,7 +41,7 @@ def check_vocabulary(model, checkpoint_path: str, task) -> Any:
         f"model has vocab_size={model.config.vocab_size}: it was trained with another vocabulary. "
         "Set get_vocabulary.* as in the training run.")
   trained = loaded_model.checkpoint_vocabulary(checkpoint_path)
-  if trained is not None and trained != vocab:
+  if trained is not None and not vocab_lib.same(trained, vocab):  # by content, not by path
     raise ValueError(
         f"The checkpoint {checkpoint_path!r} was trained with {trained} (its config.gin or "
         f"{loaded_model.SPM_FILE}) but task {task.name!r} now uses {vocab}; set get_vocabulary.* as "

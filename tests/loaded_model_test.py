@@ -1,6 +1,7 @@
 """The notebook API on params checkpoints written here: t5x_lite.load -> generate / score /
 fill_mask, with the byte vocabulary."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -114,3 +115,46 @@ def test_a_vocabulary_the_model_cannot_hold_is_refused(tmp_path):
             "get_vocabulary.spm_path = '/nonexistent.model'\n")
   with pytest.raises(FileNotFoundError, match="nonexistent.model"):
     t5x_lite.load(directory)
+
+
+def _bert_dir(directory):
+  model = models.from_gin("bert_tiny")
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), model.dummy_batch(1, {"inputs": 8}))
+  return _save(directory, model, params)
+
+
+def test_load_generate_score_and_fill_mask_never_import_tensorflow(gpt_dir, tmp_path):
+  code = ("import sys, t5x_lite\n"
+          f"gpt = t5x_lite.load({gpt_dir!r})\n"
+          "assert gpt.generate(['abcdab'], max_new_tokens=4) == ['cdab']\n"
+          "gpt.score(['ab'], ['cd'])\n"
+          f"t5x_lite.load({_bert_dir(tmp_path)!r}).fill_mask('a[MASK]c', top_k=1)\n"
+          "heavy = [m for m in ('tensorflow', 'seqio') if m in sys.modules]\n"
+          "assert not heavy, heavy\n")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_load_takes_a_seqio_vocabulary_or_a_sentencepiece_path(gpt_dir, tmp_path):
+  import seqio  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from t5x_lite import loaded_model, vocabulary  # pylint: disable=g-import-not-at-top
+  m = t5x_lite.load(gpt_dir, vocabulary=seqio.ByteVocabulary(extra_ids=101))
+  assert isinstance(m.vocabulary, seqio.ByteVocabulary)
+  assert m.generate(["abcdab"], max_new_tokens=4) == ["cdab"]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([PATTERN, "def f(x): return x"] * 50),
+      model_prefix=str(tmp_path / "s"),
+      vocab_size=300, hard_vocab_limit=False, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
+      bos_id=-1, minloglevel=2)
+  path = str(tmp_path / "s.model")
+  m = t5x_lite.load(gpt_dir, vocabulary=path)
+  assert isinstance(m.vocabulary, vocabulary.SentencePieceVocabulary)
+  assert m.vocabulary.extra_ids == 100 and m.vocabulary.decode(m.vocabulary.encode("abc")) == "abc"
+  # A checkpoint holding a copy of the model (as a training run keeps it) records the same one.
+  copy = str(tmp_path / "ckpt")
+  shutil.copytree(gpt_dir, copy)
+  shutil.copyfile(path, os.path.join(copy, loaded_model.SPM_FILE))
+  trained = loaded_model.checkpoint_vocabulary(copy)
+  assert vocabulary.same(trained, seqio.SentencePieceVocabulary(path, extra_ids=100))
+  assert not vocabulary.same(trained, seqio.SentencePieceVocabulary(path, extra_ids=10))

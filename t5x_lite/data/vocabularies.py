@@ -1,53 +1,36 @@
-"""Vocabularies: the zero-setup byte vocabulary and SentencePiece models from tools/train_vocab.py.
+"""seqio vocabularies for the input pipeline: the byte default and SentencePiece through gin.
 
 Tasks are registered at import time, but the vocabulary is a gin choice made later (after the
 training job has parsed its gin files). `DEFAULT_VOCABULARY` bridges the two: it is a seqio
 `Vocabulary` that asks the gin-configurable `get_vocabulary()` which vocabulary to use every time it
 is used, so all registered tasks follow the current gin binding.
 
-Id layout shared by both kinds (seqio / T5 convention):
-  0 = PAD, 1 = EOS, 2 = UNK, then ordinary tokens, then `extra_ids` sentinels at the very top:
-  sentinel i (T5's `<extra_id_i>`) is `vocab_size - 1 - i`.
-  [MASK] (for BERT MLM): in a SentencePiece model trained by tools/train_vocab.py it is the
-  user-defined piece "[MASK]" (id 3); in the byte vocabulary it is one extra id reserved just below
-  the sentinels (id 259), which is why the byte vocabulary holds `extra_ids + 1` extra ids.
+Each seqio vocabulary here is made from the TensorFlow-free one `t5x_lite.vocabulary.build` returns
+(same ids, and what `t5x_lite.load` uses); that module holds the id layout (PAD/EOS/UNK, [MASK],
+sentinels) and `special_ids`, re-exported here for the preprocessors.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 
 import gin
 import seqio
 
-PAD_ID = 0
-EOS_ID = 1
-MASK_PIECE = "[MASK]"
-DEFAULT_EXTRA_IDS = 100  # as many sentinels as T5 has
+from t5x_lite import vocabulary as vocab_lib
+from t5x_lite.vocabulary import DEFAULT_EXTRA_IDS, EOS_ID, MASK_PIECE, PAD_ID  # noqa: F401
+from t5x_lite.vocabulary import SpecialIds, special_ids  # noqa: F401
 
 
 @functools.lru_cache(maxsize=None)
 def _build(kind: str, spm_path: str | None, extra_ids: int) -> seqio.Vocabulary:
-  if kind == "byte":
-    # One more extra id than sentinels: the lowest one is [MASK] (see module docstring).
-    return seqio.ByteVocabulary(extra_ids=extra_ids + 1)
-  if kind == "sentencepiece":
-    if not spm_path:
-      raise ValueError(
-          "get_vocabulary.kind='sentencepiece' needs get_vocabulary.spm_path, e.g. "
-          "--gin.get_vocabulary.spm_path=\"'/path/spm.model'\" (train one with tools/train_vocab.py).")
-    if not os.path.exists(spm_path):
-      raise FileNotFoundError(
-          f"SentencePiece model {spm_path!r} does not exist; train one with "
-          "`python tools/train_vocab.py --output_prefix ...` or use get_vocabulary.kind='byte'.")
-    vocab = seqio.SentencePieceVocabulary(spm_path, extra_ids=extra_ids)
-    if vocab.pad_id != PAD_ID or vocab.eos_id != EOS_ID:
-      raise ValueError(
-          f"{spm_path}: pad/eos ids are {vocab.pad_id}/{vocab.eos_id}, but t5x_lite needs 0/1. "
-          "Retrain it with tools/train_vocab.py (it sets --pad_id=0 --eos_id=1).")
-    return vocab
-  raise ValueError(f"Unknown vocabulary kind {kind!r}; choose 'byte' or 'sentencepiece'.")
+  return as_seqio(vocab_lib.build(kind, spm_path, extra_ids))
+
+
+def as_seqio(vocab: vocab_lib.Vocabulary) -> seqio.Vocabulary:
+  """The seqio vocabulary (with the `encode_tf` tasks need) giving the same ids as `vocab`."""
+  if isinstance(vocab, vocab_lib.ByteVocabulary):
+    return seqio.ByteVocabulary(extra_ids=vocab.extra_ids)
+  return seqio.SentencePieceVocabulary(vocab.sentencepiece_model_file, extra_ids=vocab.extra_ids)
 
 
 @gin.configurable
@@ -137,7 +120,7 @@ class GinVocabulary(seqio.Vocabulary):
     return self.resolved.decode_tf(ids)
 
   def __eq__(self, other):
-    return isinstance(other, GinVocabulary) or self.resolved == other
+    return isinstance(other, GinVocabulary) or vocab_lib.same(self.resolved, other)
 
   def __hash__(self):
     return hash("t5x_lite.GinVocabulary")
@@ -149,56 +132,6 @@ class GinVocabulary(seqio.Vocabulary):
 DEFAULT_VOCABULARY = GinVocabulary()
 
 
-def _concrete(vocab: seqio.Vocabulary) -> seqio.Vocabulary:
-  return vocab.resolved if isinstance(vocab, GinVocabulary) else vocab
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-  """The ids preprocessors need beyond pad/eos.
-
-  Attributes:
-    mask_id: BERT [MASK] id, or None if the vocabulary has none.
-    num_sentinels: how many T5 sentinels exist (sentinel i = vocab_size - 1 - i).
-    regular_start, regular_end: [start, end) holds every ordinary token (no pad/eos/unk/mask,
-      no sentinels); MLM draws its random replacements from it and only chooses tokens in it.
-    vocab_size: total size including sentinels.
-  """
-  mask_id: int | None
-  num_sentinels: int
-  regular_start: int
-  regular_end: int
-  vocab_size: int
-
-  def sentinel(self, i):
-    """Id of sentinel i (works on ints and tensors)."""
-    return self.vocab_size - 1 - i
-
-
-def special_ids(vocab: seqio.Vocabulary) -> SpecialIds:
-  vocab = _concrete(vocab)
-  if isinstance(vocab, seqio.ByteVocabulary):
-    base = vocab._base_vocab_size  # pylint: disable=protected-access  # 3 specials + 256 bytes
-    return SpecialIds(mask_id=base, num_sentinels=vocab.extra_ids - 1, regular_start=3,
-                      regular_end=base, vocab_size=vocab.vocab_size)
-  if isinstance(vocab, seqio.SentencePieceVocabulary):
-    sp = vocab.tokenizer
-    mask = sp.piece_to_id(MASK_PIECE)
-    mask = None if mask == sp.unk_id() else mask
-    specials = [i for i in (vocab.pad_id, vocab.eos_id, vocab.unk_id, mask) if i is not None]
-    return SpecialIds(mask_id=mask, num_sentinels=vocab.extra_ids,
-                      regular_start=max(specials) + 1,
-                      regular_end=vocab.vocab_size - vocab.extra_ids,
-                      vocab_size=vocab.vocab_size)
-  raise TypeError(f"t5x_lite does not know the special ids of {type(vocab).__name__}.")
-
-
 def mask_id(vocab: seqio.Vocabulary | None = None) -> int:
   """[MASK] id of `vocab` (default: the gin-selected one); what EncoderFeatureConverter needs."""
-  ids = special_ids(vocab or DEFAULT_VOCABULARY)
-  if ids.mask_id is None:
-    raise ValueError(
-        f"Vocabulary {_concrete(vocab or DEFAULT_VOCABULARY)} has no {MASK_PIECE!r} piece, so it "
-        "cannot be used for MLM. Train one with tools/train_vocab.py (it adds [MASK]) or use the "
-        "byte vocabulary.")
-  return ids.mask_id
+  return vocab_lib.mask_id(vocab or DEFAULT_VOCABULARY)
