@@ -149,35 +149,29 @@ def tokens_per_step(shapes: Mapping[str, Sequence[int]]) -> int:
 
 def flops_per_step(model, shapes: Mapping[str, Sequence[int]]) -> float:
   """Model FLOPs of one training step (forward + backward), as the trainer counts them for MFU."""
-  if hasattr(model, "flops_per_step"):
-    return float(model.flops_per_step(shapes))
-  from t5x_lite import trainer  # pylint: disable=g-import-not-at-top
-  return float(trainer.model_flops_per_step(model.config, shapes))
+  return float(model.flops_per_step(shapes))
 
 
 def estimate_memory(trainer) -> dict[str, float]:
   """Bytes per device of a train step (state, gradients, activations, total): the estimate the
   train job checks against the device's memory before compiling."""
-  if hasattr(trainer, "estimate_memory"):
-    return dict(trainer.estimate_memory())
-  from t5x_lite import train  # pylint: disable=g-import-not-at-top
-  return train.estimate_memory_per_device(trainer)
+  return dict(trainer.estimate_memory())
 
 
 def compile_train_step(trainer):
   """The trainer's train step compiled for its batch shapes and shardings (allocates nothing)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from t5x_lite import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=trainer.batch_shardings[k])
            for k, v in trainer.batch_shapes.items()}
-  args = (trainer.abstract_state, batch)
-  if hasattr(trainer, "mask"):  # the step takes (trainable state, frozen params, batch, trees)
-    from t5x_lite import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-    trainable, frozen = trainer_lib.partition(trainer.abstract_state.params, trainer.mask)
-    trees = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                         trainer.frozen_trees)
-    args = (trainer.abstract_state.replace(params=trainable), frozen, batch, trees)
-  return trainer._train_step.lower(*args).compile()  # pylint: disable=protected-access
+  # The step takes the state with its trainable parameters, the frozen ones, the batch and the
+  # frozen trees, as `Trainer.train_step` passes them.
+  trainable, frozen = trainer_lib.partition(trainer.abstract_state.params, trainer.mask)
+  state = trainer.abstract_state.replace(params=trainable)
+  trees = jax.tree.map(abstract, trainer.frozen_trees)
+  return trainer._train_step.lower(state, frozen, batch, trees).compile()  # pylint: disable=protected-access
 
 
 def xla_memory(compiled) -> dict[str, float]:

@@ -100,19 +100,10 @@ def parse_args(argv: Optional[Sequence[str]]):
   return args, rest
 
 
-def _launch():
-  """The module that parses gin flags for the jobs."""
-  try:
-    from t5x_lite import launch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    from t5x_lite import train as launch  # pylint: disable=g-import-not-at-top
-  return launch
-
-
 def configure(gin_argv: Sequence[str], extra_bindings: Sequence[str] = ()) -> None:
   """Parses gin files and bindings exactly as the train job does."""
-  launch = _launch()
-  flags = launch.parse_flags(list(gin_argv))
+  from t5x_lite import launch  # pylint: disable=g-import-not-at-top
+  flags = launch.parse_flags(list(gin_argv), prog="python tools/scaling.py")
   launch.configure(flags.gin_file, list(flags.gin_bindings) + list(extra_bindings),
                    flags.gin_search_paths)
 
@@ -165,8 +156,11 @@ def _si(x: float) -> str:
   return f"{x:.3g}"
 
 
-def _gib(x: float) -> str:
-  return f"{x / 2 ** 30:.3f}"
+def _bytes(x: float) -> str:
+  for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if x >= scale:
+      return f"{x / scale:.3g} {unit}"
+  return f"{x:.0f} B"
 
 
 def _emit(args, data: dict, text: str) -> None:
@@ -210,14 +204,14 @@ def cmd_memory(args, gin_argv) -> dict:
                                 args.num_microbatches)
   data = {"mesh": dict(mesh.shape), "batch_shapes": shapes,
           "remat_policy": model.config.remat_policy, "estimate": scaling.estimate_memory(trainer)}
-  headers = ["bytes per device (GiB)"] + list(data["estimate"])
-  rows = [["estimate"] + [_gib(v) for v in data["estimate"].values()]]
+  text = (f"mesh {data['mesh']}, batch {shapes}, remat {data['remat_policy']}\n"
+          + _table(["per device"] + list(data["estimate"]),
+                   [["estimate"] + [_bytes(v) for v in data["estimate"].values()]]))
   if args.xla:
     data["xla"] = scaling.xla_memory(scaling.compile_train_step(trainer))
-    rows.append(["XLA memory_analysis: " + ", ".join(
-        f"{k} {_gib(v)}" for k, v in data["xla"].items())] + [""] * (len(headers) - 1))
-  _emit(args, data, f"mesh {data['mesh']}, batch {shapes}, remat {data['remat_policy']}\n"
-        + _table(headers, rows))
+    text += "\n\n" + _table(["per device"] + list(data["xla"]),
+                              [["XLA memory_analysis"] + [_bytes(v) for v in data["xla"].values()]])
+  _emit(args, data, text)
   return data
 
 
@@ -318,21 +312,36 @@ def final_validation_loss(model_dir: str, step: int) -> Optional[float]:
 def run_job(run: dict, args, gin_argv) -> dict:
   """Trains one grid point with the train job (resuming, or skipping one already done)."""
   model_dir = os.path.join(os.path.abspath(args.output_dir), run["name"])
+  flags = _job_flags(run, args, gin_argv, model_dir)
+  _check_same_run(model_dir, flags)
   loss = final_validation_loss(model_dir, run["steps"])
   seconds = None
   if loss is None:
-    os.makedirs(model_dir, exist_ok=True)
     start = time.perf_counter()
     with open(os.path.join(model_dir, "train.log"), "w") as log:
-      status = subprocess.call(
-          [sys.executable, "-m", "t5x_lite.train"] + _job_flags(run, args, gin_argv, model_dir),
-          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+      status = subprocess.call([sys.executable, "-m", "t5x_lite.train"] + flags, stdout=log,
+                               stderr=subprocess.STDOUT, cwd=ROOT)
     seconds = time.perf_counter() - start
     loss = final_validation_loss(model_dir, run["steps"])
     if status or loss is None:
       raise SystemExit(f"The train job for {run['name']} failed (status {status}); see "
                        f"{model_dir}/train.log.")
   return dict(run, loss=loss, seconds=seconds, model_dir=model_dir)
+
+
+def _check_same_run(model_dir: str, flags: Sequence[str]) -> None:
+  """A run directory is reused only for the same job flags (names do not say the batch, the
+  length or the gin flags)."""
+  path = os.path.join(model_dir, "sweep_flags.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      if json.load(f) != list(flags):
+        raise SystemExit(f"{model_dir} holds a run with other flags (see {path}); give the sweep "
+                         "another --output_dir.")
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(list(flags), f, indent=1)
 
 
 def analyse(runs: Sequence[dict], starts: int) -> dict:
@@ -353,7 +362,26 @@ def analyse(runs: Sequence[dict], starts: int) -> dict:
                      "params_6nd": n6, "tokens_per_param_6nd": d6 / n6,
                      "isoflop_params": isoflop})
   return {"law": law.as_dict(), "a": law.beta / (law.alpha + law.beta),
-          "flops_per_token": {"k": cost.k, "p": cost.p}, "frontier": frontier}
+          "flops_per_token": {"k": cost.k, "p": cost.p}, "frontier": frontier,
+          "notes": _caveats(law, runs, frontier)}
+
+
+def _caveats(law: scaling.Law, runs: Sequence[dict], frontier: Sequence[dict]) -> list[str]:
+  """What the sweep's points do not pin down."""
+  notes = []
+  if law.E < 0.05 * min(r["loss"] for r in runs):
+    notes.append(f"E fitted as {law.E:.3g}: these points do not determine the irreducible "
+                 "loss, and alpha and beta trade off against it; train longer or larger.")
+  low, high = min(r["params"] for r in runs), max(r["params"] for r in runs)
+  for point in frontier:
+    if not low <= point["params"] <= high:
+      notes.append(f"At C = {point['budget']:.1e} the fitted optimum N = "
+                   f"{point['params']:.3g} lies outside the sizes tried ({low:,} to {high:,}): "
+                   "an extrapolation; add sizes towards it.")
+    if not low <= point["isoflop_params"] <= high:  # also NaN: no valley at all
+      notes.append(f"At C = {point['budget']:.1e} the runs bracket no IsoFLOP minimum: it lies "
+                   "outside the sizes tried.")
+  return notes
 
 
 def draw(runs: Sequence[dict], result: dict, path: str) -> str:
@@ -427,6 +455,7 @@ def cmd_sweep(args, gin_argv) -> dict:
                      _si(p["params_6nd"]), f"{p['tokens_per_param_6nd']:.1f}",
                      _si(p["isoflop_params"]) if math.isfinite(p["isoflop_params"]) else "none"]
                     for p in result["frontier"]])
+          + "".join(f"\n- {note}" for note in result["notes"])
           + f"\n\nfigure: {result['figure']}")
   _emit(args, data, text)
   return data
