@@ -8,7 +8,8 @@
 
 The vocabulary that turns text into ids comes from, in order: `load(..., vocabulary=)`, a
 SentencePiece `vocab.model` file in the checkpoint directory, the `get_vocabulary` bindings of
-the `config.gin` a training run writes there, and otherwise seqio's byte vocabulary.
+the `config.gin` a training run writes there, and otherwise the byte vocabulary. None of this
+imports TensorFlow (`t5x_lite.vocabulary` gives the same ids as the input pipeline's seqio ones).
 
 What the text means follows the seqio tasks the models train on: a decoder-only model continues
 the prompt ([BOS] + prompt, as `*_clm` tasks), an encoder-decoder model reads it as its inputs
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from t5x_lite import checkpoints, models
+from t5x_lite import vocabulary as vocab_lib
 
 SPM_FILE = "vocab.model"
 TRAIN_CONFIG = "config.gin"
@@ -57,7 +59,6 @@ def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
 
 
 def _vocabulary(checkpoint_dir: str, vocabulary):
-  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top  # no TF
   if isinstance(vocabulary, str):
     return vocab_lib.build("sentencepiece", vocabulary)
   return vocabulary or checkpoint_vocabulary(checkpoint_dir) or vocab_lib.build("byte")
@@ -66,7 +67,6 @@ def _vocabulary(checkpoint_dir: str, vocabulary):
 def checkpoint_vocabulary(checkpoint_dir: str):
   """The vocabulary a checkpoint directory records, or None: its SentencePiece `vocab.model`,
   else the `get_vocabulary.NAME = VALUE` lines of the config.gin a training run writes."""
-  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top  # no TF
   spm_path = os.path.join(checkpoint_dir, SPM_FILE)
   if os.path.exists(spm_path):
     return vocab_lib.build("sentencepiece", spm_path)
@@ -141,7 +141,6 @@ class LoadedModel:
     if MASK not in text:
       raise ValueError(f"fill_mask: put {MASK} where a token should be predicted, e.g. "
                        f"'import [MASK]s'; got {text!r}.")
-    from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
     mask_id = vocab_lib.mask_id(self.vocabulary)
     ids = []
     for i, piece in enumerate(text.split(MASK)):

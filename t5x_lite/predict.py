@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from t5x_lite import checkpoints, decoding, loaded_model, partitioning
+from t5x_lite import vocabulary as vocab_lib
 
 
 def _data():
@@ -32,7 +33,6 @@ def tasks_of(mixture_or_task_name: str) -> list:
 
 def check_vocabulary(model, checkpoint_path: str, task) -> Any:
   """The task's vocabulary, after checking that the checkpoint was trained with it."""
-  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
   vocab = task.output_features["targets"].vocabulary
   vocab = getattr(vocab, "resolved", vocab)  # The gin-selected one behind DEFAULT_VOCABULARY.
   if vocab.vocab_size > model.config.vocab_size:
