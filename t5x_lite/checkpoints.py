@@ -58,15 +58,33 @@ def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
     raise FileNotFoundError(
         f"No params checkpoint at {directory!r} (expected a {PARAMS_DIR}/ directory written by "
         "t5x_lite.checkpoints.save_params or tools/convert_checkpoint.py).")
-  metadata = params_metadata(directory)
+  with _unreadable_params(target):
+    metadata = params_metadata(directory)
   if abstract_params is None:
     # Onto this process's first device, whatever devices the checkpoint was written from.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_params = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   check_shapes(metadata, abstract_params, f"Params checkpoint {directory!r}")
-  with ocp.StandardCheckpointer() as checkpointer:
+  with _unreadable_params(target), ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(target, abstract_params)
+
+
+@contextlib.contextmanager
+def _unreadable_params(target: str):
+  """Orbax's errors on a damaged params/ directory, as one sentence with the fix."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore, JSON, OS errors
+    raise ValueError(_unreadable_message(target, e)) from e
+
+
+def _unreadable_message(target: str, error: Exception) -> str:
+  first_line = (str(error).strip().splitlines() or [""])[0][:200]
+  return (f"{target} is not a readable params checkpoint ({type(error).__name__}: "
+          f"{first_line}): it is damaged (e.g. a copy cut short) or was not written by Orbax. "
+          "Export it again (rerun the training job, checkpoints.save_params or "
+          "tools/convert_checkpoint.py) or point to another checkpoint.")
 
 
 def load_train_state_params(state_dir: str, abstract_params: Any) -> Any:
@@ -145,6 +163,7 @@ class CheckpointManager:
     self.directory = os.path.join(os.path.abspath(model_dir), self.SUBDIR)
     self.save_interval_steps = save_interval_steps
     self.restored_step: Optional[int] = None  # the step `restore` read (after any fallback)
+    self.restored_position: dict = {}  # its data position: batches_consumed (and batch_size)
     self._saving: Optional[int] = None  # the step whose asynchronous write may be under way
     # The interval is applied in `save` (Orbax alone would also save the very first step).
     # Temporary directories of saves cut short (a kill, a full disk) are removed on start-up.
@@ -154,6 +173,11 @@ class CheckpointManager:
         # Named handlers let a fresh manager read metadata of existing steps before any save.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
+    # Orbax removes those temporary directories in a background thread that only its first
+    # save waits for: wait now, so that no removal is still under way while this run reads or
+    # lists its checkpoints, or after it closed.
+    getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+    self._closed = False
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -161,15 +185,20 @@ class CheckpointManager:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, batches_consumed: int, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, batches_consumed: int, force: bool = False,
+           batch_size: Optional[int] = None) -> bool:
     """Saves if `step` is a multiple of the interval (or `force`); returns whether a save was
-    started. Raises OSError naming the fix if this or the previous asynchronous save failed."""
+    started. `batch_size` (the global batch size the batches were consumed at) is recorded with
+    the position, so a resume at another batch size can convert it. Raises OSError naming the
+    fix if this or the previous asynchronous save failed."""
     if (step % self.save_interval_steps and not force) or step in self._manager.all_steps():
       return False
+    position = {"batches_consumed": int(batches_consumed)}
+    if batch_size is not None:
+      position["batch_size"] = int(batch_size)
     with self._explain_save_errors():
       started = self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=ocp.args.JsonSave({"batches_consumed": int(batches_consumed)})), force=force)
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)), force=force)
     self._saving = step if started else self._saving
     return started
 
@@ -224,7 +253,7 @@ class CheckpointManager:
       if set_aside:
         logging.warning("Resuming from step %d, the newest readable checkpoint in %s.",
                         candidate, self.directory)
-      self.restored_step = candidate
+      self.restored_step, self.restored_position = candidate, dict(restored.data)
       return restored.state, consumed
     raise ValueError(
         f"No readable train-state checkpoint in {self.directory}: all were damaged and set "
@@ -235,6 +264,7 @@ class CheckpointManager:
     trips over it again; it is kept for inspection."""
     path = os.path.join(self.directory, str(step))
     target = path + ".corrupt"
+    _sync_processes(f"t5x_lite: set aside checkpoint {step}?")  # every process saw the damage
     if jax.process_index() == 0:
       suffix = 1
       while os.path.exists(target):
@@ -243,6 +273,8 @@ class CheckpointManager:
     logging.warning("Train-state checkpoint %s is unreadable (%s: %s); set aside as %s, falling "
                     "back to the previous step.", path, type(error).__name__,
                     str(error)[:300], target)
+    # No process lists the steps again before process 0's rename is done, so all agree on them.
+    _sync_processes(f"t5x_lite: set aside checkpoint {step}")
     self._manager.reload()
     return target
 
@@ -251,11 +283,33 @@ class CheckpointManager:
       self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the background writes, then stops Orbax's threads (again: a no-op)."""
+    if self._closed:
+      return
+    self._closed = True
     with self._explain_save_errors():
       self._manager.close()
+
+  def close_after_error(self) -> None:
+    """`close` for a job that is already failing: a save error found now is logged, not
+    raised over the job's own error, and no Orbax thread outlives the job."""
+    try:
+      self.close()
+    except OSError as e:
+      logging.warning("%s", e)
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    if exc_type is None:
+      self.close()
+    else:
+      self.close_after_error()
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier across the processes of a multi-host run (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -4,11 +4,17 @@ Flags, as T5X's: `--gin_file` (repeatable; relative paths are looked up in `--gi
 and in gin_configs/), `--gin.NAME=VALUE` (a binding or macro, e.g. `--gin.TRAIN_STEPS=100`;
 strings need no quotes), `--gin_search_paths`, and for multi-host runs `--coordinator_address`,
 `--num_processes`, `--process_id`.
+
+A flag whose value does not fit what the gin files set (`--gin.TRAIN_STEPS=ten`,
+`--gin.BATCH_SIZE=8.5`) is refused before any work, naming the flag. A job's known errors (bad
+config or data, a refused MODEL_DIR, a diverged run, a full disk) end it with one message on
+stderr and exit status 1; T5X_LITE_TRACEBACK=1 shows their tracebacks instead.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import logging
 import os
 import sys
@@ -83,10 +89,56 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
       except ValueError:
         raise ValueError(f"--gin.{name}: no gin file defines the macro {name}; check the "
                          "spelling (e.g. TRAIN_STEPS, BATCH_SIZE, MODEL_DIR).") from None
+    binding = _typed(binding)
     try:
       gin.parse_config(binding)
     except ValueError as e:
       raise ValueError(f"--gin.{binding}: {e}") from None
+  _check_model_given()
+
+
+def _bound(name: str):
+  """The value the gin files bind `name` (a macro or configurable.param) to; None if unbound."""
+  try:
+    return gin.query_parameter(name if "." in name or "/" in name else f"%{name}")
+  except ValueError:
+    return None
+
+
+_KINDS = ((bool, "True or False"), (int, "a whole number"), (float, "a number"),
+          ((list, tuple), "a list"), (dict, "a dict"))  # bool first: it is an int to Python
+
+
+def _fits(new, kind) -> bool:
+  if kind in (int, float) and isinstance(new, bool):
+    return False
+  return isinstance(new, (int, float) if kind is float else kind)
+
+
+def _typed(binding: str) -> str:
+  """Refuses a flag value of another type than the gin files' value (a word or a fraction
+  where a whole number goes); a number where a string goes is taken as that string."""
+  name, value = (part.strip() for part in binding.split("=", 1))
+  old = _bound(name)
+  try:
+    new = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return binding  # a gin reference (@f(), %X)
+  if isinstance(old, str) and isinstance(new, (int, float)):
+    return f"{name} = {value!r}"  # --gin.MODEL_DIR=2024 is the directory '2024'
+  kind, words = next(((k, w) for k, w in _KINDS if isinstance(old, k)), (None, ""))
+  if kind is not None and not _fits(new, kind):
+    raise ValueError(f"--gin.{name} takes {words} (its value before this flag: {old!r}), not "
+                     f"{new!r}; nothing was run.")
+  return binding
+
+
+def _check_model_given() -> None:
+  """The run gins bind `train.model = %MODEL`: a model gin must define MODEL before them."""
+  if _bound("MODEL") is None and "%MODEL\n" in gin.config_str():
+    raise ValueError("No model: give a model gin first, then the run gin (e.g. "
+                     "--gin_file=models/gpt2_tiny.gin --gin_file=runs/pretrain.gin), or a "
+                     "trained run's model.gin.")
 
 
 def start_job(argv: Optional[Sequence[str]] = None, prog: str = "python -m t5x_lite.train",
@@ -99,9 +151,36 @@ def start_job(argv: Optional[Sequence[str]] = None, prog: str = "python -m t5x_l
   gin.finalize()
 
 
+# Errors the jobs raise with a message that says what to change: reported in one message.
+KNOWN_ERRORS = (ValueError, OSError, MemoryError, FloatingPointError)
+
+
 def main(job: Callable[[], object], argv: Optional[Sequence[str]] = None, prog: str = "",
          description: str = __doc__) -> None:
-  """A job's command line: start up, then run `job` (a gin-configurable function)."""
+  """A job's command line: start up, then run `job` (a gin-configurable function). A known
+  error ends it with one message on stderr and status 1 (see module docstring)."""
   logging.basicConfig(level=logging.WARNING)
-  start_job(argv, prog, description)
-  job()
+  try:
+    start_job(argv, prog, description)
+    job()
+  except KNOWN_ERRORS as e:
+    if os.environ.get("T5X_LITE_TRACEBACK"):
+      raise
+    print(f"{prog or 't5x_lite'}: error: {error_message(e)}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def error_message(error: BaseException) -> str:
+  """The message of a known error without what gin adds to it ("In call to configurable ...")
+  and, for a full disk, with the fix."""
+  lines = [line for line in str(error).splitlines()
+           if not line.strip().startswith("In call to configurable")]
+  message = "\n".join(lines).strip()
+  if isinstance(error, OSError) and error.errno in _DISK_FULL:
+    where = f" writing {error.filename}" if error.filename else ""
+    message = (f"the disk is full{where} ({message}). Free space on it, or point MODEL_DIR "
+               "to a larger disk, and rerun (a run resumes from its last good checkpoint).")
+  return message

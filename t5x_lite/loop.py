@@ -11,7 +11,9 @@ each step (it never waits for the device); `on_end` runs once when training is o
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -132,19 +134,30 @@ class NonFiniteGuard(Hook):
   update). The per-step flags stay on the device and are fetched when due or before a checkpoint
   (`check`), so the guard adds no host sync of its own.
 
-  policy: "skip" counts and reports such steps and goes on; "stop" raises FloatingPointError
-  before any further checkpoint is written. `where` names the data stream in messages.
+  policy: "skip" counts and reports such steps and goes on, until more than `max_fraction` of
+  the last `window` steps (of the whole run if it is shorter) were skipped: then the run is
+  diverging, and it stops (FloatingPointError naming the steps) instead of going on to report
+  success. "stop" raises at the first such step. Either raises before any further checkpoint
+  is written. `where` names the data stream in messages.
   """
   POLICIES = ("skip", "stop")
 
-  def __init__(self, policy: str, where: str, every: int):
+  def __init__(self, policy: str, where: str, every: int, max_fraction: float = 0.05,
+               window: int = 100):
     if policy not in self.POLICIES:
       raise ValueError(f"train.on_nonfinite={policy!r}: choose one of {self.POLICIES}.")
+    if not 0 <= max_fraction <= 1 or window < 1:
+      raise ValueError(f"train.max_nonfinite_fraction={max_fraction!r} must be in [0, 1] and "
+                       f"train.nonfinite_window={window!r} at least 1.")
     self.policy, self.where, self.every, self.skipped = policy, where, every, 0
+    self.max_fraction, self.window = max_fraction, window
     self._pending = []  # (step, index of its batch in the training stream, device flag)
+    self._recent: collections.deque = collections.deque()  # skipped steps in the window
+    self._window = window
 
   def on_step(self, loop):
     self._pending.append((loop.step, loop.consumed - 1, loop.metrics["nonfinite"].total))
+    self._window = min(self.window, loop.train_steps)
 
   def __call__(self, loop):
     self.check()
@@ -164,6 +177,29 @@ class NonFiniteGuard(Hook):
             "learning rate (or clip gradients), or set train.on_nonfinite = 'skip' to skip "
             "such steps and go on.")
       metrics_lib.log(f"{message} ({self.skipped} skipped so far)")
+      self._recent.append(step)
+      while self._recent and self._recent[0] <= step - self._window:
+        self._recent.popleft()
+      if len(self._recent) > self.max_fraction * self._window:
+        raise FloatingPointError(
+            f"The run is diverging: {len(self._recent)} of the last {self._window} steps had a "
+            f"non-finite loss or gradient norm and were skipped (steps {_ranges(self._recent)}), "
+            f"more than train.max_nonfinite_fraction={self.max_fraction:g}. Stopped at step "
+            f"{step} without writing a checkpoint or exporting; the checkpoints in MODEL_DIR are "
+            "from before. Lower the learning rate or clip gradients and resume (or start from an "
+            "earlier checkpoint); raise train.max_nonfinite_fraction only if such steps are "
+            "expected.")
+
+
+def _ranges(steps) -> str:
+  """[1, 2, 3, 7] -> "1-3, 7"."""
+  parts, steps = [], sorted(steps)
+  for step in steps:
+    if parts and step == parts[-1][1] + 1:
+      parts[-1][1] = step
+    else:
+      parts.append([step, step])
+  return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
 
 
 @jax.jit
@@ -173,13 +209,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def check_finite_before_saving(state, step: int) -> None:
-  """The last line of defence: a checkpoint holding NaN/Inf is never written."""
+def check_finite_before_saving(state, step: int, what: str = "checkpoint") -> None:
+  """The last line of defence: a checkpoint (or an export) holding NaN/Inf is never written."""
   if not bool(_all_finite((state.params, state.opt_state))):
     raise FloatingPointError(
-        f"Step {step}: the parameters or optimizer state hold NaN/Inf, so no checkpoint was "
-        "written (the last one is still good). Was INITIAL_CHECKPOINT_PATH already non-finite? "
-        "Otherwise lower the learning rate or enable gradient clipping.")
+        f"Step {step}: the parameters or optimizer state hold NaN/Inf, so no {what} was "
+        "written (the last checkpoint is still good). Was INITIAL_CHECKPOINT_PATH already "
+        "non-finite? Otherwise lower the learning rate or enable gradient clipping.")
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -189,8 +225,9 @@ class Checkpoint(Hook):
   (asynchronously), after the guard has seen every step it would save; waits for the writes and
   closes the manager at the end."""
 
-  def __init__(self, manager: checkpoints.CheckpointManager, guard: NonFiniteGuard):
-    self.manager, self.guard = manager, guard
+  def __init__(self, manager: checkpoints.CheckpointManager, guard: NonFiniteGuard,
+               batch_size: Optional[int] = None):
+    self.manager, self.guard, self.batch_size = manager, guard, batch_size
     self.every = manager.save_interval_steps
 
   def __call__(self, loop):
@@ -202,7 +239,8 @@ class Checkpoint(Hook):
     self.guard.check()  # "stop" raises here, before a step it refuses is checkpointed
     if loop.step not in self.manager.all_steps():
       check_finite_before_saving(loop.state, loop.step)
-    self.manager.save(loop.step, loop.state, loop.consumed, force=force)
+    self.manager.save(loop.step, loop.state, loop.consumed, force=force,
+                      batch_size=self.batch_size)
 
   def on_end(self, loop):
     self.save(loop, force=True)  # a resumed run with nothing left to do saves nothing new
@@ -261,7 +299,8 @@ class Preemption(Hook):
 
 class Evaluate(Hook):
   """Teacher-forced metrics of fixed validation batches, every `every` steps and at the end
-  (and before the first step of a run that starts at step 0)."""
+  (and before the first step of a run that starts at step 0). A non-finite validation loss
+  stops the run (FloatingPointError): such parameters are never exported as a result."""
 
   def __init__(self, batches: Sequence[dict], writer: metrics_lib.MetricsWriter, every: int):
     self.batches, self.writer, self.every = batches, writer, every
@@ -274,6 +313,12 @@ class Evaluate(Hook):
     self.writer.write(step, self.last)
     metrics_lib.log(f"step {step}: validation loss {self.last['loss']:.4f}, "
                     f"accuracy {self.last.get('accuracy', float('nan')):.4f}")
+    if not math.isfinite(self.last["loss"]):
+      raise FloatingPointError(
+          f"Step {step}: the validation loss is {self.last['loss']}: the parameters no longer "
+          "compute finite outputs, so the run stopped without exporting them. Resume from an "
+          "earlier checkpoint (delete the later ones in MODEL_DIR/checkpoints) with a lower "
+          "learning rate or gradient clipping.")
     return self.last
 
   def __call__(self, loop):
@@ -288,3 +333,16 @@ class AtEnd(Hook):
 
   def on_end(self, loop):
     self.fn(loop)
+
+
+class DataFaults(Hook):
+  """Reports, after training, the records the input pipeline skipped (missing text key,
+  malformed lines, undecodable bytes): `faults()` returns one line per kind and file."""
+
+  def __init__(self, faults: Callable[[], Sequence[str]]):
+    self.faults = faults
+
+  def on_end(self, loop):
+    lines = self.faults()
+    if lines:
+      metrics_lib.log("Data faults (skipped records):\n  " + "\n  ".join(lines))

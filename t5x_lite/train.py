@@ -30,7 +30,7 @@ import gin
 import jax
 import numpy as np
 
-from t5x_lite import checkpoints, launch, loop, optimizers, partitioning
+from t5x_lite import checkpoints, launch, loop, optimizers, partitioning, run_dir
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
 
@@ -49,8 +49,9 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           seed: int = 0, num_microbatches: int = 1, trainable: trainer_lib.Trainable = None,
           log_every: int = 50, eval_every: int = 500, eval_batches: int = 10,
           checkpoint_every: int = 1000, keep_checkpoints: int = 3, on_nonfinite: str = "skip",
-          sample_prompts: Sequence[str] = (), sample_length: int = 64,
-          sample_temperature: float = 0.0) -> dict[str, float]:
+          max_nonfinite_fraction: float = 0.05, nonfinite_window: int = 100,
+          allow_changes: Sequence[str] = (), sample_prompts: Sequence[str] = (),
+          sample_length: int = 64, sample_temperature: float = 0.0) -> dict[str, float]:
   """Trains `model` for `train_steps` optimizer steps on global batches of `batch_size`.
 
   Resumes from the newest checkpoint in `model_dir` if there is one; otherwise starts from
@@ -58,75 +59,107 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   else from a random initialisation. `trainable` (a regex over parameter paths) trains only the
   parameters it matches. Returns the last validation metrics.
 
+  Run integrity (see t5x_lite.run_dir): the job holds MODEL_DIR's lock while it runs, and a
+  resume whose task, feature lengths, batch size, seed, data shards, corpus or vocabulary differ
+  from the run's manifest is refused, unless `allow_changes` names them (e.g. ["BATCH_SIZE"]).
+
   Crash safety: checkpoints are written asynchronously every `checkpoint_every` steps, a
   damaged one is skipped on resume, and SIGTERM (a preemption notice) writes a final checkpoint
   and exits with status 143. A step whose loss or gradient is NaN/Inf is not applied;
-  `on_nonfinite` ("skip" or "stop") says whether the run goes on (see loop.NonFiniteGuard).
+  `on_nonfinite` ("skip" or "stop") says whether the run goes on, and "skip" stops once more
+  than `max_nonfinite_fraction` of the last `nonfinite_window` steps were skipped (see
+  loop.NonFiniteGuard). A non-finite validation loss stops the run too.
 
   After training, `sample_prompts` are continued for `sample_length` tokens with the model's
   `predict_batch` (greedy, or sampled at `sample_temperature`) and printed.
   """
+  _check_counts(TRAIN_STEPS=(train_steps, 0), BATCH_SIZE=(batch_size, 1),
+                **{"train.log_every": (log_every, 1), "train.checkpoint_every":
+                   (checkpoint_every, 1), "train.eval_every": (eval_every, 1)})
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
-  optimizer, mesh, data = optimizer or optimizers.create_optimizer(), mesh_fn(), _data()
-  data.check_vocabulary_fits(model.config.vocab_size)
-  guard = loop.NonFiniteGuard(on_nonfinite, f"{mixture_or_task_name!r} split 'train' (seed "
-                              f"{seed})", every=log_every)
-  shard = partitioning.data_shard_info(mesh, batch_size)
-  per_host_batch = batch_size // shard[1]
-  _write_config(model_dir)
-  metrics_lib.log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} "
-                  f"{jax.devices()[0].platform} devices; this process reads data shard "
-                  f"{shard[0]} of {shard[1]} ({per_host_batch} rows).")
-  manager = checkpoints.CheckpointManager(model_dir, checkpoint_every, keep_checkpoints)
-  stream = functools.partial(data.train_batches, mixture_or_task_name, task_feature_lengths,
-                             per_host_batch, model.feature_converter(), seed, shard)
-  first_batches = stream(skip=0)
-  first = next(first_batches)  # its shapes are those the trainer compiles for
-  batch_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
-  trainer = trainer_lib.Trainer(model, optimizer, mesh, batch_shapes, num_microbatches,
-                                trainable=trainable)
-  trainer.check_memory()
-  state, consumed, batches = _start(trainer, manager, initial_checkpoint_path, seed, stream,
-                                    itertools.chain([first], first_batches))
+  os.makedirs(model_dir, exist_ok=True)
+  with run_dir.locked(model_dir, take=jax.process_index() == 0, command=" ".join(sys.argv)):
+    optimizer, mesh, data = optimizer or optimizers.create_optimizer(), mesh_fn(), _data()
+    data.check_vocabulary_fits(model.config.vocab_size)
+    data.sources.FAULTS.clear()  # this job's data faults only
+    guard = loop.NonFiniteGuard(on_nonfinite, f"{mixture_or_task_name!r} split 'train' (seed "
+                                f"{seed})", log_every, max_nonfinite_fraction, nonfinite_window)
+    shard = partitioning.data_shard_info(mesh, batch_size)
+    per_host_batch = batch_size // shard[1]
+    metrics_lib.log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} "
+                    f"{jax.devices()[0].platform} devices; this process reads data shard "
+                    f"{shard[0]} of {shard[1]} ({per_host_batch} rows).")
+    manager = checkpoints.CheckpointManager(model_dir, checkpoint_every, keep_checkpoints)
+    with manager:  # on an error too: Orbax's threads stop before the job reports it
+      _record_run(model_dir, manager, allow_changes, run_dir.manifest(
+          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
+          batch_size=batch_size, seed=seed, data_shards=shard[1],
+          vocabulary=run_dir.vocabulary_record(data.get_vocabulary()),
+          model_config=model.config, corpus=run_dir.corpus_bindings()))
+      stream = functools.partial(data.train_batches, mixture_or_task_name, task_feature_lengths,
+                                 per_host_batch, model.feature_converter(), seed, shard)
+      first_batches = stream(skip=0)
+      first = next(first_batches)  # its shapes are those the trainer compiles for
+      batch_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
+      trainer = trainer_lib.Trainer(model, optimizer, mesh, batch_shapes, num_microbatches,
+                                    trainable=trainable)
+      trainer.check_memory()
+      state, consumed, batches = _start(trainer, manager, initial_checkpoint_path, seed, stream,
+                                        itertools.chain([first], first_batches), batch_size)
 
-  validation = [partitioning.host_to_global(b, mesh) for b in data.validation_batches(
-      mixture_or_task_name, task_feature_lengths, per_host_batch, model.feature_converter(),
-      seed, shard, eval_batches)] if eval_batches else []
-  evaluate = loop.Evaluate(validation, metrics_lib.MetricsWriter(model_dir, "validation"),
-                           eval_every)
-  flops, peak = trainer.flops_per_step(), trainer_lib.peak_flops_per_second()
-  metrics_lib.log(f"{model.num_params():,} parameters; {flops / 1e9:.2f} GFLOP per step; peak "
-                  f"{peak / 1e9:.1f} GFLOP/s.")
-  if int(jax.device_get(state.step)) == 0:
-    evaluate.evaluate(trainer, state.params, 0)
-  tokens_per_step = sum(np.prod(s) for k, s in batch_shapes.items()
-                        if k in ("encoder_input_tokens", "decoder_input_tokens"))
-  log = loop.LogMetrics(metrics_lib.MetricsWriter(model_dir, "train"), log_every,
-                        tokens_per_step, flops, peak, launch.START)
-  checkpoint = loop.Checkpoint(manager, guard)
-  export = loop.AtEnd(lambda run: _export(model, run.state.params, model_dir, run.step))
-  samples = loop.AtEnd(lambda run: print_samples(model, run.state.params, sample_prompts,
-                                                 sample_length, sample_temperature))
-  with loop.sigterm_received() as sigterm:
-    loop.TrainLoop(trainer, state, (partitioning.host_to_global(b, mesh) for b in batches),
-                   train_steps, consumed).add(
-                       log, guard, checkpoint, loop.Preemption(sigterm, checkpoint, log),
-                       evaluate, export, samples).run()
+      validation = [partitioning.host_to_global(b, mesh) for b in data.validation_batches(
+          mixture_or_task_name, task_feature_lengths, per_host_batch, model.feature_converter(),
+          seed, shard, eval_batches)] if eval_batches else []
+      evaluate = loop.Evaluate(validation, metrics_lib.MetricsWriter(model_dir, "validation"),
+                               eval_every)
+      flops, peak = trainer.flops_per_step(), trainer_lib.peak_flops_per_second()
+      metrics_lib.log(f"{model.num_params():,} parameters; {flops / 1e9:.2f} GFLOP per step; "
+                      f"peak {peak / 1e9:.1f} GFLOP/s.")
+      if int(jax.device_get(state.step)) == 0:
+        evaluate.evaluate(trainer, state.params, 0)
+      tokens_per_step = sum(np.prod(s) for k, s in batch_shapes.items()
+                            if k in ("encoder_input_tokens", "decoder_input_tokens"))
+      log = loop.LogMetrics(metrics_lib.MetricsWriter(model_dir, "train"), log_every,
+                            tokens_per_step, flops, peak, launch.START)
+      checkpoint = loop.Checkpoint(manager, guard, batch_size)
+      export = loop.AtEnd(lambda run: _export(model, run.state, model_dir, run.step))
+      samples = loop.AtEnd(lambda run: print_samples(model, run.state.params, sample_prompts,
+                                                     sample_length, sample_temperature))
+      with loop.sigterm_received() as sigterm:
+        loop.TrainLoop(trainer, state, (partitioning.host_to_global(b, mesh) for b in batches),
+                       train_steps, consumed).add(
+                           log, guard, checkpoint, loop.Preemption(sigterm, checkpoint, log),
+                           evaluate, loop.DataFaults(data.sources.data_faults), export,
+                           samples).run()
   return evaluate.last
 
 
-def _write_config(model_dir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+def _check_counts(**counts: tuple[Any, int]) -> None:
+  """Refuses a count that is not a whole number >= its minimum, naming its flag."""
+  for name, (value, least) in counts.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      raise ValueError(f"{name}={value!r}: it must be a whole number >= {least}, e.g. "
+                       f"--gin.{name}={max(least, 1) * 100 if name == 'TRAIN_STEPS' else 8}.")
 
 
-def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batches):
+def _record_run(model_dir: str, manager, allow_changes, current) -> None:
+  """The manifest checked (a refused resume writes nothing), then config.gin appended."""
+  if jax.process_index() != 0:
+    return
+  step = manager.latest_step()
+  run_dir.check_manifest(model_dir, current, resuming=step is not None,
+                         allow_changes=allow_changes, step=step, log=metrics_lib.log)
+  with open(os.path.join(model_dir, "config.gin"), "a") as f:
+    f.write(f"# ---- start at step {step or 0}, {run_dir.now()}, pid {os.getpid()}: the "
+            "resolved config (later starts append theirs)\n" + gin.config_str() + "\n")
+
+
+def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batches, batch_size):
   """(state, batches consumed, batches to train on): resumed from the newest undamaged
   checkpoint of the run, else around INITIAL_CHECKPOINT_PATH's parameters, else initialised."""
   if manager.latest_step() is not None:
     state, consumed = manager.restore(trainer.abstract_state)
+    consumed = _at_batch_size(consumed, manager.restored_position.get("batch_size"), batch_size)
     metrics_lib.log(f"Resumed from {manager.directory}/{manager.restored_step} ({consumed} "
                     "batches consumed).")
     return state, consumed, stream(skip=consumed)
@@ -142,8 +175,24 @@ def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batche
   return trainer.state_from_params(params, seed), 0, fresh_batches
 
 
-def _export(model, params, model_dir: str, step: int) -> None:
-  checkpoints.save_params(model_dir, params, checkpoints.model_gin(model))
+def _at_batch_size(consumed: int, saved_batch_size: Optional[int], batch_size: int) -> int:
+  """Batches consumed at the checkpoint's batch size, counted at this run's (an allowed
+  BATCH_SIZE change): the rows read so far are skipped, none twice and none left out unless
+  they do not fill whole batches (then the remainder is read again)."""
+  if not saved_batch_size or saved_batch_size == batch_size:
+    return consumed
+  rows = consumed * saved_batch_size
+  converted = rows // batch_size
+  metrics_lib.log(f"BATCH_SIZE {saved_batch_size} -> {batch_size}: the {consumed} batches "
+                  f"consumed ({rows} rows) are {converted} batches now"
+                  + (f"; {rows - converted * batch_size} rows are read again." if rows %
+                     batch_size else "."))
+  return converted
+
+
+def _export(model, state, model_dir: str, step: int) -> None:
+  loop.check_finite_before_saving(state, step, what="export")
+  checkpoints.save_params(model_dir, state.params, checkpoints.model_gin(model))
   metrics_lib.log(f"Done: step {step}; params exported to {model_dir} (load with "
                   "checkpoints.load_params, or fine-tune with INITIAL_CHECKPOINT_PATH).")
 

@@ -2,13 +2,14 @@
 import json
 import os
 import shutil
+import socket
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, launch, models
+from t5x_lite import checkpoints, launch, models, run_dir
 from t5x_lite import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,21 +60,32 @@ def read_scalars(event_dir):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-  """Four steps in one go (the reference for resuming)."""
+  """Four steps in one go, logged every 2 (the reference for resuming)."""
   model_dir = tmp_path_factory.mktemp("straight")
-  metrics = run_job(model_dir, "TRAIN_STEPS = 4")
+  metrics = run_job(model_dir, "TRAIN_STEPS = 4", "train.log_every = 2")
   return model_dir, metrics
 
 
 def test_resumed_run_equals_the_straight_run(straight_run, tmp_path):
   reference, _ = straight_run
-  run_job(tmp_path, "TRAIN_STEPS = 3")  # step 2 is saved mid-run, its next batch already fetched
+  # Step 2 is saved mid-run, its next batch already fetched.
+  run_job(tmp_path, "TRAIN_STEPS = 3", "train.log_every = 2")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
   shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if killed before the last save
-  run_job(tmp_path, "TRAIN_STEPS = 4")  # restarts from step 2 and skips the 2 batches used
+  # Restarts from step 2 (reclaiming the lock a killed job would leave), skips the 2 batches
+  # used.
+  (tmp_path / "train.lock").write_text('{"host": "%s", "pid": 1}' % socket.gethostname())
+  run_job(tmp_path, "TRAIN_STEPS = 4", "train.log_every = 2")
   for a, b in zip(jax.tree.leaves(params_of(reference)), jax.tree.leaves(params_of(tmp_path)),
                   strict=True):
     np.testing.assert_array_equal(a, b)
+  # The losses logged are the same too: step 4's is the mean of steps 3 and 4 in both runs
+  # (step 3 being the resumed run's first, compiling step). Step 3 is logged only by the
+  # killed run, at its end.
+  straight = dict(read_scalars(reference / "train")["loss"])
+  resumed = dict(read_scalars(tmp_path / "train")["loss"])
+  assert sorted(straight) == [2, 4] and sorted(resumed) == [2, 3, 4]
+  assert {step: resumed[step] for step in straight} == straight
 
 
 def test_run_writes_config_metrics_and_an_exported_model(straight_run):
@@ -83,10 +95,15 @@ def test_run_writes_config_metrics_and_an_exported_model(straight_run):
   assert "TRAIN_STEPS = 4" in config and "stdlib_clm" in config
   model = models.from_gin(str(model_dir / "model.gin"))
   assert model.config.d_model == 64 and model.config.family == "decoder"
+  manifest = json.loads((model_dir / "manifest.json").read_text())
+  assert manifest["BATCH_SIZE"] == 8 and manifest["vocabulary"]["kind"] == "byte"
+  assert manifest["corpus"] == {"local_corpus": {"pattern": None},
+                                "stdlib_corpus": {"max_files": 40}}
+  assert not (model_dir / "train.lock").exists()  # released at the end
   train_scalars = read_scalars(model_dir / "train")
-  assert [step for step, _ in train_scalars["loss"]] == [1, 2, 3, 4]
-  # Step 1 includes compilation: it is in the metrics but not in the timing.
-  assert [step for step, _ in train_scalars["tokens_per_second"]] == [2, 3, 4]
+  assert [step for step, _ in train_scalars["loss"]] == [2, 4]
+  # Step 1 includes compilation: it is in the metrics (see loop_test) but not in the timing.
+  assert [step for step, _ in train_scalars["tokens_per_second"]] == [2, 4]
   assert {"learning_rate", "grad_norm", "tokens_per_second", "mfu", "z_loss"} <= set(
       train_scalars)
   validation = read_scalars(model_dir / "validation")
@@ -132,6 +149,13 @@ def test_finetuning_starts_from_the_initial_checkpoint(straight_run, tmp_path):
      "BATCH_SIZE"),
     (["train.on_nonfinite = 'ignore'"], ValueError,
      r"train.on_nonfinite='ignore': choose one of \('skip', 'stop'\)"),
+    (["TRAIN_STEPS = 'ten'"], ValueError,
+     r"--gin.TRAIN_STEPS takes a whole number \(its value before this flag: 1\), not 'ten'"),
+    (["BATCH_SIZE = 8.5"], ValueError, r"--gin.BATCH_SIZE takes a whole number .*not 8.5"),
+    (["create_schedule.peak_value = 'high'"], ValueError,
+     r"--gin.create_schedule.peak_value takes a number \(its value before this flag: 0.003"),
+    (["BATCH_SIZE = 0"], ValueError, r"BATCH_SIZE=0: it must be a whole number >= 1"),
+    (["TRAIN_STEPS = -5"], ValueError, r"TRAIN_STEPS=-5: it must be a whole number >= 0"),
 ])
 def test_bad_runs_say_what_to_change(tmp_path, bindings, error, message):
   with pytest.raises(error, match=message):
@@ -142,6 +166,43 @@ def test_a_model_dir_of_another_model_is_refused(straight_run):
   model_dir, _ = straight_run
   with pytest.raises(ValueError, match="different model.*a fresh MODEL_DIR"):
     run_job(model_dir, "TRAIN_STEPS = 5", "TransformerConfig.d_model = 32")
+
+
+def written_by_the_run(model_dir):
+  return {name: (model_dir / name).read_text() for name in ("config.gin", "manifest.json")}
+
+
+@pytest.mark.parametrize("bindings, differs", [
+    (["BATCH_SIZE = 16"], r"BATCH_SIZE: 8 \(recorded\) -> 16 \(now\)"),
+    (["get_vocabulary.extra_ids = 50"], r"vocabulary: byte \(360 ids.* -> byte \(310 ids"),
+    (["train.seed = 1"], r"train.seed: 0 \(recorded\) -> 1"),
+    (["stdlib_corpus.max_files = 41"], r"corpus: .*\"max_files\": 40.* -> .*41"),
+])
+def test_a_resume_that_changes_the_data_or_the_token_ids_is_refused(straight_run, bindings,
+                                                                    differs):
+  model_dir, _ = straight_run
+  before = written_by_the_run(model_dir)
+  with pytest.raises(run_dir.RunDirError, match=rf"(?s){differs}.*Nothing was written.*fresh "
+                                                r"MODEL_DIR.*--gin.train.allow_changes="):
+    run_job(model_dir, "TRAIN_STEPS = 6", *bindings)
+  assert written_by_the_run(model_dir) == before  # config.gin included
+
+
+def test_a_model_dir_in_use_by_another_job_is_refused(straight_run):
+  model_dir, _ = straight_run
+  before = written_by_the_run(model_dir)
+  with run_dir.locked(str(model_dir), command="the other job"):
+    with pytest.raises(run_dir.RunDirError, match=r"in use by another training job: .*pid "
+                                                  rf"{os.getpid()}.*\(the other job\)"):
+      run_job(model_dir, "TRAIN_STEPS = 6")
+  assert written_by_the_run(model_dir) == before
+
+
+@pytest.mark.parametrize("consumed, saved, now, expected", [
+    (20, 8, 16, 10), (20, 16, 8, 40), (5, 8, 16, 2), (7, None, 16, 7), (7, 8, 8, 7)])
+def test_an_allowed_batch_size_change_keeps_the_data_position_in_rows(consumed, saved, now,
+                                                                       expected):
+  assert train_lib._at_batch_size(consumed, saved, now) == expected  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +230,18 @@ def test_a_non_finite_loss_stops_the_run_naming_step_and_batch(poisoned_checkpoi
   assert os.listdir(tmp_path / "checkpoints") == []  # nothing was saved after it
 
 
-def test_skipping_never_writes_a_non_finite_checkpoint(poisoned_checkpoint, tmp_path, capsys):
-  with pytest.raises(FloatingPointError, match=r"Step 2: the parameters or optimizer state hold "
-                                               r"NaN/Inf, so no checkpoint was written"):
+def test_skipping_stops_a_diverged_run_and_never_writes_non_finite_params(poisoned_checkpoint,
+                                                                          tmp_path, capsys):
+  # Every step is skipped: the run stops at the first check (by default, more than 5% of the
+  # steps skipped) without a checkpoint or an export.
+  with pytest.raises(FloatingPointError, match=r"diverging: 1 of the last 2 steps .*\(steps 1\)"):
     finetune_from(poisoned_checkpoint, tmp_path, "train.on_nonfinite = 'skip'")
-  assert "Step 2: the loss or gradient norm is not finite" in capsys.readouterr().out
-  assert os.listdir(tmp_path / "checkpoints") == []
+  assert "Step 1: the loss or gradient norm is not finite" in capsys.readouterr().out
+  assert os.listdir(tmp_path / "checkpoints") == [] and not (tmp_path / "params").exists()
+
+
+def test_a_non_finite_validation_loss_stops_the_run_before_training(poisoned_checkpoint,
+                                                                     tmp_path):
+  with pytest.raises(FloatingPointError, match=r"Step 0: the validation loss is nan"):
+    finetune_from(poisoned_checkpoint, tmp_path, "train.eval_batches = 1")
+  assert not (tmp_path / "params").exists()
