@@ -1,4 +1,6 @@
-"""t5x_lite/data/sources.py: text / JSONL / whole-file corpora, splits, bad files, stdlib, TFDS."""
+"""t5x_lite/data/sources.py: text / JSONL / whole-file corpora, splits, bad files and records
+(counted, never silent), stdlib, TFDS."""
+import dataclasses
 import json
 import os
 
@@ -6,6 +8,7 @@ import gin
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from t5x_lite.data import sources
@@ -14,7 +17,9 @@ from t5x_lite.data import sources
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
   monkeypatch.setenv("T5X_LITE_CACHE_DIR", str(tmp_path / "cache"))
+  sources.FAULTS.clear()
   yield
+  sources.FAULTS.clear()
 
 
 def texts(source, split, **kwargs):
@@ -85,6 +90,76 @@ def test_non_utf8_files_are_skipped_and_counted_or_fatal(tmp_path):
   # The verdict is cached by size and mtime, and a fixed file is noticed.
   write(bad, "café crème\n")
   assert sources.list_corpus(strict, "train").files == sorted([good, bad])
+
+
+def jsonl(path, records):
+  return write(path, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                             for r in records))
+
+
+def test_records_without_the_text_key_are_counted_and_too_many_stop_naming_the_key_found(
+    tmp_path, caplog):
+  docs = [{"text": f"doc {i}"} for i in range(100)]
+  jsonl(tmp_path / "few.jsonl", docs[:50] + [{"body": "no text"}] * 3 + docs[50:])
+  config = sources.CorpusConfig(str(tmp_path / "few.jsonl"), validation_percent=0)
+  assert len(texts(sources.TextFileSource(config), "train")) == 100
+  (line,) = sources.data_faults()
+  assert line.startswith(str(tmp_path / "few.jsonl") + ": 3 record(s) without the text key "
+                         "(first at line 51: no text at 'text' (keys found: ['body']))")
+  assert "few.jsonl:51: no text at 'text'" in caplog.text  # logged once, with file:line
+  # Half the records lacking it (issue 13: 10,000 of 20,000 lost without a word) stops the run.
+  jsonl(tmp_path / "half.jsonl", [r for d in docs for r in (d, {"body": d["text"]})])
+  config = sources.CorpusConfig(str(tmp_path / "half.jsonl"), validation_percent=0)
+  with pytest.raises(tf.errors.OpError, match=r"half.jsonl: 20 of the 4\d records read so far "
+                                              r"were skipped .*keys found: \['body'\].*text_key"):
+    texts(sources.TextFileSource(config), "train")
+
+
+def local_clm_batches(tmp_path, **corpus):
+  """Batches of the registered local_clm task over tmp_path/*.jsonl, as a training job reads."""
+  from t5x_lite import data  # pylint: disable=g-import-not-at-top
+  gin.bind_parameter("local_corpus.pattern", str(tmp_path / "*.jsonl"))
+  gin.bind_parameter("local_corpus.validation_percent", 0)
+  for name, value in corpus.items():
+    gin.bind_parameter(f"local_corpus.{name}", value)
+  return data.get_dataset("local_clm", {"targets": 16}, batch_size=2, shuffle=False,
+                          num_epochs=1)
+
+
+def test_a_corpus_where_every_record_lacks_the_key_says_so_not_that_it_is_small(tmp_path):
+  jsonl(tmp_path / "body.jsonl", [{"body": f"document {i}"} for i in range(5)])
+  with pytest.raises(sources.CorpusError, match=r"(?s)produced no batch: nothing was left "
+                                                r"after skipping.*body.jsonl: 5 record\(s\) "
+                                                r"without the text key.*keys found: \['body'\]"
+                                                r".*Set text_key to the field"):
+    next(local_clm_batches(tmp_path))
+
+
+def test_a_malformed_json_line_is_skipped_and_counted_or_fatal_naming_file_and_line(tmp_path):
+  docs = [{"text": f"document number {i}"} for i in range(40)]
+  jsonl(tmp_path / "a.jsonl", docs[:30] + ['{"text": "cut sh'] + docs[30:])
+  assert len(list(local_clm_batches(tmp_path))) > 0  # the same batches on every resume
+  (line,) = sources.data_faults()
+  assert "a.jsonl: 1 malformed record(s) (first at line 31: not JSON" in line
+  sources.FAULTS.clear()
+  # Raised as the data error it is, not as a TensorFlow error from inside tf.data.
+  with pytest.raises(sources.CorpusError, match=r"a.jsonl:31: not JSON \(Unterminated string.*"
+                                                r"bad_records='skip'"):
+    list(local_clm_batches(tmp_path, bad_records="fail"))
+
+
+def test_non_utf8_bytes_cost_their_line_not_the_file(tmp_path):
+  lines = [f"line {i}".encode() for i in range(10)]
+  lines[4] = b"caf\xe9 cr\xe8me \xff\xfe"  # 4 bad bytes (issue 13 lost the whole file)
+  write(tmp_path / "mixed.txt", b"\n".join(lines), "wb")
+  config = sources.CorpusConfig(str(tmp_path / "mixed.txt"), validation_percent=0)
+  kept = texts(sources.TextFileSource(config), "train")
+  assert kept == [f"line {i}" for i in range(10) if i != 4]
+  (line,) = sources.data_faults()
+  assert "mixed.txt: 1 non-UTF-8 record(s) (first at line 5: byte 3 is not UTF-8" in line
+  replaced = texts(sources.TextFileSource(dataclasses.replace(config, non_utf8="replace")),
+                   "train")
+  assert replaced[4] == "caf\ufffd cr\ufffdme \ufffd\ufffd" and len(replaced) == 10
 
 
 def test_missing_and_empty_corpora_fail_with_the_fix(tmp_path):

@@ -104,9 +104,18 @@ class BatchIterator:
       batch = next(self._iterator)
     except StopIteration:
       if not self._started:
+        faults = sources.data_faults()
         raise sources.CorpusError(
-            f"{self._description} produced no batch: the corpus is empty or smaller than one "
-            "batch (try a smaller BATCH_SIZE, drop_remainder=False, or more text).") from None
+            f"{self._description} produced no batch: " + (
+                "nothing was left after skipping these records:\n  " + "\n  ".join(faults)
+                + "\n" + ". ".join(sources.FAULTS.fixes) + "." if faults else "the corpus is empty or smaller than one batch (try a smaller "
+                "BATCH_SIZE, drop_remainder=False, or more text).")) from None
+      raise
+    except tf.errors.OpError:
+      # A data fault that stops the run is raised inside tf.data, which wraps it in its own
+      # error and stack; raise it as it was written.
+      if sources.FAULTS.fatal is not None:
+        raise sources.FAULTS.fatal from None
       raise
     self._started = True
     return {k: v.numpy() for k, v in batch.items()}

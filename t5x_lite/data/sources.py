@@ -8,8 +8,13 @@ This lets tasks be registered at import time while their file pattern comes from
 (`local_corpus.pattern = %LOCAL_CORPUS_PATTERN`).
 
 Files are listed and checked for valid UTF-8 once in Python (with a small on-disk cache keyed by
-size and mtime), so a bad file is reported by name, and skipped-and-counted or fatal as the
-`non_utf8` flag says, instead of crashing deep inside tf.data.
+size and mtime), so a bad file is reported by name instead of crashing deep inside tf.data. What
+happens to its bad bytes is the `non_utf8` flag's choice, line by line in line-based formats.
+
+Data faults are never silent: records without the text key, malformed JSON lines and lines
+that are not UTF-8 are skipped and counted per file (`data_faults()`), the first of each kind
+in a file is logged with its file:line, and a file where they are more than `max_bad_fraction`
+of the records stops the run naming the file (a wrong `text_key`, or not JSON Lines at all).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 # cost tracing time (tens of ms per function, seconds per pipeline).
 plain = tf.autograph.experimental.do_not_convert
 FORMATS = ("auto", "lines", "files", "jsonl")
+NON_UTF8 = ("skip", "replace", "fail")
 
 
 class CorpusError(ValueError):
@@ -53,7 +59,13 @@ class CorpusConfig:
     format: "lines" (one document per line), "files" (one document per file), "jsonl" (one JSON
       object per line, text in `text_key`), or "auto" (.jsonl/.json -> jsonl, else lines).
     text_key: the JSON field holding the text.
-    non_utf8: "skip" (drop the file and count it) or "fail" (raise naming the file).
+    non_utf8: what to do with bytes that are not UTF-8: "skip" (line-based formats: drop the
+      lines holding them; "files": drop the file; counted either way), "replace" (decode them
+      as U+FFFD) or "fail" (raise naming the file).
+    bad_records: JSON Lines records that do not parse, or hold no string at `text_key`: "skip"
+      (count them and go on) or "fail" (raise at the first, naming file and line).
+    max_bad_fraction: a file whose skipped records (any fault) pass this share of the records
+      read from it (after at least `MIN_BAD_RECORDS` of them) stops the run, naming the file.
     split_by: "file" or "document": the unit hashed to assign the validation split.
     validation_percent: share of files/documents (0-100) held out for validation.
     exclude: path substrings to ignore (e.g. "site-packages").
@@ -64,6 +76,8 @@ class CorpusConfig:
   format: str = "auto"
   text_key: str = "text"
   non_utf8: str = "skip"
+  bad_records: str = "skip"
+  max_bad_fraction: float = 0.1
   split_by: str = "document"
   validation_percent: float = 2.0
   exclude: tuple[str, ...] = ()
@@ -75,14 +89,19 @@ class CorpusConfig:
       object.__setattr__(self, "patterns", (self.patterns,))
     if self.format not in FORMATS:
       raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
-    if self.non_utf8 not in ("skip", "fail"):
-      raise ValueError(f"non_utf8 must be 'skip' or 'fail', got {self.non_utf8!r}")
+    if self.non_utf8 not in NON_UTF8:
+      raise ValueError(f"non_utf8 must be one of {NON_UTF8}, got {self.non_utf8!r}")
+    if self.bad_records not in ("skip", "fail"):
+      raise ValueError(f"bad_records must be 'skip' or 'fail', got {self.bad_records!r}")
+    if not 0 <= self.max_bad_fraction <= 1:
+      raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction!r}")
     if self.split_by not in ("file", "document"):
       raise ValueError(f"split_by must be 'file' or 'document', got {self.split_by!r}")
 
   @property
   def per_split_patterns(self) -> bool:
     return any("{split}" in p for p in self.patterns)
+
 
   def resolved_format(self, path: str) -> str:
     if self.format != "auto":
@@ -92,10 +111,13 @@ class CorpusConfig:
 
 @dataclasses.dataclass
 class Listing:
-  """Result of listing a corpus: the readable files and what was dropped."""
+  """Result of listing a corpus: the readable files and what was dropped. With `by_line`,
+  files holding some non-UTF-8 bytes are readable (their bad lines are handled when read) and
+  listed in `non_utf8` as well as `files`; otherwise they are in `skipped_non_utf8`."""
   files: list[str]
   skipped_non_utf8: list[str]
   empty: list[str]
+  non_utf8: list[str] = dataclasses.field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ file listing
@@ -182,8 +204,11 @@ def _hash_percent(text: str) -> float:
   return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) % 10000 / 100.0
 
 
-def list_corpus(config: CorpusConfig, split: str) -> Listing:
-  """Lists the readable files of `split`, raising CorpusError with a fix when there are none."""
+def list_corpus(config: CorpusConfig, split: str, by_line: bool = False) -> Listing:
+  """Lists the readable files of `split`, raising CorpusError with a fix when there are none.
+
+  `by_line`: the reader handles non-UTF-8 bytes line by line (TextFileSource does, for the
+  line-based formats), so files holding some stay readable unless non_utf8='fail'."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   patterns = [p.format(split=split) for p in config.patterns]
@@ -209,9 +234,14 @@ def list_corpus(config: CorpusConfig, split: str) -> Listing:
     raise CorpusError(
         f"{len(bad)} file(s) are not valid UTF-8, e.g. {bad[0]!r}. Convert them "
         "(iconv -f <encoding> -t utf-8) or set non_utf8='skip' to skip and count them.")
-  if bad:
+  if bad and by_line:
+    logging.warning("%d file(s) in %s hold bytes that are not UTF-8, e.g. %s: their lines "
+                    "holding them are %s.", len(bad), patterns, bad[:3],
+                    "decoded with U+FFFD" if config.non_utf8 == "replace"
+                    else "skipped and counted")
+  elif bad:
     logging.warning("Skipped %d non-UTF-8 file(s) in %s, e.g. %s", len(bad), patterns, bad[:3])
-  files = [f for f in files if ok[f]]
+  files = [f for f in files if ok[f] or by_line]
   if config.max_files:
     files = files[:config.max_files]
   if not files:
@@ -220,44 +250,190 @@ def list_corpus(config: CorpusConfig, split: str) -> Listing:
         f"{len(bad)} not UTF-8). Add text, point the pattern elsewhere"
         + (", or use split_by='document' / a '{split}' pattern so both splits get data."
            if config.split_by == "file" else "."))
-  return Listing(files=files, skipped_non_utf8=bad, empty=empty)
+  return Listing(files=files, skipped_non_utf8=[] if by_line else bad, empty=empty,
+                 non_utf8=bad if by_line else [])
+
+
+# ------------------------------------------------------------------------------ data faults
+
+MIN_BAD_RECORDS = 20  # a file is judged by its share of bad records only after this many
+
+
+class DataFaults:
+  """Records skipped while reading, counted per (kind, file) in this process (all threads).
+
+  Kinds: "missing_key" (a JSON object without a string at the text key), "malformed" (a line
+  that is not a JSON object), "non_utf8" (a line, or a "files" document, that is not UTF-8).
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self.counts: dict[tuple[str, str], int] = {}
+    self.first: dict[tuple[str, str], str] = {}  # where and what the first one was
+    self.read: dict[str, int] = {}  # records read per file (jsonl / per-line decoding)
+    self.fixes: dict[str, None] = {}  # what to do about them, in order (a set with order)
+    self.fatal: CorpusError | None = None
+
+  def clear(self) -> None:
+    with self._lock:
+      self.counts.clear(), self.first.clear(), self.read.clear(), self.fixes.clear()
+      self.fatal = None
+
+  def count_read(self, path: str, n: int) -> None:
+    with self._lock:
+      self.read[path] = self.read.get(path, 0) + n
+
+  def add(self, kind: str, path: str, line: int, detail: str, config: "_ReadConfig") -> None:
+    """Counts one skipped record; raises CorpusError when the config says to stop."""
+    with self._lock:
+      key = (kind, path)
+      self.counts[key] = self.counts.get(key, 0) + 1
+      if key not in self.first:
+        self.first[key] = f"line {line}: {detail}"
+        self.fixes.setdefault(_FIX[kind](config), None)
+        logging.warning("%s:%d: %s; skipped (%s). Further such records in this file are "
+                        "counted, not logged.", path, line, detail, _FIX[kind](config))
+      bad = sum(n for (_, p), n in self.counts.items() if p == path)
+      read = max(self.read.get(path, 0), bad)
+      if config.fail_at_first and kind != "non_utf8":
+        self.fatal = CorpusError(f"{path}:{line}: {detail}. {_FIX[kind](config)}.")
+      elif bad >= MIN_BAD_RECORDS and bad > config.max_bad_fraction * read:
+        self.fatal = CorpusError(
+            f"{path}: {bad} of the {read} records read so far were skipped ({self._kinds(path)})"
+            f", more than max_bad_fraction={config.max_bad_fraction:g}; first at "
+            f"{self.first[key]}. {_FIX[kind](config)}; or raise max_bad_fraction (e.g. "
+            "--gin.local_corpus.max_bad_fraction=0.5) if the file is meant to be like that.")
+      if self.fatal is not None:
+        raise self.fatal
+
+  def _kinds(self, path: str) -> str:
+    return ", ".join(f"{n} {KIND_NAMES[kind]}" for (kind, p), n in sorted(self.counts.items())
+                     if p == path)
+
+  def summary(self) -> list[str]:
+    """One line per file and kind, e.g. "a.jsonl: 3 records without 'text' (first at ...)"."""
+    with self._lock:
+      return [f"{path}: {n:,} {KIND_NAMES[kind]} (first at {self.first[(kind, path)]})"
+              for (kind, path), n in sorted(self.counts.items(), key=lambda kv: kv[0][::-1])]
+
+
+KIND_NAMES = {"missing_key": "record(s) without the text key",
+              "malformed": "malformed record(s)", "non_utf8": "non-UTF-8 record(s)"}
+_FIX = {
+    "missing_key": lambda c: (f"Set text_key to the field holding the text (e.g. "
+                              f"--gin.local_corpus.text_key=\"'body'\"; now {c.text_key!r})"),
+    "malformed": lambda c: ("Fix or delete that line, or set bad_records='skip' to skip such "
+                            "records" if c.fail_at_first else
+                            "Fix or delete such lines (bad_records='fail' stops at the first)"),
+    "non_utf8": lambda c: ("Convert the file (iconv -f <encoding> -t utf-8), or set "
+                           "non_utf8='replace' to keep such lines with U+FFFD"),
+}
+FAULTS = DataFaults()
+
+
+def data_faults() -> list[str]:
+  """What the input pipeline of this process skipped so far, one line per file and kind."""
+  return FAULTS.summary()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadConfig:
+  text_key: str = "text"
+  non_utf8: str = "skip"
+  fail_at_first: bool = False  # bad_records == "fail"
+  max_bad_fraction: float = 1.0
 
 
 # ------------------------------------------------------------------------------ tf.data readers
 
-def _parse_jsonl_batch(lines: tf.Tensor, text_key: str) -> tf.Tensor:
-  """[n] JSON lines -> [n] texts. JSON has no TF op, so this runs in Python, one batch per call."""
+def _decode(raw: bytes, path: str, line: int, config: _ReadConfig) -> str | None:
+  """A record's text, or None when its bytes are not UTF-8 and non_utf8='skip' (counted)."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if config.non_utf8 == "replace":
+      return raw.decode("utf-8", errors="replace")
+    FAULTS.add("non_utf8", path, line, f"byte {e.start} is not UTF-8 ({e.reason})", config)
+    return None
 
-  def parse(batch):
+
+def _json_text(raw: bytes, path: str, line: int, config: _ReadConfig) -> str:
+  """The text of one JSON Lines record ("" if skipped: counted as a fault)."""
+  if not raw.strip():
+    return ""
+  text = _decode(raw, path, line, config)
+  if text is None:
+    return ""
+  try:
+    record = json.loads(text)
+  except ValueError as e:
+    FAULTS.add("malformed", path, line, f"not JSON ({e})", config)
+    return ""
+  if not isinstance(record, dict):
+    FAULTS.add("malformed", path, line, f"a JSON {type(record).__name__}, not an object", config)
+    return ""
+  value = record.get(config.text_key)
+  if not isinstance(value, str):
+    found = (f"its {config.text_key!r} is a {type(value).__name__}" if config.text_key in record
+             else f"keys found: {sorted(record)[:10]}")
+    FAULTS.add("missing_key", path, line, f"no text at {config.text_key!r} ({found})", config)
+    return ""
+  return value
+
+
+def _parse_batch(paths: tf.Tensor, numbers: tf.Tensor, lines: tf.Tensor, fmt: str,
+                 config: _ReadConfig) -> tf.Tensor:
+  """[n] raw lines (with their file and line number) -> [n] texts, "" for skipped ones. In
+  Python (JSON and per-line decoding have no TF op), one batch per call."""
+  read = _json_text if fmt == "jsonl" else (lambda raw, p, n, c: _decode(raw, p, n, c) or "")
+
+  def parse(paths, numbers, lines):
     out = []
-    for line in batch.numpy():
-      if not line.strip():
-        out.append(b"")
-        continue
-      value = json.loads(line).get(text_key)
-      out.append(value.encode("utf-8") if isinstance(value, str) else b"")
+    for raw, path, n in zip(lines.numpy(), paths.numpy(), numbers.numpy()):
+      path = path.decode()
+      FAULTS.count_read(path, 1)  # before the record: a share is of the records read so far
+      out.append(read(raw, path, int(n), config).encode("utf-8"))
     return tf.constant(out, dtype=tf.string) if out else tf.zeros([0], tf.string)
 
-  texts = tf.py_function(parse, [lines], tf.string)
+  texts = tf.py_function(parse, [paths, numbers, lines], tf.string)
   texts.set_shape([None])
   return texts
 
 
+def _numbered_lines(path: tf.Tensor) -> tf.data.Dataset:
+  """(path, line number from 1, line) of one file."""
+  return tf.data.TextLineDataset(path).enumerate(start=1).map(
+      plain(lambda i, line: (path, i, line)))
+
+
 def read_text_files(files: Sequence[str], fmt: str, text_key: str = "text",
-                    shuffle: bool = True, seed: int | None = None) -> tf.data.Dataset:
-  """Documents from `files` as a dataset of scalar tf.string (empty documents dropped)."""
+                    shuffle: bool = True, seed: int | None = None,
+                    non_utf8_files: Sequence[str] = (), non_utf8: str = "skip",
+                    bad_records: str = "skip", max_bad_fraction: float = 1.0) -> tf.data.Dataset:
+  """Documents from `files` as a dataset of scalar tf.string (empty documents dropped).
+
+  JSON Lines records and the lines of `non_utf8_files` are read in Python, so that every
+  skipped record is counted (see DataFaults); other text is read by TF ops alone."""
+  config = _ReadConfig(text_key, non_utf8, bad_records == "fail", max_bad_fraction)
   ds = tf.data.Dataset.from_tensor_slices(list(files))
   if shuffle:
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   if fmt == "files":
-    ds = ds.map(tf.io.read_file, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda path: (path, tf.io.read_file(path)), num_parallel_calls=AUTOTUNE)
+    if non_utf8_files:  # whole documents: one bad byte skips (or, with "replace", mends) it
+      ds = ds.map(plain(lambda path, text: (path, _parse_batch(
+          path[None], tf.ones([1], tf.int64), text[None], "lines", config)[0])),
+                  num_parallel_calls=AUTOTUNE)
+    ds = ds.map(plain(lambda path, text: text))
   else:
     # Read several files at once so one huge file does not serialise the pipeline.
-    ds = ds.interleave(tf.data.TextLineDataset, cycle_length=min(len(files), 8),
+    ds = ds.interleave(_numbered_lines, cycle_length=min(len(files), 8),
                        num_parallel_calls=AUTOTUNE, deterministic=True)
-    if fmt == "jsonl":
-      ds = ds.batch(256).map(plain(lambda b: _parse_jsonl_batch(b, text_key)),
+    if fmt == "jsonl" or non_utf8_files:
+      ds = ds.batch(256).map(plain(lambda p, n, b: _parse_batch(p, n, b, fmt, config)),
                              num_parallel_calls=AUTOTUNE).unbatch()
+    else:
+      ds = ds.map(plain(lambda p, n, line: line))
   return ds.filter(plain(lambda t: tf.strings.length(tf.strings.strip(t)) > 0))
 
 
@@ -277,18 +453,28 @@ class TextFileSource(seqio.DataSource):
     return False
 
   def list_shards(self, split: str) -> Sequence[str]:
-    return list_corpus(self.config, split).files
+    return self._listing(self.config, split).files
+
+  @staticmethod
+  def _listing(config: CorpusConfig, split: str) -> Listing:
+    # Bad bytes are handled line by line, except that a whole-file document is skipped whole.
+    return list_corpus(config, split,
+                       by_line=config.format != "files" or config.non_utf8 == "replace")
 
   def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
                   use_cached=False, num_epochs=1) -> tf.data.Dataset:
     del sequence_length, use_cached, num_epochs  # part of the seqio interface, unused here
     config = self.config
-    files = list_corpus(config, split).files
+    listing = self._listing(config, split)
+    files = listing.files
     if shard_info and shard_info.num_shards > 1:
       files = files[shard_info.index::shard_info.num_shards]
     fmt = config.resolved_format(files[0])
-    ds = read_text_files(files, fmt, config.text_key, shuffle=shuffle, seed=seed)
+    ds = read_text_files(files, fmt, config.text_key, shuffle=shuffle, seed=seed,
+                         non_utf8_files=sorted(set(listing.non_utf8) & set(files)),
+                         non_utf8=config.non_utf8, bad_records=config.bad_records,
+                         max_bad_fraction=config.max_bad_fraction)
     if config.split_by == "document" and not config.per_split_patterns:
       # Stable across machines and runs: FarmHash fingerprint of the document text.
       bucket = lambda t: tf.strings.to_hash_bucket_fast(t, 10000)
@@ -318,8 +504,9 @@ def stdlib_corpus(max_files: int | None = None, validation_percent: float = 3.0,
 
 @gin.configurable
 def local_corpus(pattern: str | Sequence[str] | None = None, format: str = "auto",  # pylint: disable=redefined-builtin
-                 text_key: str = "text", non_utf8: str = "skip",
-                 validation_percent: float = 2.0, max_files: int | None = None) -> CorpusConfig:
+                 text_key: str = "text", non_utf8: str = "skip", bad_records: str = "skip",
+                 max_bad_fraction: float = 0.1, validation_percent: float = 2.0,
+                 max_files: int | None = None) -> CorpusConfig:
   """The user's own corpus, usually bound in gin: `local_corpus.pattern = %LOCAL_CORPUS_PATTERN`."""
   if not pattern:
     raise CorpusError(
@@ -328,6 +515,7 @@ def local_corpus(pattern: str | Sequence[str] | None = None, format: str = "auto
         "(or --gin.local_corpus.pattern=\"'/data/*.txt'\").")
   patterns = (pattern,) if isinstance(pattern, str) else tuple(pattern)
   return CorpusConfig(patterns=patterns, format=format, text_key=text_key, non_utf8=non_utf8,
+                      bad_records=bad_records, max_bad_fraction=max_bad_fraction,
                       split_by="document", validation_percent=validation_percent,
                       max_files=max_files)
 
