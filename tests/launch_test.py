@@ -1,7 +1,16 @@
-"""The command line every job shares: gin flags, configuration, refusals of typos."""
+"""The command line every job shares: gin flags, configuration, refusals of typos and of
+values of the wrong type, one message per known error."""
+import errno
+import os
+import subprocess
+import sys
+
+import gin
 import pytest
 
 from t5x_lite import launch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("flag, binding", [
@@ -25,3 +34,70 @@ def test_unknown_gin_names_and_flags_are_refused():
     launch.configure(["runs/nope.gin"], [])
   with pytest.raises(SystemExit):
     launch.parse_flags(["--gin_file=runs/quickstart.gin", "--train_steps=5"])
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("TRAIN_STEPS = 'ten'", r"--gin.TRAIN_STEPS takes a whole number \(its value before this "
+                            r"flag: 200\), not 'ten'; nothing was run"),
+    ("BATCH_SIZE = 16.5", r"--gin.BATCH_SIZE takes a whole number .*not 16.5"),
+    ("create_schedule.peak_value = 'fast'", r"peak_value takes a number .*0.003.*not 'fast'"),
+    ("TASK_FEATURE_LENGTHS = 'targets:64'", r"TASK_FEATURE_LENGTHS takes a dict"),
+    ("train.sample_prompts = 5", r"train.sample_prompts takes a list"),
+])
+def test_flag_values_of_the_wrong_type_are_refused_naming_the_flag(binding, message):
+  with pytest.raises(ValueError, match=message):
+    launch.configure(["runs/quickstart.gin"], [binding])
+
+
+def test_fitting_flag_values_pass():
+  launch.configure(["runs/quickstart.gin"], ["create_schedule.peak_value = 1",
+                                             "TRAIN_STEPS = 3", "MODEL_DIR = '/tmp/x'"])
+  assert gin.query_parameter("create_schedule.peak_value") == 1
+
+
+def test_a_run_gin_without_a_model_gin_says_to_give_one_first():
+  with pytest.raises(ValueError, match=r"No model: give a model gin first.*"
+                                       r"--gin_file=models/gpt2_tiny.gin"):
+    launch.configure(["runs/pretrain.gin"], ["MODEL_DIR = '/tmp/x'"])
+
+
+def failing_job(error):
+  def job():
+    raise error
+  return job
+
+
+def test_a_known_error_ends_the_job_with_one_message_and_status_1(capsys, monkeypatch):
+  monkeypatch.delenv("T5X_LITE_TRACEBACK", raising=False)
+  error = ValueError("BATCH_SIZE=6 is not divisible.\n  In call to configurable 'train' (<f>)")
+  with pytest.raises(SystemExit) as exit_info:
+    launch.main(failing_job(error), ["--gin_file=runs/quickstart.gin"], "python -m job")
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == "python -m job: error: BATCH_SIZE=6 is not divisible.\n"
+  monkeypatch.setenv("T5X_LITE_TRACEBACK", "1")  # the traceback, for a bug report
+  with pytest.raises(ValueError, match="not divisible"):
+    launch.main(failing_job(error), ["--gin_file=runs/quickstart.gin"], "python -m job")
+  with pytest.raises(KeyError):  # unknown errors keep their traceback
+    launch.main(failing_job(KeyError("x")), ["--gin_file=runs/quickstart.gin"])
+
+
+def test_a_full_disk_is_named_with_the_fix():
+  error = OSError(errno.ENOSPC, "No space left on device", "/run/config.gin")
+  assert launch.error_message(error) == (
+      "the disk is full writing /run/config.gin ([Errno 28] No space left on device: "
+      "'/run/config.gin'). Free space on it, or point MODEL_DIR to a larger disk, and rerun (a "
+      "run resumes from its last good checkpoint).")
+
+
+def test_the_command_line_prints_one_error_and_no_traceback(tmp_path):
+  """A real job failing after it opened its checkpoint manager (Orbax threads running)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "t5x_lite.train", "--gin_file=models/gpt2_tiny.gin",
+       "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={tmp_path}",
+       "--gin.MIXTURE_OR_TASK_NAME=stdlib_clmm"], capture_output=True, text=True, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", T5X_LITE_TRACEBACK=""), timeout=300)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr and "cannot schedule" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "python -m t5x_lite.train: error: No task or mixture named 'stdlib_clmm'. Did you mean")
+  assert not (tmp_path / "train.lock").exists()
