@@ -153,9 +153,16 @@ def flops_per_step(model, shapes: Mapping[str, Sequence[int]]) -> float:
 
 
 def estimate_memory(trainer) -> dict[str, float]:
-  """Bytes per device of a train step (state, gradients, activations, total): the estimate the
-  train job checks against the device's memory before compiling."""
-  return dict(trainer.estimate_memory())
+  """Bytes per device of a train step: the estimate the train job checks against the device's
+  memory before compiling (state, gradients, activations, total), with the state split into its
+  parameters and optimizer state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  def shard_bytes(tree):
+    return sum(float(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+  state = trainer.abstract_state
+  return {"params": shard_bytes(state.params), "optimizer_state": shard_bytes(state.opt_state),
+          **trainer.estimate_memory()}
 
 
 def compile_train_step(trainer):

@@ -116,6 +116,9 @@ def test_memory_estimate_is_within_20_percent_of_xla(preset, bindings, lengths, 
   estimate = scaling.estimate_memory(trainer)
   xla = scaling.xla_memory(scaling.compile_train_step(trainer))
   assert estimate["state"] == pytest.approx(xla["arguments"], rel=0.01)  # exact, from shardings
+  assert estimate["params"] + estimate["optimizer_state"] == pytest.approx(estimate["state"],
+                                                                          rel=0.01)
+  assert estimate["optimizer_state"] == pytest.approx(2 * estimate["params"], rel=0.01)  # AdamW
   assert estimate["total"] == pytest.approx(xla["total"], rel=0.2)
 
 

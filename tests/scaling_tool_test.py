@@ -47,6 +47,7 @@ def test_memory_on_the_mesh_from_gin():
   estimate = data["estimate"]
   assert estimate["total"] == pytest.approx(
       estimate["state"] + estimate["gradients"] + estimate["activations"])
+  assert estimate["params"] < estimate["state"]
 
 
 def test_plan_gives_shapes_and_flags(capsys):
