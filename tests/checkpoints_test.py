@@ -1,4 +1,5 @@
 """Params checkpoints, the model gin, and train-state checkpoints across meshes."""
+import asyncio
 import os
 import resource
 import signal
@@ -195,3 +196,58 @@ def test_a_disk_filling_up_during_a_save_leaves_the_previous_checkpoint_usable(t
     assert manager.restored_step == 2 and consumed == 20
     np.testing.assert_array_equal(state["w"], small_state(2)["w"])
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # the partial save is cleaned up
+
+
+def test_unfinished_saves_are_removed_before_a_manager_is_used(tmp_path, monkeypatch):
+  """Orbax removes them in a background thread that only its first save waited for, so a
+  resumed run (or a test) could still see one: issue 13's flaky disk-full test."""
+  from orbax.checkpoint._src.path import temporary_paths  # pylint: disable=g-import-not-at-top
+  cleanup = temporary_paths.cleanup_temporary_paths
+
+  async def slow_cleanup(*args, **kwargs):
+    await asyncio.sleep(0.5)  # a loaded machine
+    return await cleanup(*args, **kwargs)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  small_run(tmp_path, steps=(2,)).close()
+  os.makedirs(tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp" / "state")
+  with checkpoints.CheckpointManager(str(tmp_path)) as manager:
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert manager.all_steps() == [2]
+
+
+def test_every_process_waits_for_a_damaged_checkpoint_to_be_set_aside(tmp_path, monkeypatch):
+  """Multi-host: process 0 renames, all reload; a barrier on each side of the rename."""
+  small_run(tmp_path).close()
+  os.remove(tmp_path / "checkpoints" / "4" / "state" / "_METADATA")
+  seen = []
+  monkeypatch.setattr(checkpoints, "_sync_processes", lambda name: seen.append(
+      (name, sorted(os.listdir(tmp_path / "checkpoints")))))
+  with checkpoints.CheckpointManager(str(tmp_path), save_interval_steps=2) as manager:
+    assert manager.restore(ABSTRACT)[1] == 20
+  assert seen == [("t5x_lite: set aside checkpoint 4?", ["2", "4"]),
+                  ("t5x_lite: set aside checkpoint 4", ["2", "4.corrupt"])]
+
+
+def test_the_data_position_records_its_batch_size(tmp_path):
+  with checkpoints.CheckpointManager(str(tmp_path), save_interval_steps=2) as manager:
+    manager.save(2, small_state(2), batches_consumed=7, batch_size=16)
+    manager.wait_until_finished()
+    manager.restore(ABSTRACT)
+    assert manager.restored_position == {"batches_consumed": 7, "batch_size": 16}
+
+
+@pytest.mark.parametrize("damage", ["junk files", "truncated arrays"])
+def test_a_damaged_params_checkpoint_is_named_with_the_fix(tmp_path, damage):
+  checkpoints.save_params(str(tmp_path), small_state(1))
+  params_dir = tmp_path / checkpoints.PARAMS_DIR
+  if damage == "junk files":
+    for path in params_dir.rglob("*"):
+      if path.is_file():
+        path.write_bytes(b"junk")
+  else:
+    for path in (params_dir / "d").rglob("*"):
+      os.truncate(path, path.stat().st_size // 2)
+  with pytest.raises(ValueError, match=r"params is not a readable params checkpoint .*damaged.*"
+                                       r"Export it again"):
+    checkpoints.load_params(str(tmp_path))
