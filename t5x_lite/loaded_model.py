@@ -43,10 +43,7 @@ def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
   """
   gin_path = os.path.join(checkpoint_dir, checkpoints.MODEL_GIN)
   if not os.path.exists(gin_path):
-    raise FileNotFoundError(
-        f"{checkpoint_dir!r} has no {checkpoints.MODEL_GIN}: t5x_lite.load needs a params "
-        "checkpoint (params/ + model.gin), as written by checkpoints.save_params, a training run's "
-        "MODEL_DIR or tools/convert_checkpoint.py.")
+    raise FileNotFoundError(_not_a_params_checkpoint(checkpoint_dir))
   model = models.from_gin(gin_path)
   vocab = _vocabulary(checkpoint_dir, vocabulary)
   if vocab.vocab_size > model.config.vocab_size:
@@ -56,6 +53,30 @@ def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
         f"with. Pass load(..., vocabulary=) the right one, or put its SentencePiece model in "
         f"{os.path.join(checkpoint_dir, SPM_FILE)}.")
   return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab)
+
+
+def _not_a_params_checkpoint(directory: str) -> str:
+  """Why `directory` cannot be loaded, and what to load or do instead."""
+  steps_dir = os.path.join(directory, checkpoints.CheckpointManager.SUBDIR)
+  if os.path.isdir(os.path.join(directory, "state")):  # MODEL_DIR/checkpoints/<step>
+    step = os.path.basename(os.path.normpath(directory))
+    return (f"{directory!r} is a train-state checkpoint (state/ + data/, for resuming), not a "
+            "params checkpoint. Load the run's MODEL_DIR once the run has finished, or export "
+            f"this step by rerunning its training command with --gin.TRAIN_STEPS={step}.")
+  steps = _steps(directory) or _steps(steps_dir)
+  if steps:
+    return (f"{directory!r} holds the train-state checkpoints of a run that has not exported its "
+            f"parameters yet (it exports params/ + model.gin when it finishes). Rerun its "
+            f"training command with --gin.TRAIN_STEPS={max(steps)} to export the newest one, "
+            "then load the run's MODEL_DIR.")
+  return (f"{directory!r} has no {checkpoints.MODEL_GIN}: t5x_lite.load needs a params "
+          "checkpoint (params/ + model.gin), as written by checkpoints.save_params, a finished "
+          "training run's MODEL_DIR or tools/convert_checkpoint.py.")
+
+
+def _steps(directory: str) -> list[int]:
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return [int(name) for name in names if name.isdigit()]
 
 
 def _vocabulary(checkpoint_dir: str, vocabulary):
@@ -105,6 +126,14 @@ class LoadedModel:
     """
     if isinstance(prompts, str):
       raise TypeError("generate takes a list of prompts, e.g. generate([\"Hello\"]).")
+    if not prompts:
+      raise ValueError("generate got no prompts; give a list of at least one, e.g. "
+                       "generate([\"Hello\"]).")
+    max_length = self.model.config.max_length
+    if not 1 <= max_new_tokens <= max_length:
+      raise ValueError(f"max_new_tokens={max_new_tokens}: this model holds at most "
+                       f"max_length={max_length} tokens, so ask for 1 to {max_length} new "
+                       "tokens (fewer the longer the prompt, for a decoder-only model).")
     self._check_generates()
     batch = self.model.generation_batch([self._encode(p) for p in prompts],
                                         self.vocabulary.eos_id, max_new_tokens,
@@ -122,8 +151,10 @@ class LoadedModel:
     A decoder-only model scores the target as a continuation of the input; an encoder-decoder
     model scores it (with EOS) as the output for the input (with EOS).
     """
-    if isinstance(inputs, str) or isinstance(targets, str) or len(inputs) != len(targets):
-      raise ValueError("score takes two lists of the same length: inputs and their targets.")
+    if (isinstance(inputs, str) or isinstance(targets, str) or len(inputs) != len(targets)
+        or not inputs):
+      raise ValueError("score takes two lists of the same length, at least one item each: "
+                       "inputs and their targets, e.g. score([\"1 + 1 =\"], [\" 2\"]).")
     self._check_generates()
     batch = self.model.scoring_batch([self._encode(text) for text in inputs],
                                      [self._encode(text) for text in targets],

@@ -77,6 +77,26 @@ def test_long_prompts_and_bad_decoding_parameters_are_refused(gpt):  # max_lengt
     gpt.generate(["abc"], temperature=-1.0)
   with pytest.raises(ValueError, match="fill_mask needs an encoder-only"):
     gpt.fill_mask("a[MASK]c")
+  with pytest.raises(ValueError, match=r"max_new_tokens=600: this model holds at most "
+                                       r"max_length=512 tokens, so ask for 1 to 512"):
+    gpt.generate(["abc"], max_new_tokens=600)
+  with pytest.raises(ValueError, match=r"generate got no prompts"):
+    gpt.generate([])
+  with pytest.raises(ValueError, match=r"score takes two lists of the same length, at least one"):
+    gpt.score([], [])
+
+
+def test_loading_a_train_state_checkpoint_says_how_to_export_it(tmp_path):
+  os.makedirs(tmp_path / "checkpoints" / "40" / "state")
+  os.makedirs(tmp_path / "checkpoints" / "60" / "state")
+  with pytest.raises(FileNotFoundError, match=r"checkpoints/60' is a train-state checkpoint .*"
+                                              r"--gin.TRAIN_STEPS=60"):
+    t5x_lite.load(str(tmp_path / "checkpoints" / "60"))
+  with pytest.raises(FileNotFoundError, match=r"a run that has not exported its parameters "
+                                              r"yet.*--gin.TRAIN_STEPS=60 to export the newest"):
+    t5x_lite.load(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"has no model.gin"):
+    t5x_lite.load(str(tmp_path / "checkpoints" / "40" / "state"))
 
 
 def test_encoder_decoder_generates_the_same_text_alone_or_batched(tmp_path):
