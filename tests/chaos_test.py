@@ -1,5 +1,6 @@
 """tools/chaos.py, small: a real training process killed (SIGKILL), preempted (SIGTERM) and
-resumed ends with the same params, bit for bit, as an uninterrupted run."""
+resumed ends with the same params, bit for bit, as an uninterrupted run, and logs the same
+losses at every step."""
 import os
 import sys
 
@@ -16,5 +17,15 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(tmp_path):
   assert figures["sigterm_steps_lost"] == 0  # SIGTERM saved the step it stopped at
   assert figures["params"] == {"arrays": 20, "arrays_differing": 0, "max_abs_difference": 0.0}
   # Every logged loss, including the steps trained again after the kill, equals the reference.
-  assert figures["losses_compared"] >= 5 and figures["losses_differing"] == 0
+  assert figures["losses_compared"] >= 20 and figures["losses_differing"] == 0
+  assert figures["losses_missing"] == 0 and figures["losses_extra"] == 0  # all 20 steps logged
   assert figures["ok"]
+
+
+def test_every_logged_loss_is_compared():
+  reference = {1: [5.0], 2: [4.0], 3: [3.0]}
+  assert chaos.compare_losses(reference, {1: [5.0], 2: [4.0, 4.0], 3: [3.0]}) == {
+      "losses_compared": 4, "losses_differing": 0, "losses_missing": 0, "losses_extra": 0}
+  # A re-run step logged differently, a step never logged, a step the reference lacks.
+  assert chaos.compare_losses(reference, {1: [5.0], 2: [4.0, 4.5], 4: [2.0]}) == {
+      "losses_compared": 3, "losses_differing": 1, "losses_missing": 1, "losses_extra": 1}

@@ -13,7 +13,8 @@ uninterrupted run ends.
    save a final checkpoint and exit with 143, losing no step); then lets it finish.
 3. Reports kills, resumes, steps lost, kills that cut a checkpoint write, damaged checkpoints the
    resumes fell back from, and divergence: final params compared bitwise with the reference, and
-   every logged training loss (including steps re-run after a resume) with the reference's.
+   every logged training loss (including steps re-run after a resume) with the reference's; a
+   step the reference logged and the interrupted run never did counts as missing.
 
 Exit status 0 when every restart resumed, no SIGTERM lost a step, and nothing diverged.
 Bitwise equality holds on CPU, where XLA's reductions are deterministic.
@@ -224,16 +225,26 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 120
   figures["params"] = compare_params(reference_dir, chaos_dir)
   reference_losses, chaos_losses = read_losses(os.path.join(reference_dir, "train")), read_losses(
       os.path.join(chaos_dir, "train"))
-  figures["losses_compared"] = sum(len(v) for s, v in chaos_losses.items()
-                                   if s in reference_losses)
-  figures["losses_differing"] = sum(x != reference_losses[s][0] for s, v in chaos_losses.items()
-                                    if s in reference_losses for x in v)
+  figures.update(compare_losses(reference_losses, chaos_losses))
   figures["seconds"] = round(time.monotonic() - start, 1)
   figures["ok"] = (figures["resumes"] == len(interruptions) - 1
                    and figures["sigterm_steps_lost"] == 0
                    and figures["params"]["arrays_differing"] == 0
-                   and figures["losses_differing"] == 0)
+                   and figures["losses_differing"] == 0 and figures["losses_missing"] == 0)
   return figures
+
+
+def compare_losses(reference: dict[int, list[float]],
+                   chaos: dict[int, list[float]]) -> dict[str, int]:
+  """Every loss the interrupted run logged (a step re-run after a resume is logged again)
+  against the reference's, bit for bit; a step the reference logged that the interrupted run
+  never logged is missing, one the reference never logged is extra."""
+  logged = [(step, value) for step, values in chaos.items() for value in values]
+  return {"losses_compared": sum(step in reference for step, _ in logged),
+          "losses_differing": sum(step in reference and value != reference[step][0]
+                                  for step, value in logged),
+          "losses_missing": len(set(reference) - set(chaos)),
+          "losses_extra": len(set(chaos) - set(reference))}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
