@@ -71,7 +71,8 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
   would silently accept the typo `TRAIN_STEP = 5`)."""
   gin.clear_config()
   for path in [p for entry in search_paths for p in entry.split(",") if p] + [GIN_CONFIGS]:
-    gin.add_config_file_search_path(path)
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)  # once: a second configure() must not repeat it
   import t5x_lite.data  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   logging.disable(logging.ERROR)  # gin logs every search-path miss before the hit as an error
   try:
@@ -179,8 +180,10 @@ def error_message(error: BaseException) -> str:
   lines = [line for line in str(error).splitlines()
            if not line.strip().startswith("In call to configurable")]
   message = "\n".join(lines).strip()
-  if isinstance(error, OSError) and error.errno in _DISK_FULL:
-    where = f" writing {error.filename}" if error.filename else ""
+  # gin re-raises a job's error as a proxy that lacks its errno: read the original's.
+  original = error.__context__ if isinstance(error.__context__, OSError) else error
+  if isinstance(error, OSError) and getattr(original, "errno", None) in _DISK_FULL:
+    where = f" writing {original.filename}" if original.filename else ""
     message = (f"the disk is full{where} ({message}). Free space on it, or point MODEL_DIR "
                "to a larger disk, and rerun (a run resumes from its last good checkpoint).")
   return message

@@ -182,9 +182,10 @@ class NonFiniteGuard(Hook):
         self._recent.popleft()
       if len(self._recent) > self.max_fraction * self._window:
         raise FloatingPointError(
-            f"The run is diverging: {len(self._recent)} of the last {self._window} steps had a "
-            f"non-finite loss or gradient norm and were skipped (steps {_ranges(self._recent)}), "
-            f"more than train.max_nonfinite_fraction={self.max_fraction:g}. Stopped at step "
+            f"The run is diverging: {len(self._recent)} step(s) in a window of {self._window} "
+            f"had a non-finite loss or gradient norm and were skipped (steps "
+            f"{_ranges(self._recent)}), more than train.max_nonfinite_fraction="
+            f"{self.max_fraction:g} of the window. Stopped at step "
             f"{step} without writing a checkpoint or exporting; the checkpoints in MODEL_DIR are "
             "from before. Lower the learning rate or clip gradients and resume (or start from an "
             "earlier checkpoint); raise train.max_nonfinite_fraction only if such steps are "

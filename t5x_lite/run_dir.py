@@ -31,6 +31,7 @@ import socket
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 MANIFEST = "manifest.json"
+CONFIG = "config.gin"  # each accepted start appends its resolved gin config
 LOCK = "train.lock"
 SPM_COPY = "vocab.model"  # = loaded_model.SPM_FILE: where t5x_lite.load looks first
 # Entries whose change would alter the data stream or the meaning of token ids.
@@ -132,10 +133,29 @@ def read_manifest(model_dir: str) -> Optional[dict[str, Any]]:
 
 def _write_manifest(model_dir: str, record: Mapping[str, Any]) -> None:
   path = os.path.join(model_dir, MANIFEST)
-  with open(path + ".tmp", "w") as f:
+  with _naming(path + ".tmp"), open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=1, sort_keys=True)
     f.write("\n")
   os.replace(path + ".tmp", path)  # never half a manifest
+
+
+def append_config(model_dir: str, start: str, config: str) -> None:
+  """Appends this start's resolved gin config to MODEL_DIR/config.gin (a run's history)."""
+  path = os.path.join(model_dir, CONFIG)
+  with _naming(path), open(path, "a") as f:
+    f.write(f"# ---- {start}, {now()}, pid {os.getpid()}: the resolved config (later starts "
+            f"append theirs)\n{config}\n")
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+  """An OSError from writing (e.g. a full disk) that names the file it was writing."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename:
+      raise
+    raise OSError(e.errno, e.strerror, path) from e
 
 
 def _same_vocabulary(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -149,6 +169,14 @@ def _describe(name: str, value) -> str:
     return (f"{value.get('kind')}{where} ({value.get('vocab_size')} ids, sha256 "
             f"{str(value.get('sha256'))[:12]})")
   return json.dumps(value, sort_keys=True)
+
+
+def _changed_fields(old, new) -> str:
+  """"d_model 64 -> 32, dtype 'float32' -> 'bfloat16'" for two dicts; else "old -> new"."""
+  if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+    return f"{_describe('', old)} -> {_describe('', new)}"
+  return ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+                   for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key))
 
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
@@ -196,8 +224,8 @@ def check_manifest(model_dir: str, current: dict[str, Any], resuming: bool,
         f"Start a new run in a fresh MODEL_DIR, or accept the change with "
         f"--gin.train.allow_changes=\"[{names}]\" (recorded in {MANIFEST}).")
   for name, (old, new) in differences(recorded, current, REPORTED).items():
-    log(f"{name} differs from the run's first start: {_describe(name, old)[:200]} (recorded) -> "
-        f"{_describe(name, new)[:200]} (now); resuming anyway (parameter shapes are checked).")
+    log(f"{name} differs from the run's first start: {_changed_fields(old, new)}; resuming "
+        "anyway (parameter shapes are checked).")
   if not guarded:
     return recorded
   for name, (old, new) in guarded.items():

@@ -149,9 +149,7 @@ def _record_run(model_dir: str, manager, allow_changes, current) -> None:
   step = manager.latest_step()
   run_dir.check_manifest(model_dir, current, resuming=step is not None,
                          allow_changes=allow_changes, step=step, log=metrics_lib.log)
-  with open(os.path.join(model_dir, "config.gin"), "a") as f:
-    f.write(f"# ---- start at step {step or 0}, {run_dir.now()}, pid {os.getpid()}: the "
-            "resolved config (later starts append theirs)\n" + gin.config_str() + "\n")
+  run_dir.append_config(model_dir, f"start at step {step or 0}", gin.config_str())
 
 
 def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batches, batch_size):

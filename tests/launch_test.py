@@ -2,13 +2,15 @@
 values of the wrong type, one message per known error."""
 import errno
 import os
+import resource
+import signal
 import subprocess
 import sys
 
 import gin
 import pytest
 
-from t5x_lite import launch
+from t5x_lite import launch, run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +89,28 @@ def test_a_full_disk_is_named_with_the_fix():
       "the disk is full writing /run/config.gin ([Errno 28] No space left on device: "
       "'/run/config.gin'). Free space on it, or point MODEL_DIR to a larger disk, and rerun (a "
       "run resumes from its last good checkpoint).")
+
+
+@gin.configurable("launch_test_big_config")
+def write_big_config(model_dir):
+  run_dir.append_config(model_dir, "start at step 0", "x = 1\n" * 10_000)
+
+
+def test_a_disk_filling_up_at_start_up_ends_the_job_naming_the_file(tmp_path, capsys):
+  """A file-size limit (RLIMIT_FSIZE, as a quota would) makes writing config.gin fail, inside a
+  gin configurable as the jobs are (gin re-raises the error as a proxy without its errno)."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+  resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+  try:
+    with pytest.raises(SystemExit):
+      launch.main(lambda: write_big_config(str(tmp_path)), ["--gin_file=runs/quickstart.gin"],
+                  "job")
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous_handler)
+  assert capsys.readouterr().err.startswith(
+      f"job: error: the disk is full writing {tmp_path}/config.gin ([Errno 27] File too large")
 
 
 def test_the_command_line_prints_one_error_and_no_traceback(tmp_path):

@@ -234,7 +234,8 @@ def test_skipping_stops_a_diverged_run_and_never_writes_non_finite_params(poison
                                                                           tmp_path, capsys):
   # Every step is skipped: the run stops at the first check (by default, more than 5% of the
   # steps skipped) without a checkpoint or an export.
-  with pytest.raises(FloatingPointError, match=r"diverging: 1 of the last 2 steps .*\(steps 1\)"):
+  with pytest.raises(FloatingPointError, match=r"diverging: 1 step\(s\) in a window of 2 "
+                                               r".*\(steps 1\)"):
     finetune_from(poisoned_checkpoint, tmp_path, "train.on_nonfinite = 'skip'")
   assert "Step 1: the loss or gradient norm is not finite" in capsys.readouterr().out
   assert os.listdir(tmp_path / "checkpoints") == [] and not (tmp_path / "params").exists()

@@ -104,12 +104,7 @@ class BatchIterator:
       batch = next(self._iterator)
     except StopIteration:
       if not self._started:
-        faults = sources.data_faults()
-        raise sources.CorpusError(
-            f"{self._description} produced no batch: " + (
-                "nothing was left after skipping these records:\n  " + "\n  ".join(faults)
-                + "\n" + ". ".join(sources.FAULTS.fixes) + "." if faults else "the corpus is empty or smaller than one batch (try a smaller "
-                "BATCH_SIZE, drop_remainder=False, or more text).")) from None
+        raise sources.CorpusError(self._no_batch()) from None
       raise
     except tf.errors.OpError:
       # A data fault that stops the run is raised inside tf.data, which wraps it in its own
@@ -119,6 +114,14 @@ class BatchIterator:
       raise
     self._started = True
     return {k: v.numpy() for k, v in batch.items()}
+
+  def _no_batch(self) -> str:
+    faults = sources.data_faults()
+    if not faults:
+      return (f"{self._description} produced no batch: the corpus is empty or smaller than one "
+              "batch (try a smaller BATCH_SIZE, drop_remainder=False, or more text).")
+    return (f"{self._description} produced no batch: nothing was left after skipping these "
+            "records:\n  " + "\n  ".join(faults) + "\n" + ". ".join(sources.FAULTS.fixes) + ".")
 
   @property
   def element_spec(self):

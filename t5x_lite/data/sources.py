@@ -268,32 +268,37 @@ class DataFaults:
 
   def __init__(self):
     self._lock = threading.Lock()
-    self.counts: dict[tuple[str, str], int] = {}
+    self.lines: dict[tuple[str, str], set[int]] = {}  # the skipped lines (another epoch or a
+    # resume reads them again: each counts once)
     self.first: dict[tuple[str, str], str] = {}  # where and what the first one was
-    self.read: dict[str, int] = {}  # records read per file (jsonl / per-line decoding)
+    self.read: dict[str, int] = {}  # records read per file: the highest line number seen
     self.fixes: dict[str, None] = {}  # what to do about them, in order (a set with order)
     self.fatal: CorpusError | None = None
 
   def clear(self) -> None:
     with self._lock:
-      self.counts.clear(), self.first.clear(), self.read.clear(), self.fixes.clear()
+      self.lines.clear(), self.first.clear(), self.read.clear(), self.fixes.clear()
       self.fatal = None
 
-  def count_read(self, path: str, n: int) -> None:
+  @property
+  def counts(self) -> dict[tuple[str, str], int]:
+    return {key: len(lines) for key, lines in self.lines.items()}
+
+  def count_read(self, path: str, line: int) -> None:
     with self._lock:
-      self.read[path] = self.read.get(path, 0) + n
+      self.read[path] = max(self.read.get(path, 0), line)
 
   def add(self, kind: str, path: str, line: int, detail: str, config: "_ReadConfig") -> None:
     """Counts one skipped record; raises CorpusError when the config says to stop."""
     with self._lock:
       key = (kind, path)
-      self.counts[key] = self.counts.get(key, 0) + 1
+      self.lines.setdefault(key, set()).add(line)
       if key not in self.first:
         self.first[key] = f"line {line}: {detail}"
         self.fixes.setdefault(_FIX[kind](config), None)
         logging.warning("%s:%d: %s; skipped (%s). Further such records in this file are "
                         "counted, not logged.", path, line, detail, _FIX[kind](config))
-      bad = sum(n for (_, p), n in self.counts.items() if p == path)
+      bad = sum(len(lines) for (_, p), lines in self.lines.items() if p == path)
       read = max(self.read.get(path, 0), bad)
       if config.fail_at_first and kind != "non_utf8":
         self.fatal = CorpusError(f"{path}:{line}: {detail}. {_FIX[kind](config)}.")
@@ -391,7 +396,7 @@ def _parse_batch(paths: tf.Tensor, numbers: tf.Tensor, lines: tf.Tensor, fmt: st
     out = []
     for raw, path, n in zip(lines.numpy(), paths.numpy(), numbers.numpy()):
       path = path.decode()
-      FAULTS.count_read(path, 1)  # before the record: a share is of the records read so far
+      FAULTS.count_read(path, int(n))  # first: a share is of the records read so far
       out.append(read(raw, path, int(n), config).encode("utf-8"))
     return tf.constant(out, dtype=tf.string) if out else tf.zeros([0], tf.string)
 
