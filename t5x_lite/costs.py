@@ -1,4 +1,5 @@
-"""What a transformer stack costs: analytic FLOPs and the activations a train step keeps.
+"""What a transformer stack costs: parameters, analytic FLOPs and the activations a train step
+keeps.
 
 A model describes its stacks as `StackShape`s (how many rows, how long, how many layers, and
 for a decoder with cross-attention the encoder length it reads); the functions here price one
@@ -77,3 +78,48 @@ def stack_activation_bytes(config: TransformerConfig, stack: StackShape,
 def logits_bytes(config: TransformerConfig, tokens: float, tensor_shards: int = 1) -> float:
   """The float32 logits, their softmax and their gradient."""
   return 3 * tokens * config.vocab_size / tensor_shards * 4
+
+
+# ---------------------------------------------------------------------------- parameters
+# Counted from the shape without building the model (fast enough to search thousands of
+# shapes; tests check the counts against the real parameter trees of every preset).
+
+def norm_params(cfg: TransformerConfig) -> int:
+  return cfg.d_model * (2 if cfg.use_bias else 1)
+
+
+def attention_params(cfg: TransformerConfig, fused: bool) -> int:
+  d, e = cfg.d_model, cfg.resolved_head_dim
+  h, k = cfg.num_heads, cfg.resolved_num_kv_heads
+  bias = 1 if cfg.use_bias else 0
+  qkv = 3 * h * e * (d + bias) if fused else (h + 2 * k) * e * (d + bias)
+  return qkv + h * e * d + bias * d
+
+
+def mlp_params(cfg: TransformerConfig) -> int:
+  d, f = cfg.d_model, cfg.d_ff
+  bias = 1 if cfg.use_bias else 0
+  wi = (2 if cfg.gated_mlp else 1) * f * (d + bias)
+  return wi + f * d + bias * d
+
+
+def layer_params(cfg: TransformerConfig, cross_attention: bool) -> int:
+  n = attention_params(cfg, cfg.fused_qkv) + mlp_params(cfg) + 2 * norm_params(cfg)
+  if cross_attention:  # cross-attention never fuses q with k, v (they read different inputs)
+    n += attention_params(cfg, False) + norm_params(cfg)
+  return n
+
+
+def stack_params(cfg: TransformerConfig, stack: StackShape) -> int:
+  final_norm = norm_params(cfg) if cfg.norm_position == "pre" else 0
+  return stack.layers * layer_params(cfg, bool(stack.cross_length)) + final_norm
+
+
+def embedder_params(cfg: TransformerConfig) -> tuple[int, int]:
+  """(embedding tables, other) of one stack's input embedder, without the token table."""
+  tables = cfg.max_length * cfg.d_model if cfg.position_type == "learned" else 0
+  tables += cfg.type_vocab_size * cfg.d_model
+  if cfg.position_type == "relative":
+    tables += cfg.relative_num_buckets * cfg.num_heads
+  other = norm_params(cfg) if cfg.norm_position == "post" else 0
+  return tables, other

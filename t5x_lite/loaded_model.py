@@ -20,7 +20,7 @@ from __future__ import annotations
 import ast
 import os
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np

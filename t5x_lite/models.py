@@ -133,6 +133,24 @@ class BaseModel:
     shapes, _ = self.abstract_params(batch)
     return sum(x.size for x in jax.tree.leaves(shapes))
 
+  def analytic_param_counts(self) -> tuple[int, int]:
+    """(total, embedding-table) parameters counted from the config by `t5x_lite.costs`: what
+    `num_params` finds, without tracing the model (for searching many shapes)."""
+    cfg = self.config
+    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    other = self._head_params()
+    for stack in self.stacks({name: (1, 1) for name in self.REQUIRED_FEATURES}):
+      tables, norm = costs.embedder_params(cfg)
+      embedding, other = embedding + tables, other + norm + costs.stack_params(cfg, stack)
+    return embedding + other + self._head_embedding_params(), embedding + (
+        self._head_embedding_params())
+
+  def _head_params(self) -> int:
+    return 0
+
+  def _head_embedding_params(self) -> int:
+    return 0
+
   def flops_per_step(self, batch_shapes: Mapping[str, Sequence[int]]) -> float:
     """Model FLOPs of one training step on batches of these shapes: forward + backward = 3x
     forward (see `t5x_lite.costs`; recomputation by remat is not counted, as MFU demands)."""
@@ -270,6 +288,13 @@ class EncoderOnlyModel(BaseModel):
   def _head_flops_per_token(self):
     d = self.config.d_model  # the MLM transform (d x d), then the vocabulary projection
     return 2 * d * d + super()._head_flops_per_token()
+
+  def _head_params(self):
+    d = self.config.d_model  # the MLM transform (always biased) and its norm
+    return d * d + d + costs.norm_params(self.config)
+
+  def _head_embedding_params(self):
+    return self.config.vocab_size if self.config.tie_embeddings else 0  # the tied head's bias
 
   def fill_mask(self, params, tokens: Array, mask_id: int,
                 top_k: int = 5) -> tuple[Array, Array, Array]:

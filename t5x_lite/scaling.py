@@ -59,65 +59,12 @@ class ParamCounts:
             "non_embedding": self.non_embedding, "active": self.active}
 
 
-def _norm_params(cfg: TransformerConfig) -> int:
-  return cfg.d_model * (2 if cfg.use_bias else 1)
-
-
-def _attention_params(cfg: TransformerConfig, fused: bool) -> int:
-  d, e = cfg.d_model, cfg.resolved_head_dim
-  h, k = cfg.num_heads, cfg.resolved_num_kv_heads
-  bias = 1 if cfg.use_bias else 0
-  qkv = 3 * h * e * (d + bias) if fused else (h + 2 * k) * e * (d + bias)
-  return qkv + h * e * d + bias * d
-
-
-def _mlp_params(cfg: TransformerConfig) -> int:
-  d, f = cfg.d_model, cfg.d_ff
-  bias = 1 if cfg.use_bias else 0
-  wi = (2 if cfg.gated_mlp else 1) * f * (d + bias)
-  return wi + f * d + bias * d
-
-
-def _layer_params(cfg: TransformerConfig, cross_attention: bool) -> int:
-  n = _attention_params(cfg, cfg.fused_qkv) + _mlp_params(cfg) + 2 * _norm_params(cfg)
-  if cross_attention:  # cross-attention never fuses q with k, v (they read different inputs)
-    n += _attention_params(cfg, False) + _norm_params(cfg)
-  return n
-
-
-def _stack_params(cfg: TransformerConfig, layers: int, cross_attention: bool = False) -> int:
-  final_norm = _norm_params(cfg) if cfg.norm_position == "pre" else 0
-  return layers * _layer_params(cfg, cross_attention) + final_norm
-
-
-def _embedder_params(cfg: TransformerConfig) -> tuple[int, int]:
-  """(embedding tables, other) of one stack's input embedder, without the token table."""
-  tables = cfg.max_length * cfg.d_model if cfg.position_type == "learned" else 0
-  tables += cfg.type_vocab_size * cfg.d_model
-  if cfg.position_type == "relative":
-    tables += cfg.relative_num_buckets * cfg.num_heads
-  other = _norm_params(cfg) if cfg.norm_position == "post" else 0
-  return tables, other
-
-
 def count_params(cfg: TransformerConfig) -> ParamCounts:
-  """Parameters of a model of this config, counted from its shape without building it (fast
-  enough to search thousands of shapes; tests check it against the real parameter trees)."""
-  d, v = cfg.d_model, cfg.vocab_size
-  embedding, other = v * d, 0
-  stacks = {"encoder": [(cfg.num_layers, False)], "decoder": [(cfg.num_layers, False)],
-            "encoder_decoder": [(cfg.num_layers, False),
-                                (cfg.resolved_num_decoder_layers, True)]}[cfg.family]
-  for layers, cross in stacks:
-    tables, norm = _embedder_params(cfg)
-    embedding += tables
-    other += norm + _stack_params(cfg, layers, cross)
-  if cfg.family == "encoder":  # BERT's MLM head: transform (always biased) and its norm
-    other += d * d + d + _norm_params(cfg)
-    embedding += v if cfg.tie_embeddings else 0  # the output bias of the tied projection
-  if not cfg.tie_embeddings:
-    embedding += d * v
-  return ParamCounts(total=embedding + other, embedding=embedding)
+  """Parameters of a model of this config, counted from its shape without building it (the
+  model's `analytic_param_counts`; tests check it against the real parameter trees)."""
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  total, embedding = models.MODEL_CLASSES[cfg.family](cfg).analytic_param_counts()
+  return ParamCounts(total=total, embedding=embedding)
 
 
 def tree_param_counts(model) -> ParamCounts:

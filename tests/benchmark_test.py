@@ -63,7 +63,7 @@ def test_bert_batches_carry_the_loss_on_15_percent_in_both_frameworks():
   from t5x_lite import models  # pylint: disable=g-import-not-at-top
   batch = runners.make_batch(models.from_gin("bert_tiny"), 8, {"inputs": 256})
   assert 0.1 < batch["encoder_loss_weights"].mean() < 0.2
-  hf = runners.hf_batch("encoder", batch)
+  hf = runners.hf_batch(batch)
   assert ((hf["labels"] != -100) == (batch["encoder_loss_weights"] > 0)).all()
   assert runners.token_counts(batch) == (batch["encoder_loss_weights"].sum(), 8 * 256)
 
