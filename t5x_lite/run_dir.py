@@ -193,25 +193,37 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
 
 def check_manifest(model_dir: str, current: dict[str, Any], resuming: bool,
                    allow_changes: Sequence[str] = (), step: Optional[int] = None,
-                   log=logging.warning) -> dict[str, Any]:
+                   log=logging.warning, write: bool = True) -> dict[str, Any]:
   """Writes the manifest at a run's first start; on a resume, refuses (RunDirError, nothing
   written) a guarded difference that `allow_changes` does not name, and records those it does.
-  Returns the manifest now in force."""
+  Returns the manifest now in force. With `write=False` (the other processes of a multi-host
+  run) it only refuses."""
   unknown = sorted(set(allow_changes) - set(GUARDED))
   if unknown:
     raise RunDirError(f"train.allow_changes names {unknown}; it takes names among {GUARDED}.")
   recorded = read_manifest(model_dir)
-  if recorded is None or not resuming:
-    if recorded is not None:
-      log(f"{model_dir} has a manifest but no train-state checkpoint: starting the run afresh "
-          "and recording the current config.")
-    elif resuming:
-      log(f"{model_dir} has checkpoints but no {MANIFEST} (written by an older t5x_lite): "
-          "recording the current config as the run's.")
-    record = dict(current, created=now(), changes=[])
+  log = log if write else _quiet  # process 0 says it
+  if recorded is not None and resuming:
+    return _checked_resume(model_dir, recorded, current, allow_changes, step, log, write)
+  if recorded is not None:
+    log(f"{model_dir} has a manifest but no train-state checkpoint: starting the run afresh "
+        "and recording the current config.")
+  elif resuming:
+    log(f"{model_dir} has checkpoints but no {MANIFEST} (written by an older t5x_lite): "
+        "recording the current config as the run's.")
+  record = dict(current, created=now(), changes=[])
+  if write:
     _copy_vocabulary(model_dir, current["vocabulary"])
     _write_manifest(model_dir, record)
-    return record
+  return record
+
+
+def _quiet(message: str) -> None:
+  del message
+
+
+def _checked_resume(model_dir, recorded, current, allow_changes, step, log, write):
+  """check_manifest of a resume: refuse, or record the allowed changes."""
   guarded = differences(recorded, current, GUARDED)
   refused = {k: v for k, v in guarded.items() if k not in allow_changes}
   if refused:
@@ -235,9 +247,10 @@ def check_manifest(model_dir: str, current: dict[str, Any], resuming: bool,
   record["changes"] = list(recorded.get("changes", [])) + [{
       "time": now(), "step": step, **{k: {"from": old, "to": new}
                                        for k, (old, new) in guarded.items()}}]
-  if "vocabulary" in guarded:
+  if write and "vocabulary" in guarded:
     _copy_vocabulary(model_dir, current["vocabulary"])
-  _write_manifest(model_dir, record)
+  if write:
+    _write_manifest(model_dir, record)
   return record
 
 

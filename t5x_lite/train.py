@@ -143,13 +143,14 @@ def _check_counts(**counts: tuple[Any, int]) -> None:
 
 
 def _record_run(model_dir: str, manager, allow_changes, current) -> None:
-  """The manifest checked (a refused resume writes nothing), then config.gin appended."""
-  if jax.process_index() != 0:
-    return
-  step = manager.latest_step()
+  """The manifest checked by every process (a refused resume writes nothing), then written,
+  and config.gin appended, by process 0."""
+  step, writer = manager.latest_step(), jax.process_index() == 0
   run_dir.check_manifest(model_dir, current, resuming=step is not None,
-                         allow_changes=allow_changes, step=step, log=metrics_lib.log)
-  run_dir.append_config(model_dir, f"start at step {step or 0}", gin.config_str())
+                         allow_changes=allow_changes, step=step, log=metrics_lib.log,
+                         write=writer)
+  if writer:
+    run_dir.append_config(model_dir, f"start at step {step or 0}", gin.config_str())
 
 
 def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batches, batch_size):

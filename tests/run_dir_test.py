@@ -135,3 +135,13 @@ def test_a_lock_written_on_another_host_is_refused_naming_the_file(tmp_path):
   with pytest.raises(run_dir.RunDirError, match=r"locked by a job on another host: host "
                                                 r"'worker-7', pid 12.*delete .*train.lock"):
     run_dir.acquire(str(tmp_path))
+
+
+def test_other_processes_of_a_multi_host_run_refuse_too_but_write_nothing(tmp_path):
+  run_dir.check_manifest(str(tmp_path), current(), resuming=False)
+  before = (tmp_path / run_dir.MANIFEST).read_text()
+  with pytest.raises(run_dir.RunDirError, match="BATCH_SIZE: 8"):
+    run_dir.check_manifest(str(tmp_path), current(BATCH_SIZE=16), resuming=True, write=False)
+  run_dir.check_manifest(str(tmp_path), current(BATCH_SIZE=16), resuming=True, write=False,
+                         allow_changes=["BATCH_SIZE"])
+  assert (tmp_path / run_dir.MANIFEST).read_text() == before
