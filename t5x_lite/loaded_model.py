@@ -29,6 +29,7 @@ from t5x_lite import checkpoints, models
 from t5x_lite import vocabulary as vocab_lib
 
 SPM_FILE = "vocab.model"
+SPM_COPY = "sentencepiece.model"  # = run_dir.SPM_COPY: the copy a training run keeps
 TRAIN_CONFIG = "config.gin"
 MASK = "[MASK]"
 
@@ -98,7 +99,15 @@ def checkpoint_vocabulary(checkpoint_dir: str):
     found = re.findall(r"^get_vocabulary\.(\w+)\s*=\s*(.+?)\s*$", f.read(), re.MULTILINE)
   if not found:
     return None
-  return vocab_lib.build(**{name: ast.literal_eval(value) for name, value in found})
+  try:
+    return vocab_lib.build(**{name: ast.literal_eval(value) for name, value in found})
+  except FileNotFoundError as e:
+    copy = os.path.join(checkpoint_dir, SPM_COPY)
+    if not os.path.exists(copy):
+      raise
+    raise FileNotFoundError(
+        f"{e} The run kept a copy of the model it trained with: load it with "
+        f"t5x_lite.load({checkpoint_dir!r}, vocabulary={copy!r}).") from None
 
 
 class LoadedModel:

@@ -3,8 +3,8 @@
 The *manifest* (MODEL_DIR/manifest.json) records, at a run's first start, everything that fixes
 the data stream and the meaning of token ids: the task or mixture, feature lengths, global batch
 size, seed, number of data shards, the corpus bindings and the vocabulary (kind, size and a hash
-of its content; a SentencePiece model is copied into MODEL_DIR as vocab.model, where
-`t5x_lite.load` finds it). It also records the model config and the t5x_lite version. A resume
+of its content; a SentencePiece model is copied into MODEL_DIR as sentencepiece.model, so the
+run outlives the original file). It also records the model config and the t5x_lite version. A resume
 compares the current config with it and refuses any difference in the guarded entries (`GUARDED`)
 unless `train.allow_changes` names them; an accepted change is appended to the manifest's
 "changes". Differences in the model config or version are only reported.
@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 MANIFEST = "manifest.json"
 CONFIG = "config.gin"  # each accepted start appends its resolved gin config
 LOCK = "train.lock"
-SPM_COPY = "vocab.model"  # = loaded_model.SPM_FILE: where t5x_lite.load looks first
+# Not vocab.model (which t5x_lite.load would then prefer): seqio compares SentencePiece
+# vocabularies by file path too, so the jobs would take the copy for another vocabulary.
+SPM_COPY = "sentencepiece.model"
 # Entries whose change would alter the data stream or the meaning of token ids.
 GUARDED = ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "BATCH_SIZE", "train.seed",
            "data_shards", "corpus", "vocabulary")
@@ -52,15 +53,11 @@ def now() -> str:
 # ---------------------------------------------------------------------------- vocabulary
 
 def vocabulary_record(vocab) -> dict[str, Any]:
-  """Kind, size, sentinels and a content hash of a seqio vocabulary (byte or SentencePiece):
-  two vocabularies with equal records map text to the same ids."""
-  vocab = getattr(vocab, "resolved", vocab)  # the gin-selected one behind DEFAULT_VOCABULARY
-  model_file = getattr(vocab, "sentencepiece_model_file", None)
-  kind = "sentencepiece" if model_file else type(vocab).__name__.replace("Vocabulary", "").lower()
-  content = vocab.sp_model if model_file else kind.encode()
-  digest = hashlib.sha256(content + f"/extra_ids={vocab.extra_ids}".encode()).hexdigest()
-  record = {"kind": kind, "vocab_size": int(vocab.vocab_size), "extra_ids": int(vocab.extra_ids),
-            "sha256": digest}
+  """`vocabulary.describe` (kind, size, sentinels, content hash: equal records map text to the
+  same ids) and, for SentencePiece, where its model file is."""
+  from t5x_lite import vocabulary as vocab_lib  # pylint: disable=g-import-not-at-top
+  record = vocab_lib.describe(vocab)
+  model_file = getattr(getattr(vocab, "resolved", vocab), "sentencepiece_model_file", None)
   if model_file:
     record["file"] = os.path.abspath(model_file)
   return record

@@ -135,6 +135,11 @@ def test_a_vocabulary_the_model_cannot_hold_is_refused(tmp_path):
             "get_vocabulary.spm_path = '/nonexistent.model'\n")
   with pytest.raises(FileNotFoundError, match="nonexistent.model"):
     t5x_lite.load(directory)
+  with open(os.path.join(directory, "sentencepiece.model"), "wb") as f:  # The run's copy.
+    f.write(b"a SentencePiece model")
+  with pytest.raises(FileNotFoundError, match=r"nonexistent.model.*kept a copy.*vocabulary="
+                                              r"'.*sentencepiece.model'"):
+    t5x_lite.load(directory)
 
 
 def _bert_dir(directory):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from t5x_lite import run_dir
+from t5x_lite import run_dir, vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BYTES = {"kind": "byte", "vocab_size": 360, "extra_ids": 101, "sha256": "b" * 64}
@@ -62,11 +62,12 @@ def test_an_allowed_change_is_recorded_and_a_model_change_only_reported(tmp_path
   run_dir.check_manifest(str(tmp_path), current(BATCH_SIZE=16), resuming=True)
 
 
-class FakeSentencePiece:
-  """What vocabulary_record reads of a seqio.SentencePieceVocabulary."""
-  extra_ids, vocab_size = 100, 8000
+class FakeSentencePiece(vocabulary.Vocabulary):
+  """What vocabulary_record reads of a SentencePiece vocabulary (ours or seqio's)."""
+  kind, vocab_size = "sentencepiece", 8000
 
-  def __init__(self, path):
+  def __init__(self, path):  # pylint: disable=super-init-not-called
+    self.extra_ids = 100
     self.sentencepiece_model_file = path
     with open(path, "rb") as f:
       self.sp_model = f.read()
@@ -80,7 +81,7 @@ def test_a_sentencepiece_model_is_fingerprinted_and_copied_into_the_run(tmp_path
   model_dir = tmp_path / "run"
   model_dir.mkdir()
   run_dir.check_manifest(str(model_dir), current(vocabulary=record), resuming=False)
-  assert (model_dir / run_dir.SPM_COPY).read_bytes() == b"model one"  # t5x_lite.load reads it
+  assert (model_dir / run_dir.SPM_COPY).read_bytes() == b"model one"  # kept with the run
   # The same content elsewhere is the same vocabulary; other content under the same path is not.
   moved = tmp_path / "moved.model"
   moved.write_bytes(b"model one")
