@@ -14,6 +14,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(tmp_path):
                             checkpoint_every=2, seed=0)
   assert figures["kills"] == 1 and figures["sigterms"] == 1
   assert figures["resumes"] == 2  # every restart got back to training
+  assert figures["stale_locks_reclaimed"] == 1  # the killed life's lock, not the preempted one's
   assert figures["sigterm_steps_lost"] == 0  # SIGTERM saved the step it stopped at
   assert figures["params"] == {"arrays": 20, "arrays_differing": 0, "max_abs_difference": 0.0}
   # Every logged loss, including the steps trained again after the kill, equals the reference.

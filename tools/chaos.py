@@ -12,9 +12,10 @@ uninterrupted run ends.
    repeats `--kills` times; then `--sigterms` times SIGTERM (a preemption notice: the run must
    save a final checkpoint and exit with 143, losing no step); then lets it finish.
 3. Reports kills, resumes, steps lost, kills that cut a checkpoint write, damaged checkpoints the
-   resumes fell back from, and divergence: final params compared bitwise with the reference, and
-   every logged training loss (including steps re-run after a resume) with the reference's; a
-   step the reference logged and the interrupted run never did counts as missing.
+   resumes fell back from, MODEL_DIR locks taken over from killed lives, and divergence: final
+   params compared bitwise with the reference, and every logged training loss (including steps
+   re-run after a resume) with the reference's; a step the reference logged and the interrupted
+   run never did counts as missing.
 
 Exit status 0 when every restart resumed, no SIGTERM lost a step, and nothing diverged.
 Bitwise equality holds on CPU, where XLA's reductions are deterministic.
@@ -121,6 +122,10 @@ class Life:
   def damaged_checkpoints(self) -> int:
     return self.text().count("is unreadable")
 
+  def reclaimed_lock(self) -> bool:
+    """Whether it took over the MODEL_DIR lock a killed life left behind."""
+    return "Reclaimed the lock" in self.text()
+
 
 def read_losses(event_dir: str) -> dict[int, list[float]]:
   """{step: [every logged training loss]}; a record cut short by a kill ends its file."""
@@ -176,7 +181,8 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 120
   log(f"reference: {steps} steps in {time.monotonic() - start:.0f}s "
       f"({seconds_per_step:.3f}s per step)")
   figures = {"kills": 0, "kills_during_checkpoint_write": 0, "sigterms": 0, "resumes": 0,
-             "steps_lost": 0, "sigterm_steps_lost": 0, "damaged_checkpoints_seen": 0}
+             "steps_lost": 0, "sigterm_steps_lost": 0, "damaged_checkpoints_seen": 0,
+             "stale_locks_reclaimed": 0}
   cmd = command(chaos_dir, preset, steps, checkpoint_every)
   interruptions = ["SIGKILL"] * kills + ["SIGTERM"] * sigterms + [None]
   previous: Optional[Life] = None
@@ -187,6 +193,7 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 120
       figures["resumes"] += started
       figures["steps_lost"] += max(0, previous.steps_reached() - life.resumed_from())
     figures["damaged_checkpoints_seen"] += life.damaged_checkpoints()
+    figures["stale_locks_reclaimed"] += started and life.reclaimed_lock()
     if signal_name is None or not started:
       if life.finish():
         raise RuntimeError(f"Life {number} failed (exit {life.process.returncode}); see {life.log}")
