@@ -91,11 +91,12 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
                     f"{shard[0]} of {shard[1]} ({per_host_batch} rows).")
     manager = checkpoints.CheckpointManager(model_dir, checkpoint_every, keep_checkpoints)
     with manager:  # on an error too: Orbax's threads stop before the job reports it
-      _record_run(model_dir, manager, allow_changes, run_dir.manifest(
+      run = functools.partial(_record_run, model_dir, manager, allow_changes, run_dir.manifest(
           task=mixture_or_task_name, feature_lengths=task_feature_lengths,
           batch_size=batch_size, seed=seed, data_shards=shard[1],
           vocabulary=run_dir.vocabulary_record(data.get_vocabulary()),
           model_config=model.config, corpus=run_dir.corpus_bindings()))
+      run(write=False)  # a resume that changes the data is refused before any work
       stream = functools.partial(data.train_batches, mixture_or_task_name, task_feature_lengths,
                                  per_host_batch, model.feature_converter(), seed, shard)
       first_batches = stream(skip=0)
@@ -106,6 +107,7 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       trainer.check_memory()
       state, consumed, batches = _start(trainer, manager, initial_checkpoint_path, seed, stream,
                                         itertools.chain([first], first_batches), batch_size)
+      run(write=jax.process_index() == 0)  # the start is accepted: record it
 
       validation = [partitioning.host_to_global(b, mesh) for b in data.validation_batches(
           mixture_or_task_name, task_feature_lengths, per_host_batch, model.feature_converter(),
@@ -142,14 +144,15 @@ def _check_counts(**counts: tuple[Any, int]) -> None:
                        f"--gin.{name}={max(least, 1) * 100 if name == 'TRAIN_STEPS' else 8}.")
 
 
-def _record_run(model_dir: str, manager, allow_changes, current) -> None:
-  """The manifest checked by every process (a refused resume writes nothing), then written,
-  and config.gin appended, by process 0."""
-  step, writer = manager.latest_step(), jax.process_index() == 0
+def _record_run(model_dir: str, manager, allow_changes, current, write: bool) -> None:
+  """Checks the run's manifest (RunDirError if this start would change the data stream or the
+  token ids); with `write`, once the start is accepted (checkpoint restored), records it: the
+  manifest and, appended to config.gin, this start's resolved config."""
+  step = manager.latest_step() if manager.restored_step is None else manager.restored_step
   run_dir.check_manifest(model_dir, current, resuming=step is not None,
                          allow_changes=allow_changes, step=step, log=metrics_lib.log,
-                         write=writer)
-  if writer:
+                         write=write)
+  if write:
     run_dir.append_config(model_dir, f"start at step {step or 0}", gin.config_str())
 
 

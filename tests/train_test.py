@@ -162,14 +162,16 @@ def test_bad_runs_say_what_to_change(tmp_path, bindings, error, message):
     run_job(tmp_path, "TRAIN_STEPS = 1", *bindings)
 
 
-def test_a_model_dir_of_another_model_is_refused(straight_run):
-  model_dir, _ = straight_run
-  with pytest.raises(ValueError, match="different model.*a fresh MODEL_DIR"):
-    run_job(model_dir, "TRAIN_STEPS = 5", "TransformerConfig.d_model = 32")
-
-
 def written_by_the_run(model_dir):
   return {name: (model_dir / name).read_text() for name in ("config.gin", "manifest.json")}
+
+
+def test_a_model_dir_of_another_model_is_refused(straight_run):
+  model_dir, _ = straight_run
+  before = written_by_the_run(model_dir)
+  with pytest.raises(ValueError, match="different model.*a fresh MODEL_DIR"):
+    run_job(model_dir, "TRAIN_STEPS = 5", "TransformerConfig.d_model = 32")
+  assert written_by_the_run(model_dir) == before
 
 
 @pytest.mark.parametrize("bindings, differs", [
