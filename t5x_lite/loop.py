@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from t5x_lite import checkpoints
 from t5x_lite import metrics as metrics_lib
