@@ -14,6 +14,8 @@ f MLP width, h query heads, k key/value heads, e head width, v vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +29,16 @@ class StackShape:
   length: int
   layers: int
   cross_length: int = 0  # encoder length the layers cross-attend to (0: no cross-attention)
+
+
+TOKEN_FEATURES = ("encoder_input_tokens", "decoder_input_tokens")
+
+
+def tokens_per_step(batch_shapes: Mapping[str, Sequence[int]]) -> int:
+  """Tokens a step reads: every encoder and decoder input position (the train job's tokens/s,
+  and what the scaling laws call D)."""
+  return int(sum(math.prod(shape) for name, shape in batch_shapes.items()
+                 if name in TOKEN_FEATURES))
 
 
 def mlp_flops_per_token(config: TransformerConfig) -> float:

@@ -29,9 +29,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from t5x_lite import costs
 from t5x_lite.config import TransformerConfig
 
-TOKEN_FEATURES = ("encoder_input_tokens", "decoder_input_tokens")
 # Parameter tables that look tokens or positions up, and the output projection onto the
 # vocabulary: what "non-embedding" parameters leave out (Kaplan et al. 2020).
 EMBEDDING_PARAM_NAMES = ("token_embed", "position_embedding", "token_type_embedding",
@@ -88,10 +88,7 @@ def batch_shapes(model, batch_size: int, lengths: Mapping[str, int]) -> dict[str
           for name, x in model.dummy_batch(1, lengths).items()}
 
 
-def tokens_per_step(shapes: Mapping[str, Sequence[int]]) -> int:
-  """Tokens a step reads: every encoder and decoder input position (the tokens/s the train job
-  logs), which is what the scaling laws call D."""
-  return int(sum(math.prod(shape) for name, shape in shapes.items() if name in TOKEN_FEATURES))
+tokens_per_step = costs.tokens_per_step
 
 
 def flops_per_step(model, shapes: Mapping[str, Sequence[int]]) -> float:

@@ -30,7 +30,7 @@ import gin
 import jax
 import numpy as np
 
-from t5x_lite import checkpoints, launch, loop, optimizers, partitioning, run_dir
+from t5x_lite import checkpoints, costs, launch, loop, optimizers, partitioning, run_dir
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
 
@@ -114,26 +114,31 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           seed, shard, eval_batches)] if eval_batches else []
       evaluate = loop.Evaluate(validation, metrics_lib.MetricsWriter(model_dir, "validation"),
                                eval_every)
-      flops, peak = trainer.flops_per_step(), trainer_lib.peak_flops_per_second()
-      metrics_lib.log(f"{model.num_params():,} parameters; {flops / 1e9:.2f} GFLOP per step; "
-                      f"peak {peak / 1e9:.1f} GFLOP/s.")
       if int(jax.device_get(state.step)) == 0:
         evaluate.evaluate(trainer, state.params, 0)
-      tokens_per_step = sum(np.prod(s) for k, s in batch_shapes.items()
-                            if k in ("encoder_input_tokens", "decoder_input_tokens"))
-      log = loop.LogMetrics(metrics_lib.MetricsWriter(model_dir, "train"), log_every,
-                            tokens_per_step, flops, peak, launch.START)
-      checkpoint = loop.Checkpoint(manager, guard, batch_size)
-      export = loop.AtEnd(lambda run: _export(model, run.state, model_dir, run.step))
-      samples = loop.AtEnd(lambda run: print_samples(model, run.state.params, sample_prompts,
-                                                     sample_length, sample_temperature))
       with loop.sigterm_received() as sigterm:
+        hooks = _hooks(trainer, manager, guard, evaluate, sigterm, model_dir, log_every,
+                       batch_size, (sample_prompts, sample_length, sample_temperature))
         loop.TrainLoop(trainer, state, (partitioning.host_to_global(b, mesh) for b in batches),
-                       train_steps, consumed).add(
-                           log, guard, checkpoint, loop.Preemption(sigterm, checkpoint, log),
-                           evaluate, loop.DataFaults(data.sources.data_faults), export,
-                           samples).run()
+                       train_steps, consumed).add(*hooks).run()
   return evaluate.last
+
+
+def _hooks(trainer, manager, guard, evaluate, sigterm, model_dir: str, log_every: int,
+           batch_size: int, sampling: tuple) -> list[loop.Hook]:
+  """What the train job does around its steps, in order: log, guard, checkpoint, preemption,
+  validation, data faults, then at the end export and samples."""
+  model = trainer.model
+  flops, peak = trainer.flops_per_step(), trainer_lib.peak_flops_per_second()
+  metrics_lib.log(f"{model.num_params():,} parameters; {flops / 1e9:.2f} GFLOP per step; "
+                  f"peak {peak / 1e9:.1f} GFLOP/s.")
+  log = loop.LogMetrics(metrics_lib.MetricsWriter(model_dir, "train"), log_every,
+                        costs.tokens_per_step(trainer.batch_shapes), flops, peak, launch.START)
+  checkpoint = loop.Checkpoint(manager, guard, batch_size)
+  export = loop.AtEnd(lambda run: _export(model, run.state, model_dir, run.step))
+  samples = loop.AtEnd(lambda run: print_samples(model, run.state.params, *sampling))
+  return [log, guard, checkpoint, loop.Preemption(sigterm, checkpoint, log), evaluate,
+          loop.DataFaults(_data().sources.data_faults), export, samples]
 
 
 def _check_counts(**counts: tuple[Any, int]) -> None:
