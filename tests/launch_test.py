@@ -114,14 +114,21 @@ def test_a_disk_filling_up_at_start_up_ends_the_job_naming_the_file(tmp_path, ca
 
 
 def test_the_command_line_prints_one_error_and_no_traceback(tmp_path):
-  """A real job failing after it opened its checkpoint manager (Orbax threads running)."""
+  """A real job failing after it opened its checkpoint manager (Orbax threads running) and
+  imported TensorFlow, in a user's environment: no TF_CPP_MIN_LOG_LEVEL, CUDA not hidden."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
   result = subprocess.run(
       [sys.executable, "-m", "t5x_lite.train", "--gin_file=models/gpt2_tiny.gin",
        "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR={tmp_path}",
        "--gin.MIXTURE_OR_TASK_NAME=stdlib_clmm"], capture_output=True, text=True, cwd=REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", T5X_LITE_TRACEBACK=""), timeout=300)
+      env=dict(env, JAX_PLATFORMS="cpu", T5X_LITE_TRACEBACK=""), timeout=300)
   assert result.returncode == 1
   assert "Traceback" not in result.stderr and "cannot schedule" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith(
+  # TensorFlow's start-up lines (t5x_lite/quiet_tf.py) are gone: the error is all there is.
+  for noise in ("oneDNN", "cuInit", "cuda drivers", "TF-TRT", "absl::InitializeLog"):
+    assert noise not in result.stderr, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
       "python -m t5x_lite.train: error: No task or mixture named 'stdlib_clmm'. Did you mean")
   assert not (tmp_path / "train.lock").exists()

@@ -77,11 +77,13 @@ def test_split_placeholder_reads_separate_files_and_shards_by_file(tmp_path):
   assert len(halves[0]) == len(halves[1]) == 2
 
 
-def test_non_utf8_files_are_skipped_and_counted_or_fatal(tmp_path):
+def test_non_utf8_files_are_skipped_and_counted_or_fatal(tmp_path, caplog):
   good = write(tmp_path / "good.txt", "fine text\n")
   bad = write(tmp_path / "latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1"), "wb")
   config = sources.CorpusConfig(str(tmp_path / "*.txt"), validation_percent=0)
   listing = sources.list_corpus(config, "train")
+  sources.list_corpus(config, "train")  # as seqio does: shards, then dataset; warned once
+  assert caplog.text.count("Skipped 1 non-UTF-8 train file(s)") == 1
   assert listing.files == [good] and listing.skipped_non_utf8 == [bad]
   assert texts(sources.TextFileSource(config), "train") == ["fine text"]
   strict = sources.CorpusConfig(str(tmp_path / "*.txt"), non_utf8="fail")

@@ -5,14 +5,11 @@
                                batch_size=8, seed=0)
     next(batches)  # {"encoder_input_tokens": int32[8, 512], ...}
 """
-import tensorflow as tf
+# TensorFlow first, quietly and off the GPUs (t5x_lite/quiet_tf.py): the submodules below import
+# it too, and the first import is the one that prints.
+from t5x_lite.quiet_tf import import_tensorflow
 
-# JAX owns the accelerators; tf.data only runs on the host. Without this TensorFlow would reserve
-# GPU memory as soon as it builds a dataset.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF devices were already initialised by someone else: leave them
-  pass
+import_tensorflow()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from t5x_lite.data.feature_converters import CONVERTERS, MLMFeatureConverter, make_feature_converter

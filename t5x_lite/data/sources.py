@@ -200,6 +200,15 @@ def check_utf8(paths: Sequence[str]) -> dict[str, bool]:
     return result
 
 
+_warned: set[str] = set()  # seqio lists a corpus twice per split (its shards, then its dataset)
+
+
+def _warn_once(message: str, *args) -> None:
+  if (text := message % args) not in _warned:
+    _warned.add(text)
+    logging.warning(text)
+
+
 def _hash_percent(text: str) -> float:
   return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) % 10000 / 100.0
 
@@ -235,12 +244,12 @@ def list_corpus(config: CorpusConfig, split: str, by_line: bool = False) -> List
         f"{len(bad)} file(s) are not valid UTF-8, e.g. {bad[0]!r}. Convert them "
         "(iconv -f <encoding> -t utf-8) or set non_utf8='skip' to skip and count them.")
   if bad and by_line:
-    logging.warning("%d file(s) in %s hold bytes that are not UTF-8, e.g. %s: their lines "
-                    "holding them are %s.", len(bad), patterns, bad[:3],
-                    "decoded with U+FFFD" if config.non_utf8 == "replace"
-                    else "skipped and counted")
+    _warn_once("%d %s file(s) in %s hold bytes that are not UTF-8, e.g. %s: their lines "
+               "holding them are %s.", len(bad), split, patterns, bad[:3],
+               "decoded with U+FFFD" if config.non_utf8 == "replace" else "skipped and counted")
   elif bad:
-    logging.warning("Skipped %d non-UTF-8 file(s) in %s, e.g. %s", len(bad), patterns, bad[:3])
+    _warn_once("Skipped %d non-UTF-8 %s file(s) in %s, e.g. %s", len(bad), split, patterns,
+               bad[:3])
   files = [f for f in files if ok[f] or by_line]
   if config.max_files:
     files = files[:config.max_files]

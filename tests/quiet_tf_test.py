@@ -1,0 +1,19 @@
+"""TensorFlow's start-up lines are dropped at import; anything else written meanwhile stays."""
+import os
+
+from t5x_lite import quiet_tf
+
+
+def test_only_the_known_start_up_lines_are_dropped(capfd):
+  with quiet_tf._stderr_filtered(quiet_tf.NOISE):
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written "
+                b"to STDERR\nI0000 00:00:1796.1 15130 cudart_stub.cc:31] Could not find cuda "
+                b"drivers on your machine, GPU will not be used.\n")
+    os.write(2, b"E0000 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\n")
+    os.write(2, b"E0000 some_kernel.cc:1] a real error\n")
+  assert capfd.readouterr().err == "E0000 some_kernel.cc:1] a real error\n"
+
+
+def test_tensorflow_sees_no_gpu():
+  tf = quiet_tf.import_tensorflow()
+  assert tf.config.get_visible_devices("GPU") == []
