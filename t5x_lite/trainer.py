@@ -170,7 +170,8 @@ def train_step(model, optimizer: Optimizer, num_microbatches: int, state: TrainS
   data position and the schedule stay aligned), and metrics["nonfinite"] is 1. The caller
   decides whether to go on.
   """
-  use_dropout = model.config.dropout_rate > 0
+  # A model may need dropout beyond its config's (LoRA's adapter dropout says so itself).
+  use_dropout = getattr(model, "uses_dropout", model.config.dropout_rate > 0)
 
   def loss_fn(trainable, rows, rng):
     return model.loss_fn(combine(trainable, frozen), rows, rng if use_dropout else None,

@@ -1,0 +1,382 @@
+"""LoRA: low-rank adapters on the kernels of any model, trained with the base frozen.
+
+    model = lora.LoraModel(models.from_gin("llama_tiny"), rank=8, alpha=16.0)
+    params = model.init(rng, batch)            # the base's parameters plus lora_a / lora_b
+    trainer = Trainer(model, optimizer, mesh, shapes, trainable=lora.TRAINABLE)
+
+Every `layers.DenseGeneral` whose kernel path ("decoder/layers/self_attention/query/kernel")
+fully matches `targets` gains two parameters beside its kernel [in..., out...]:
+  lora_a [in..., r]  random (fan-in scaled), logical axes: the kernel's input axes, then None;
+  lora_b [r, out...] zeros, logical axes: None, then the kernel's output axes;
+and computes  y = x W + (alpha / r) * dropout(x) A B.  B starts at zero, so step 0 is the base.
+A and B are sharded like the kernel on the dimensions they share with it, scanned layers stack
+them on the `layers` axis like every other parameter, and they compute in the model's dtype.
+
+How: flax's `nn.intercept_methods` wraps every DenseGeneral call while the model runs, so no
+model file changes and every family, preset and layer layout (scanned or not, fused QKV) works.
+`LoraModel` wraps a model and runs each of its methods inside that interceptor; everything else
+(feature converter, FLOPs, decoding, scoring) is the base model's own. qwix 0.1.8 was tried
+first: its LoRA flattens the kernel's output axes into one dimension (so B cannot keep the
+kernel's logical names), it needs its own wrapper module (the decoders rebuild
+`type(module)(config)`), and with quantization it fails on DenseGeneral's `kernel.astype`.
+
+Adapters are leaves named `lora_a` / `lora_b`: `TRAINABLE` selects them for `train.trainable`,
+`split` / `merge` / `save_adapters` / `load_adapters` work on any params tree.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import checkpoints, layers
+from t5x_lite.trainer import param_path
+
+ATTENTION = r".*attention/(query|key|value|out|qkv)/kernel"
+MLP = r".*mlp/(wi|wi_0|wi_1|wo)/kernel"
+ATTENTION_AND_MLP = f"({ATTENTION})|({MLP})"
+TRAINABLE = r".*/lora_[ab]"  # the `train.trainable` of a LoRA run: the adapters alone
+
+ADAPTERS_DIR = "adapters"       # an adapter export: adapters/ (Orbax), adapter.json, model.gin
+ADAPTER_JSON = "adapter.json"
+MERGED_JSON = "lora_merged.json"  # in a merged params checkpoint: the adapters merged into it
+
+
+def is_adapter(path: str) -> bool:
+  return path.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
+
+
+def _init_a(key, shape, dtype):
+  """A [in..., r]: fan-in scaled over all input dims, so x A has the scale of x W."""
+  flat = layers.default_kernel_init(key, (math.prod(shape[:-1]), shape[-1]), dtype)
+  return flat.reshape(shape)
+
+
+def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, seen: list):
+  """The `nn.intercept_methods` interceptor adding the adapters to matching DenseGenerals."""
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if not isinstance(module, layers.DenseGeneral) or context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.path) + "/kernel"
+    seen.append(path)
+    if not pattern.fullmatch(path):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = args[0]
+    n_in = len(module.in_axes)
+    in_shape, out_shape = x.shape[-n_in:], tuple(module.features)
+    if rank >= min(math.prod(in_shape), math.prod(out_shape)):
+      raise ValueError(
+          f"LoRA rank {rank} is not below min(in, out) = min({math.prod(in_shape)}, "
+          f"{math.prod(out_shape)}) of {path} {in_shape + out_shape}: a full-rank adapter "
+          "saves nothing. Choose a smaller LoraModel.rank, or leave this kernel out of targets.")
+    a = layers._param(module, "lora_a", _init_a, in_shape + (rank,),  # pylint: disable=protected-access
+                      tuple(module.in_axes) + (None,), module.param_dtype)
+    b = layers._param(module, "lora_b", nn.initializers.zeros, (rank,) + out_shape,  # pylint: disable=protected-access
+                      (None,) + tuple(module.out_axes), module.param_dtype)
+    if dropout > 0.0 and module.has_rng("dropout"):  # an rng is given only when training
+      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
+    dtype = module.dtype
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    h = jax.lax.dot_general(x.astype(dtype), a.astype(dtype), (contract, ((), ())))
+    delta = jax.lax.dot_general(h, b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return y + (scale * delta).astype(y.dtype)
+  return intercept
+
+
+@gin.configurable(module="t5x_lite.lora")
+class LoraModel:
+  """`model` with LoRA adapters on the kernels matching `targets` (see the module docstring).
+
+  Every method of the base model (loss, scoring, decoding, init, ...) runs with the adapters;
+  attributes that are not methods are the base's. `rank` r, `alpha` (the update is scaled by
+  alpha / r), `dropout` on the adapters' input while training.
+  """
+
+  def __init__(self, model: Any = gin.REQUIRED, rank: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, targets: str = ATTENTION,
+               base_checkpoint: Optional[str] = None):
+    if isinstance(model, LoraModel):
+      raise ValueError("This model already has LoRA adapters; wrap the base model once.")
+    if not isinstance(rank, int) or rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
+      raise ValueError(f"LoraModel needs rank >= 1 (got {rank!r}), alpha > 0 (got {alpha!r}) "
+                       f"and 0 <= dropout < 1 (got {dropout!r}).")
+    self.base, self.rank, self.alpha, self.dropout = model, rank, float(alpha), float(dropout)
+    self.targets, self.base_checkpoint = targets, base_checkpoint
+    self._pattern = re.compile(targets)
+    self._seen: list[str] = []  # the DenseGeneral kernel paths the last trace went through
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @property
+  def uses_dropout(self) -> bool:
+    """Whether a train step needs a dropout rng (the trainer asks)."""
+    return self.dropout > 0.0 or self.base.config.dropout_rate > 0.0
+
+  @contextlib.contextmanager
+  def adapters(self):
+    """While active, every DenseGeneral matching `targets` runs with its adapter."""
+    with nn.intercept_methods(_interceptor(self._pattern, self.rank, self.scale, self.dropout,
+                                           self._seen)):
+      yield
+
+  def __getattr__(self, name):
+    if name.startswith("__") or name == "base":
+      raise AttributeError(name)
+    value = getattr(self.base, name)
+    if not inspect.ismethod(value):
+      return value
+
+    @functools.wraps(value)
+    def with_adapters(*args, **kwargs):
+      with self.adapters():
+        return value(*args, **kwargs)
+    return with_adapters
+
+  def abstract_params(self, batch=None):
+    """The base's (shapes, logical specs) plus the adapters'; refuses targets matching nothing."""
+    self._seen.clear()
+    with self.adapters():
+      shapes, specs = self.base.abstract_params(batch)
+    if not any(is_adapter(p) for p in _paths(shapes)):
+      raise ValueError(
+          f"LoRA targets {self.targets!r} match no kernel; the kernels are: "
+          f"{sorted(set(self._seen))}. Set LoraModel.targets to a regex matching whole paths "
+          f"(e.g. lora.ATTENTION, lora.MLP or lora.ATTENTION_AND_MLP).")
+    return shapes, specs
+
+  def init(self, rng, batch):
+    self.abstract_params(batch)  # the checks, before any work
+    with self.adapters():
+      return self.base.init(rng, batch)
+
+  def num_params(self, batch=None) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.abstract_params(batch)[0]))
+
+  # -- from a base checkpoint, to an adapter export ----------------------------------------
+  def initial_params(self, directory: str, abstract_params, seed: int = 0):
+    """The base parameters of a params checkpoint plus fresh adapters, laid out like
+    `abstract_params` (the whole tree, adapters included, with shardings)."""
+    base_abstract, adapter_abstract = split(abstract_params)
+    base = checkpoints.load_params(directory, base_abstract)
+    self.base_checkpoint = os.path.abspath(directory)
+    return join(base, self.fresh_adapters(adapter_abstract, seed))
+
+  def fresh_adapters(self, adapter_abstract, seed: int = 0):
+    """Adapters as `init` makes them (A random, B zero), without initialising the base."""
+    batch = self.base.dummy_batch(1, {"inputs": 8, "targets": 8})
+    shardings = jax.tree.map(lambda x: x.sharding, adapter_abstract)
+
+    def make(rng):
+      with self.adapters():
+        full = self.base.init(rng, batch)
+      return split(full)[1]
+    # Under jit only the adapters are outputs, so XLA drops the base's initialisation.
+    return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+  def save_params(self, directory: str, params) -> str:
+    """An adapter export (a few MB): adapters/, adapter.json naming the base, model.gin."""
+    return save_adapters(directory, self, params)
+
+  def adapter_config(self) -> dict:
+    return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+            "targets": self.targets}
+
+
+# ---------------------------------------------------------------------------- params trees
+
+def _paths(tree) -> list[str]:
+  return [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def split(params):
+  """(base, adapters): two nested dicts, the leaves of `params` that are not / are adapters."""
+  base, adapters = {}, {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = param_path(path)
+    _set(adapters if is_adapter(name) else base, name, leaf)
+  return base, adapters
+
+
+def join(*trees):
+  """One nested dict holding the leaves of all `trees` (the inverse of `split`)."""
+  out = {}
+  for tree in trees:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      _set(out, param_path(path), leaf)
+  return out
+
+
+def _set(tree: dict, path: str, leaf) -> None:
+  *parents, name = path.split("/")
+  for key in parents:
+    tree = tree.setdefault(key, {})
+  tree[name] = leaf
+
+
+def flat(tree) -> dict[str, Any]:
+  return {param_path(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def kernel_delta(kernel_shape, a, b, scale: float):
+  """scale * A B as a kernel-shaped update. A [L.., in..., r], B [L.., r, out...] where the
+  leading L.. (stacked layers) are shared by both and by the kernel."""
+  stacked = a.ndim + b.ndim - 2 - len(kernel_shape)
+  n_in = a.ndim - 1 - stacked
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  lead, ins, outs = letters[:stacked], letters[stacked:stacked + n_in], letters[
+      stacked + n_in:len(kernel_shape)]
+  delta = jnp.einsum(f"{lead}{ins}R,{lead}R{outs}->{lead}{ins}{outs}",
+                     a.astype(jnp.float32), b.astype(jnp.float32))
+  return scale * delta
+
+
+def merge(params, scale: float):
+  """The parameters with every adapter folded into its kernel (W + scale A B) and removed:
+  the base model's parameters, computing what the adapted model computes."""
+  base, adapters = split(params)
+  if not adapters:
+    raise ValueError("These parameters hold no LoRA adapters (lora_a / lora_b): nothing to merge. "
+                     "Were they merged already?")
+  kernels, flat_adapters = flat(base), flat(adapters)
+  for name in sorted(flat_adapters):
+    if name.endswith("/lora_a"):
+      kernel_name = name[:-len("lora_a")] + "kernel"
+      kernel = kernels[kernel_name]
+      delta = kernel_delta(kernel.shape, flat_adapters[name],
+                           flat_adapters[name[:-1] + "b"], scale)
+      kernels[kernel_name] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+  return join(kernels)
+
+
+# ---------------------------------------------------------------------------- adapter exports
+
+def kernel_shapes(params) -> dict[str, list[int]]:
+  """{kernel path: shape} of the kernels that carry adapters in `params`."""
+  names = flat(params)
+  return {name[:-len("lora_a")] + "kernel": list(names[name[:-len("lora_a")] + "kernel"].shape)
+          for name in names if name.endswith("/lora_a")}
+
+
+def save_adapters(directory: str, model: LoraModel, params) -> str:
+  """Writes the adapters of `params` (adapters/), adapter.json (LoRA settings, the base
+  checkpoint, the shapes of the kernels adapted, an id) and the base's model.gin."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  target = os.path.join(directory, ADAPTERS_DIR)
+  if os.path.exists(target):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(target)
+  adapters = split(params)[1]
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(target, adapters)
+  shapes = kernel_shapes(params)
+  record = dict(model.adapter_config(), format="t5x_lite.lora/1", base=model.base_checkpoint,
+                kernels=shapes, id=_adapter_id(adapters, shapes, model.adapter_config()))
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, ADAPTER_JSON), "w") as f:
+      json.dump(record, f, indent=1)
+    with open(os.path.join(directory, checkpoints.MODEL_GIN), "w") as f:
+      f.write(checkpoints.model_gin(model.base))
+  return directory
+
+
+def _adapter_id(adapters, shapes, config) -> str:
+  """A fingerprint of the adapters' values (what `merge` records, so it can refuse a repeat)."""
+  digest = hashlib.sha256(json.dumps([shapes, config], sort_keys=True).encode())
+  for name, leaf in sorted(flat(adapters).items()):
+    digest.update(name.encode())
+    digest.update(np.asarray(jax.device_get(leaf), np.float32).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def read_adapter_config(directory: str) -> dict:
+  path = os.path.join(directory, ADAPTER_JSON)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{directory!r} is not a LoRA adapter export (no {ADAPTER_JSON}); point at the MODEL_DIR "
+        "of a finished LoRA run (runs/lora_finetune.gin) or a directory from save_adapters.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_adapters(directory: str) -> tuple[dict, dict]:
+  """(adapters tree on this process's first device, adapter.json) of an adapter export."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = read_adapter_config(directory)
+  target = os.path.join(os.path.abspath(directory), ADAPTERS_DIR)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(target).item_metadata.tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata)
+    return checkpointer.restore(target, abstract), config
+
+
+def check_base(config: dict, base_shapes: dict[str, Any], adapter_dir: str,
+               base_dir: str) -> None:
+  """Refuses adapters trained on kernels of other shapes than the base's, naming both."""
+  wrong = []
+  for name, shape in sorted(config["kernels"].items()):
+    found = base_shapes.get(name)
+    if found is None or list(found) != list(shape):
+      wrong.append(f"{name}: adapters {tuple(shape)}, base "
+                   f"{'missing' if found is None else tuple(found)}")
+  if wrong:
+    raise ValueError(
+        f"The adapters in {adapter_dir} were trained on a base of other shapes than "
+        f"{base_dir}: {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}. Use the base "
+        f"they were trained on (adapter.json names it: {config.get('base')!r}).")
+
+
+def merged_ids(directory: str) -> list[str]:
+  path = os.path.join(directory, MERGED_JSON)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [entry["id"] for entry in json.load(f)]
+
+
+def merge_checkpoint(adapter_dir: str, out_dir: str, base_dir: Optional[str] = None) -> str:
+  """Writes to `out_dir` a full params checkpoint: the base (`base_dir`, default the one
+  adapter.json names) with the adapters of `adapter_dir` merged into its kernels."""
+  config = read_adapter_config(adapter_dir)
+  base_dir = base_dir or config.get("base")
+  if not base_dir:
+    raise ValueError(f"{adapter_dir}/{ADAPTER_JSON} names no base checkpoint; give it (--base).")
+  if config["id"] in merged_ids(base_dir):
+    raise ValueError(
+        f"The adapters of {adapter_dir} (id {config['id']}) are already merged into {base_dir} "
+        f"(its {MERGED_JSON} says so); merging them twice would add their update twice. Merge "
+        "into the original base instead.")
+  base_meta = checkpoints.params_metadata(base_dir)
+  check_base(config, {k: v.shape for k, v in flat(base_meta).items()}, adapter_dir, base_dir)
+  adapters, _ = load_adapters(adapter_dir)
+  merged = merge(join(checkpoints.load_params(base_dir), adapters), config["alpha"] /
+                 config["rank"])
+  with open(os.path.join(base_dir, checkpoints.MODEL_GIN)) as f:
+    model_gin = f.read()
+  checkpoints.save_params(out_dir, merged, model_gin)
+  history = [{"id": i} for i in merged_ids(base_dir)] + [
+      {"id": config["id"], "adapters": os.path.abspath(adapter_dir),
+       "base": os.path.abspath(base_dir)}]
+  with open(os.path.join(out_dir, MERGED_JSON), "w") as f:
+    json.dump(history, f, indent=1)
+  return out_dir

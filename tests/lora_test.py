@@ -1,0 +1,136 @@
+"""LoRA adapters: step 0 is the base, merged equals unmerged, only adapters train (sharded on the
+mesh), scanned / unrolled / fused QKV / bf16 layouts, and the refusals."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_lite import lora, models, optimizers, partitioning, trainer as trainer_lib
+
+PRESETS = ("gpt2_tiny", "llama_tiny", "t5_tiny", "bert_tiny")
+
+
+def random_batch(model, batch_size=8, length=8, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {name: rng.integers(2, model.config.vocab_size, (batch_size, length)).astype(np.int32)
+           for name in model.REQUIRED_FEATURES}
+  for name in ("encoder_loss_weights", "decoder_loss_weights"):
+    if name in batch:
+      batch[name] = np.ones_like(batch[name])
+  return batch
+
+
+def host_params(model, adapters_b=0.0, seed=0):
+  """Parameters made on the host from the abstract shapes (no init to compile): random, with
+  B = 0 (as `init` makes it) or B random at scale `adapters_b` (as after training)."""
+  shapes, _ = model.abstract_params(model.dummy_batch(1, {"inputs": 8, "targets": 8}))
+  rng = np.random.default_rng(seed)
+  def make(path, x):
+    if path.endswith("lora_b"):
+      return (adapters_b * rng.standard_normal(x.shape)).astype(x.dtype)
+    scale = 1.0 if path.endswith("scale") else 0.1
+    return (scale * rng.standard_normal(x.shape)).astype(x.dtype)
+  return lora.join({p: make(p, x) for p, x in lora.flat(shapes).items()})
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_step_0_is_the_base_and_merged_equals_unmerged(preset):
+  base = models.from_gin(preset)
+  model = lora.LoraModel(base, rank=4, alpha=8.0)
+  batch = random_batch(base)
+  params, trained = host_params(model), host_params(model, adapters_b=0.02)
+  base_params, adapters = lora.split(params)
+  assert adapters and all(lora.is_adapter(p) for p in lora.flat(adapters))
+
+  def logits(params, trained, batch):  # one compile per family
+    merged = lora.merge(trained, model.scale)
+    return (base.logits(lora.split(params)[0], batch), model.logits(params, batch),
+            model.logits(trained, batch), base.logits(merged, batch))
+  base_logits, step_0, adapted, merged = jax.jit(logits)(params, trained, batch)
+  np.testing.assert_array_equal(step_0, base_logits)  # B = 0: exactly the base
+  assert float(jnp.max(jnp.abs(adapted - base_logits))) > 1e-2  # the adapters act
+  np.testing.assert_allclose(merged, adapted, atol=1e-5)
+  merged_params = lora.merge(trained, model.scale)
+  assert jax.tree.structure(merged_params) == jax.tree.structure(base_params)
+  with pytest.raises(ValueError, match="no LoRA adapters .* merged already"):
+    lora.merge(merged_params, model.scale)
+
+
+@pytest.fixture(scope="module")
+def lora_trainer():
+  """llama_tiny with adapters on attention and MLP (dropout on) on a (2, 2, 2) mesh."""
+  model = lora.LoraModel(models.from_gin("llama_tiny"), rank=4, alpha=8.0, dropout=0.1,
+                         targets=lora.ATTENTION_AND_MLP)
+  batch = random_batch(model)
+  optimizer = optimizers.create_optimizer("adamw", optimizers.create_schedule("constant", 1e-2, 0))
+  trainer = trainer_lib.Trainer(model, optimizer, partitioning.make_mesh(2, 2, 2),
+                                {k: v.shape for k, v in batch.items()}, donate_state=False,
+                                trainable=lora.TRAINABLE)
+  return trainer, partitioning.host_to_global(batch, trainer.mesh)
+
+
+def test_only_adapters_train_and_hold_optimizer_state(lora_trainer):
+  trainer, batch = lora_trainer
+  state = trainer.state_from_params(host_params(trainer.model), seed=0)
+  params = lora.flat(state.params)
+  adapter_shapes = sorted(x.shape for p, x in params.items() if lora.is_adapter(p))
+  # AdamW's two moments, one per adapter, and nothing for the frozen base.
+  moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
+  assert sorted(moments) == sorted(adapter_shapes * 2)
+  new, metrics = trainer.train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"].compute()))
+  for path, after in lora.flat(new.params).items():
+    before = np.asarray(params[path])
+    if path.endswith("lora_b"):
+      assert not np.array_equal(before, np.asarray(after)), path  # B moved off zero
+    elif not lora.is_adapter(path):
+      np.testing.assert_array_equal(before, np.asarray(after), err_msg=path)
+
+
+def test_adapters_are_sharded_like_their_kernel(lora_trainer):
+  trainer, _ = lora_trainer
+  specs = {p: s.spec for p, s in lora.flat(trainer.state_shardings.params).items()}
+  for kernel in ("decoder/layers/self_attention/query", "decoder/layers/mlp/wo"):
+    kernel_spec, a, b = (specs[f"{kernel}/{n}"] for n in ("kernel", "lora_a", "lora_b"))
+    # [L, in..., out...] -> A [L, in..., r] and B [L, r, out...]; r is never split.
+    n_out = len(kernel_spec) - len(a) + 1
+    assert tuple(a) == tuple(kernel_spec[:len(a) - 1]) + (None,), (kernel, a)
+    assert tuple(b)[0] == kernel_spec[0] and b[1] is None
+    assert tuple(b)[2:] == tuple(kernel_spec[len(kernel_spec) - n_out:]), (kernel, b)
+  # On this (2, 2, 2) mesh the query kernel is split over fsdp (embed) and tensor (heads), and
+  # so are A (embed) and B (heads).
+  assert "fsdp" in str(specs["decoder/layers/self_attention/query/lora_a"])
+  assert "tensor" in str(specs["decoder/layers/self_attention/query/lora_b"])
+
+
+def test_unrolled_fused_and_bf16_layouts():
+  unrolled = lora.LoraModel(models.from_gin("gpt2_tiny", ["TransformerConfig.scan_layers = False",
+                                                          "TransformerConfig.fused_qkv = True"]),
+                            rank=2)
+  shapes = lora.flat(unrolled.abstract_params()[0])
+  assert shapes["decoder/layers_1/self_attention/qkv/lora_a"].shape == (64, 2)
+  assert shapes["decoder/layers_1/self_attention/qkv/lora_b"].shape == (2, 3, 4, 16)
+  assert "decoder/layers_0/self_attention/out/lora_b" in shapes
+  bf16 = lora.LoraModel(models.from_gin("llama_tiny", ["TransformerConfig.dtype = 'bfloat16'",
+                                                       "TransformerConfig.param_dtype = 'bfloat16'"]))
+  batch = random_batch(bf16, 2)
+  shapes = lora.flat(bf16.abstract_params()[0])
+  assert {x.dtype for p, x in shapes.items() if lora.is_adapter(p)} == {jnp.dtype(jnp.bfloat16)}
+  params = host_params(bf16)
+  step_0, base_logits = jax.jit(lambda p, b: (bf16.logits(p, b), bf16.base.logits(
+      lora.split(p)[0], b)))(params, batch)
+  np.testing.assert_array_equal(step_0, base_logits)
+
+
+def test_bad_settings_are_refused_with_the_fix():
+  llama = models.from_gin("llama_tiny")
+  with pytest.raises(ValueError, match=r"match no kernel; the kernels are: .*"
+                     r"'decoder/layers/self_attention/query/kernel'.* LoraModel.targets"):
+    lora.LoraModel(llama, targets="decoder/layers/attn/q/kernel").abstract_params()
+  with pytest.raises(ValueError, match=r"rank 32 is not below min\(in, out\) = min\(64, 32\) of "
+                     r"decoder/layers/self_attention/key/kernel"):
+    lora.LoraModel(llama, rank=32).abstract_params()
+  with pytest.raises(ValueError, match="already has LoRA adapters"):
+    lora.LoraModel(lora.LoraModel(llama))
+  with pytest.raises(ValueError, match="rank >= 1"):
+    lora.LoraModel(llama, rank=0)
