@@ -380,3 +380,15 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base_dir: Optional[str] = N
   with open(os.path.join(out_dir, MERGED_JSON), "w") as f:
     json.dump(history, f, indent=1)
   return out_dir
+
+
+# ---------------------------------------------------------------------------- memory
+
+def optimizer_state_bytes(model, optimizer, trainable=None) -> int:
+  """Bytes of the optimizer state for the `trainable` parameters of `model` (all by default),
+  from abstract shapes (jax.eval_shape: nothing is allocated)."""
+  from t5x_lite import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  shapes, _ = model.abstract_params()
+  mask = trainer_lib.trainable_mask(shapes, trainable)
+  state = jax.eval_shape(optimizer.tx.init, trainer_lib.partition(shapes, mask)[0])
+  return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)))

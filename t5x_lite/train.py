@@ -177,7 +177,11 @@ def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batche
         f"INITIAL_CHECKPOINT_PATH={initial_checkpoint_path!r} is not a params checkpoint (no "
         f"{checkpoints.PARAMS_DIR}/ inside). Point it to the MODEL_DIR of a finished run or to a "
         "directory written by checkpoints.save_params / tools/convert_checkpoint.py.")
-  params = checkpoints.load_params(initial_checkpoint_path, trainer.abstract_state.params)
+  # A model that adds parameters to its base (LoRA adapters) says how to start from the base.
+  load = getattr(trainer.model, "initial_params", None)
+  abstract = trainer.abstract_state.params
+  params = (load(initial_checkpoint_path, abstract, seed) if load else
+            checkpoints.load_params(initial_checkpoint_path, abstract))
   metrics_lib.log(f"Starting from the parameters in {initial_checkpoint_path}.")
   return trainer.state_from_params(params, seed), 0, fresh_batches
 
@@ -199,7 +203,11 @@ def _at_batch_size(consumed: int, saved_batch_size: Optional[int], batch_size: i
 
 def _export(model, state, model_dir: str, step: int) -> None:
   loop.check_finite_before_saving(state, step, what="export")
-  checkpoints.save_params(model_dir, state.params, checkpoints.model_gin(model))
+  save = getattr(model, "save_params", None)  # a model may export less (LoRA: its adapters)
+  if save:
+    save(model_dir, state.params)
+  else:
+    checkpoints.save_params(model_dir, state.params, checkpoints.model_gin(model))
   metrics_lib.log(f"Done: step {step}; params exported to {model_dir} (load with "
                   "checkpoints.load_params, or fine-tune with INITIAL_CHECKPOINT_PATH).")
 
