@@ -60,3 +60,21 @@ def test_unsupported_peft_options_are_refused(tmp_path, option, value):
   with pytest.raises(ValueError, match=rf"PEFT options t5x_lite's LoRA does not reproduce: "
                                        rf"{option}=.*Only plain LoRA"):
     lora_peft.import_peft(str(tmp_path), str(tmp_path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("preset", ["t5_tiny", "bert_tiny"])
+def test_t5_and_bert_adapters_go_to_peft_and_back_unchanged(tmp_path, preset):
+  base = models.from_gin(preset)
+  model = lora.LoraModel(base, rank=2, targets=lora.ATTENTION_AND_MLP)
+  params = host_params(model, adapters_b=0.05)
+  base_params, adapters = lora.split(params)
+  checkpoints.save_params(str(tmp_path / "base"), base_params, checkpoints.model_gin(base))
+  lora.save_adapters(str(tmp_path / "run"), model, params)
+  lora_peft.export_peft(str(tmp_path / "run"), str(tmp_path / "peft"))
+  config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert config["r"] == 2 and not config["fan_in_fan_out"]
+  lora_peft.import_peft(str(tmp_path / "peft"), str(tmp_path / "base"), str(tmp_path / "back"))
+  back = lora.flat(lora.load_adapters(str(tmp_path / "back"))[0])
+  assert sorted(back) == sorted(lora.flat(adapters))
+  for name, value in lora.flat(adapters).items():
+    np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(value), err_msg=name)

@@ -88,3 +88,9 @@ def test_memory_counts_the_optimizer_state_of_adapters_and_of_everything(capsys)
   assert 0 < report["lora_optimizer_bytes"] - 8 * report["lora_params"] <= 16
   assert 0 < report["full_optimizer_bytes"] - 8 * report["full_params"] <= 16
   assert "| LoRA | 3,584 |" in capsys.readouterr().out
+
+
+def test_the_run_gin_uses_the_library_regexes():
+  text = open(os.path.join(models.PRESET_DIR, "..", "runs", "lora_finetune.gin")).read()
+  for name in ("ATTENTION", "MLP", "ATTENTION_AND_MLP", "TRAINABLE"):
+    assert f"LORA_{name} = '{getattr(lora, name)}'" in text, name
