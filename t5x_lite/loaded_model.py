@@ -34,13 +34,15 @@ TRAIN_CONFIG = "config.gin"
 MASK = "[MASK]"
 
 
-def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
+def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
   """A model and its parameters from a params checkpoint (params/ + model.gin), ready to use.
 
   Args:
     checkpoint_dir: written by `checkpoints.save_params`, a training run's MODEL_DIR, or
       tools/convert_checkpoint.py.
     vocabulary: a seqio Vocabulary or a SentencePiece model path; default: see module docstring.
+    mesh: a `partitioning.make_mesh(...)` mesh to restore the parameters onto, laid out by the
+      logical-axis rules as the infer job does; default: this process's first device.
   """
   gin_path = os.path.join(checkpoint_dir, checkpoints.MODEL_GIN)
   if not os.path.exists(gin_path):
@@ -53,7 +55,11 @@ def load(checkpoint_dir: str, vocabulary=None) -> "LoadedModel":
         f"(vocab_size={model.config.vocab_size}): it is not the vocabulary the model was trained "
         f"with. Pass load(..., vocabulary=) the right one, or put its SentencePiece model in "
         f"{os.path.join(checkpoint_dir, SPM_FILE)}.")
-  return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab)
+  if mesh is None:
+    return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab)
+  from t5x_lite import predict  # pylint: disable=g-import-not-at-top  # predict imports this module
+  return LoadedModel(model, predict.restore_params(
+      model, mesh, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract)), vocab)
 
 
 def _not_a_params_checkpoint(directory: str) -> str:
