@@ -4,8 +4,11 @@ The flag must be set before jax is imported anywhere, which is why it lives here
 """
 import os
 
+# Test models are tiny, so compiling dominates: LLVM's optimisations of the generated CPU code
+# (XLA's own graph passes and fusions still run) cost more than they save here.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
