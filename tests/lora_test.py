@@ -58,37 +58,30 @@ def test_step_0_is_the_base_and_merged_equals_unmerged(preset):
 
 @pytest.fixture(scope="module")
 def lora_trainer():
-  """llama_tiny with adapters on attention and MLP (dropout on) on a (2, 2, 2) mesh."""
+  """llama_tiny with adapters on attention and MLP on a (2, 2, 2) mesh (nothing compiled: the
+  train step itself runs in lora_tool_test's train job)."""
   model = lora.LoraModel(models.from_gin("llama_tiny"), rank=4, alpha=8.0, dropout=0.1,
                          targets=lora.ATTENTION_AND_MLP)
-  batch = random_batch(model)
   optimizer = optimizers.create_optimizer("adamw", optimizers.create_schedule("constant", 1e-2, 0))
-  trainer = trainer_lib.Trainer(model, optimizer, partitioning.make_mesh(2, 2, 2),
-                                {k: v.shape for k, v in batch.items()}, donate_state=False,
-                                trainable=lora.TRAINABLE)
-  return trainer, partitioning.host_to_global(batch, trainer.mesh)
+  shapes = {k: v.shape for k, v in random_batch(model).items()}
+  return trainer_lib.Trainer(model, optimizer, partitioning.make_mesh(2, 2, 2), shapes,
+                             trainable=lora.TRAINABLE)
 
 
-def test_only_adapters_train_and_hold_optimizer_state(lora_trainer):
-  trainer, batch = lora_trainer
-  state = trainer.state_from_params(host_params(trainer.model), seed=0)
+def test_only_adapters_get_gradients_and_optimizer_state(lora_trainer):
+  state = lora_trainer.abstract_state
   params = lora.flat(state.params)
   adapter_shapes = sorted(x.shape for p, x in params.items() if lora.is_adapter(p))
   # AdamW's two moments, one per adapter, and nothing for the frozen base.
   moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
   assert sorted(moments) == sorted(adapter_shapes * 2)
-  new, metrics = trainer.train_step(state, batch)
-  assert np.isfinite(float(metrics["loss"].compute()))
-  for path, after in lora.flat(new.params).items():
-    before = np.asarray(params[path])
-    if path.endswith("lora_b"):
-      assert not np.array_equal(before, np.asarray(after)), path  # B moved off zero
-    elif not lora.is_adapter(path):
-      np.testing.assert_array_equal(before, np.asarray(after), err_msg=path)
+  trainable = [p for p, m in lora.flat(lora_trainer.mask).items() if m]
+  assert trainable and all(lora.is_adapter(p) for p in trainable)
+  assert lora_trainer.model.uses_dropout  # the adapters' dropout gets its rng
 
 
 def test_adapters_are_sharded_like_their_kernel(lora_trainer):
-  trainer, _ = lora_trainer
+  trainer = lora_trainer
   specs = {p: s.spec for p, s in lora.flat(trainer.state_shardings.params).items()}
   for kernel in ("decoder/layers/self_attention/query", "decoder/layers/mlp/wo"):
     kernel_spec, a, b = (specs[f"{kernel}/{n}"] for n in ("kernel", "lora_a", "lora_b"))

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5x_lite import checkpoints, launch, lora, models
@@ -51,6 +52,19 @@ def test_the_job_trains_and_exports_only_adapters_naming_the_base(lora_run):
   adapters, _ = lora.load_adapters(str(run_dir))
   for name, value in lora.flat(adapters).items():
     assert lora.is_adapter(name) and np.abs(np.asarray(value)).max() > 0, name  # B trained
+  # After the step the base is bitwise the checkpoint's, and the optimizer holds state for the
+  # adapters alone.
+  state_dir = str(run_dir / "checkpoints" / "1" / "state")
+  base_params = checkpoints.load_params(str(base_dir))
+  after = lora.flat(checkpoints.load_train_state_params(state_dir, lora.join(
+      base_params, adapters)))
+  for name, value in lora.flat(base_params).items():
+    np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(value), err_msg=name)
+  for name, value in lora.flat(adapters).items():
+    np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(value), err_msg=name)
+  state = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+  moments = sorted(tuple(x.shape) for x in jax.tree.leaves(state["opt_state"]) if x.shape)
+  assert moments == sorted([tuple(x.shape) for x in lora.flat(adapters).values()] * 2)
   size = sum(f.stat().st_size for f in (run_dir / "adapters").rglob("*") if f.is_file())
   base_size = sum(f.stat().st_size for f in (base_dir / "params").rglob("*") if f.is_file())
   assert size < base_size / 4
