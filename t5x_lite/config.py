@@ -19,6 +19,10 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
+# How a mixture-of-experts layer sends tokens to its experts (t5x_lite.moe): "ragged" sorts them
+# by expert for one grouped matmul (jax.lax.ragged_dot), "einsum" scatters them into fixed
+# [experts, capacity] buffers with one-hot einsums; "auto" picks per backend (see moe.py).
+MOE_DISPATCHES = ("auto", "ragged", "einsum")
 
 
 @gin.configurable(module="t5x_lite.config")
@@ -68,6 +72,22 @@ class TransformerConfig:
   # weights. Needs num_kv_heads == num_heads (MHA).
   fused_qkv: bool = False
 
+  # Mixture of experts (mlp="moe", t5x_lite.moe): each token goes to `num_experts_per_token` of
+  # `num_experts` expert MLPs of width d_ff, weighted by the router. MoE layers are the last of
+  # every `moe_layer_interval` layers (2: every other, as Switch); the others are dense. With
+  # `expert_capacity_factor` an expert takes at most factor * k * tokens / experts tokens of a
+  # row, the rest pass through the residual unchanged; None drops none. The balance and router
+  # z losses are summed over MoE layers, each times its weight. Shared experts (DeepSeek) see
+  # every token.
+  num_experts: int = 0  # 0: no experts (every mlp kind but "moe")
+  num_experts_per_token: int = 2
+  moe_layer_interval: int = 1
+  expert_capacity_factor: Optional[float] = None
+  moe_dispatch: str = "auto"
+  load_balance_loss_weight: float = 0.01
+  router_z_loss_weight: float = 0.001
+  num_shared_experts: int = 0
+
   def __post_init__(self):
     _check_choice("family", self.family, FAMILIES)
     _check_choice("position_type", self.position_type, POSITION_TYPES)
@@ -106,6 +126,49 @@ class TransformerConfig:
     if self.family != "encoder_decoder" and self.num_decoder_layers is not None:
       raise ValueError("TransformerConfig.num_decoder_layers only applies to "
                        f"family='encoder_decoder', not family={self.family!r}.")
+    self._check_experts()
+
+  def _check_experts(self):
+    """The MoE fields; `mlp` alone chooses the MLP kind, `num_experts` sizes the "moe" one."""
+    _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCHES)
+    if self.mlp != "moe":
+      if self.num_experts:
+        raise ValueError(
+            f"TransformerConfig.num_experts={self.num_experts} only applies to mlp='moe' (the "
+            f"MLP kind is {self.mlp!r}); set mlp='moe' for a mixture of experts, or "
+            "num_experts=0 for a dense MLP.")
+      return
+    if self.num_experts < 1:
+      raise ValueError("TransformerConfig.mlp='moe' needs num_experts >= 1 (got "
+                       f"{self.num_experts}); set e.g. num_experts=8, or mlp='dense'.")
+    if not 1 <= self.num_experts_per_token <= self.num_experts:
+      raise ValueError(
+          f"TransformerConfig.num_experts_per_token={self.num_experts_per_token} must be in "
+          f"[1, num_experts={self.num_experts}]; route each token to at most num_experts "
+          "experts.")
+    depths = {"num_layers": self.num_layers}
+    if self.family == "encoder_decoder":
+      depths["num_decoder_layers"] = self.resolved_num_decoder_layers
+    for name, depth in depths.items():
+      if self.moe_layer_interval < 1 or depth % self.moe_layer_interval:
+        raise ValueError(
+            f"TransformerConfig.moe_layer_interval={self.moe_layer_interval} must be >= 1 and "
+            f"divide {name}={depth} (a group of that many layers ends with an MoE layer); "
+            f"choose among {[n for n in range(1, depth + 1) if depth % n == 0]}.")
+    if self.expert_capacity_factor is not None and self.expert_capacity_factor <= 0:
+      raise ValueError(
+          f"TransformerConfig.expert_capacity_factor={self.expert_capacity_factor} must be "
+          "positive (1.0: room for an even share of the tokens), or None to drop no token.")
+    for name in ("load_balance_loss_weight", "router_z_loss_weight", "num_shared_experts"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TransformerConfig.{name} must be >= 0, got {getattr(self, name)}.")
+
+  def layer_mlp(self, layer: int) -> str:
+    """The MLP kind of layer `layer` (0-based) of a stack: with mlp="moe", only the last layer
+    of each group of `moe_layer_interval` layers has experts; the others are dense."""
+    if self.mlp == "moe" and (layer + 1) % self.moe_layer_interval:
+      return "dense"
+    return self.mlp
 
   @property
   def resolved_head_dim(self) -> int:

@@ -41,10 +41,20 @@ def tokens_per_step(batch_shapes: Mapping[str, Sequence[int]]) -> int:
                  if name in TOKEN_FEATURES))
 
 
-def mlp_flops_per_token(config: TransformerConfig) -> float:
-  """Forward FLOPs of one token through one layer's MLP."""
+def mlp_flops_per_token(config: TransformerConfig, kind: str = "dense") -> float:
+  """Forward FLOPs of one token through one layer's MLP of `kind` ("dense" or "moe": the router
+  and only the experts the token is routed to, plus any shared experts; the dispatch and any
+  capacity padding are not counted, as MFU counts the model's work, not an implementation's)."""
   d, f = config.d_model, config.d_ff
-  return 2 * d * f * (2 if config.gated_mlp else 1) + 2 * f * d
+  dense = 2 * d * f * (2 if config.gated_mlp else 1) + 2 * f * d
+  if kind != "moe":
+    return dense
+  experts = config.num_experts_per_token + config.num_shared_experts
+  return 2 * d * config.num_experts + experts * dense
+
+
+def _mlp_kinds(config: TransformerConfig, layers: int) -> list[str]:
+  return [config.layer_mlp(i) for i in range(layers)]
 
 
 def attention_flops_per_token(config: TransformerConfig, length: int) -> float:
@@ -58,8 +68,9 @@ def attention_flops_per_token(config: TransformerConfig, length: int) -> float:
 
 def stack_flops(config: TransformerConfig, stack: StackShape) -> float:
   """Forward FLOPs of a whole stack."""
-  per_token = attention_flops_per_token(config, stack.length) + mlp_flops_per_token(config)
-  flops = stack.layers * stack.batch * stack.length * per_token
+  per_token = stack.layers * attention_flops_per_token(config, stack.length) + sum(
+      mlp_flops_per_token(config, kind) for kind in _mlp_kinds(config, stack.layers))
+  flops = stack.batch * stack.length * per_token
   if stack.cross_length:
     d = config.d_model
     he = config.num_heads * config.resolved_head_dim
@@ -108,23 +119,34 @@ def attention_params(cfg: TransformerConfig, fused: bool) -> int:
   return qkv + h * e * d + bias * d
 
 
-def mlp_params(cfg: TransformerConfig) -> int:
+def mlp_params(cfg: TransformerConfig, kind: str = "dense", active: bool = False) -> int:
+  """One MLP of `kind`; for "moe", with `active` only what one token uses (the router, its
+  num_experts_per_token experts and the shared experts)."""
   d, f = cfg.d_model, cfg.d_ff
   bias = 1 if cfg.use_bias else 0
   wi = (2 if cfg.gated_mlp else 1) * f * (d + bias)
-  return wi + f * d + bias * d
+  dense = wi + f * d + bias * d
+  if kind != "moe":
+    return dense
+  shared = 0 if not cfg.num_shared_experts else mlp_params(
+      cfg.replace(d_ff=f * cfg.num_shared_experts))
+  experts = cfg.num_experts_per_token if active else cfg.num_experts
+  return d * cfg.num_experts + experts * dense + shared
 
 
-def layer_params(cfg: TransformerConfig, cross_attention: bool) -> int:
-  n = attention_params(cfg, cfg.fused_qkv) + mlp_params(cfg) + 2 * norm_params(cfg)
+def layer_params(cfg: TransformerConfig, cross_attention: bool, mlp: str = "dense",
+                 active: bool = False) -> int:
+  n = attention_params(cfg, cfg.fused_qkv) + mlp_params(cfg, mlp, active) + 2 * norm_params(cfg)
   if cross_attention:  # cross-attention never fuses q with k, v (they read different inputs)
     n += attention_params(cfg, False) + norm_params(cfg)
   return n
 
 
-def stack_params(cfg: TransformerConfig, stack: StackShape) -> int:
+def stack_params(cfg: TransformerConfig, stack: StackShape, active: bool = False) -> int:
+  """A stack's parameters; with `active`, those one token uses (MoE: its experts only)."""
   final_norm = norm_params(cfg) if cfg.norm_position == "pre" else 0
-  return stack.layers * layer_params(cfg, bool(stack.cross_length)) + final_norm
+  return sum(layer_params(cfg, bool(stack.cross_length), kind, active)
+             for kind in _mlp_kinds(cfg, stack.layers)) + final_norm
 
 
 def embedder_params(cfg: TransformerConfig) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite.config import TransformerConfig
+from t5x_lite.metrics import Average
 
 Array = jax.Array
 NEG_INF = -1e10  # Finite, so a fully masked row (padding) softmaxes to uniform instead of NaN.
@@ -138,7 +139,8 @@ class Mlp(nn.Module):
   remat_activation: bool = False
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, token_mask: Optional[Array] = None) -> Array:
+    del token_mask  # every token takes the same path through a dense MLP
     cfg = self.config
     dense = lambda features, in_axes, out_axes, name: DenseGeneral(
         (features,), in_axes, out_axes, cfg.use_bias, cfg.dtype, cfg.param_dtype, name=name)
@@ -157,8 +159,9 @@ class Mlp(nn.Module):
 
 
 # The MLP kinds `TransformerConfig.mlp` chooses from: name -> module class taking (config,
-# deterministic, remat_activation, name=). A new kind (e.g. mixture-of-experts) registers itself
-# with `register_mlp` in its own module, which the config's user imports (a gin `import`).
+# deterministic, remat_activation, name=) and called on (x [b, l, d], token_mask [b, l] or None:
+# False at padding, which a kind that routes tokens leaves out). A new kind registers itself with
+# `register_mlp` in its own module; t5x_lite.moe's "moe" is imported by the transformer.
 MLP_KINDS: dict[str, type[nn.Module]] = {"dense": Mlp}
 
 
@@ -167,18 +170,51 @@ def register_mlp(kind: str, module_class: type[nn.Module]) -> None:
 
 
 def make_mlp(config: TransformerConfig, deterministic: bool, remat_activation: bool,
-             name: str) -> nn.Module:
-  if config.mlp not in MLP_KINDS:
-    raise ValueError(f"TransformerConfig.mlp={config.mlp!r} is not a registered MLP kind; "
+             name: str, kind: Optional[str] = None) -> nn.Module:
+  """The MLP of kind `kind` (default `config.mlp`)."""
+  kind = config.mlp if kind is None else kind
+  if kind not in MLP_KINDS:
+    raise ValueError(f"TransformerConfig.mlp={kind!r} is not a registered MLP kind; "
                      f"registered: {sorted(MLP_KINDS)} (import the module that registers it, "
                      "e.g. with a gin `import` line).")
-  return MLP_KINDS[config.mlp](config, deterministic, remat_activation, name=name)
+  return MLP_KINDS[kind](config, deterministic, remat_activation, name=name)
 
 
 # Layers add auxiliary loss terms (e.g. an MoE load-balancing loss, already weighted) with
-# `self.sow(AUX_LOSSES, name, value)`; the models add every sown term to the loss.
+# `self.sow(AUX_LOSSES, name, value)`; the models add every sown term to the loss. Statistics to
+# report but not to minimise (an MoE layer's dropped tokens) are sown into SOWN_METRICS as
+# [total, count] pairs and reported as the mean total / count over layers and microbatches.
 AUX_LOSSES = "aux_losses"
-SOWN_COLLECTIONS = (AUX_LOSSES, "intermediates")  # what the stacks carry and the models collect
+SOWN_METRICS = "sown_metrics"
+SOWN_COLLECTIONS = (AUX_LOSSES, SOWN_METRICS, "intermediates")  # carried by the stacks
+
+
+def _sown_by_name(tree, pairs: bool) -> dict[str, Array]:
+  """Sown values summed by name (the last dict key of their path) over layers: to a scalar, or
+  with `pairs` to one [total, count] pair."""
+  totals: dict[str, Array] = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    value = jnp.asarray(value, jnp.float32)
+    value = value.reshape(-1, 2).sum(0) if pairs else jnp.sum(value)
+    totals[name] = totals.get(name, 0.0) + value
+  return totals
+
+
+def add_sown(loss: Array, metrics: dict, sown: dict) -> tuple[Array, dict]:
+  """`loss` plus every auxiliary loss layers sowed (summed over layers), each also reported as
+  the metric "aux/<name>" weighted like the loss; every sown metric reported under its name."""
+  losses = _sown_by_name(sown.get(AUX_LOSSES, {}), pairs=False)
+  weight = metrics["loss"].count
+  for name, value in losses.items():
+    loss = loss + value
+    metrics[f"aux/{name}"] = Average.of(value, weight)
+  if losses:
+    aux = sum(losses.values())
+    metrics["loss"] = Average(metrics["loss"].total + aux * weight, weight)
+  for name, pair in _sown_by_name(sown.get(SOWN_METRICS, {}), pairs=True).items():
+    metrics[name] = Average(pair[0], pair[1])
+  return loss, metrics
 
 
 # ----------------------------------------------------------------------------------------------

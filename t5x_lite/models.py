@@ -26,7 +26,6 @@ import numpy as np
 
 from t5x_lite import costs, decoding, layers, losses, transformer
 from t5x_lite.config import TransformerConfig
-from t5x_lite.metrics import Average
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -129,19 +128,24 @@ class BaseModel:
     boxed = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0), batch)
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
-  def num_params(self, batch: Optional[Batch] = None) -> int:
+  def num_params(self, batch: Optional[Batch] = None, active: bool = False) -> int:
+    """Parameters of the model; with `active`, those one token uses (an MoE model's router and
+    chosen experts, not all of them)."""
     shapes, _ = self.abstract_params(batch)
-    return sum(x.size for x in jax.tree.leaves(shapes))
+    unused = 0 if not active else self.analytic_param_counts()[0] - self.analytic_param_counts(
+        active=True)[0]
+    return sum(x.size for x in jax.tree.leaves(shapes)) - unused
 
-  def analytic_param_counts(self) -> tuple[int, int]:
+  def analytic_param_counts(self, active: bool = False) -> tuple[int, int]:
     """(total, embedding-table) parameters counted from the config by `t5x_lite.costs`: what
-    `num_params` finds, without tracing the model (for searching many shapes)."""
+    `num_params` finds, without tracing the model (for searching many shapes). With `active`,
+    an MoE layer counts only the experts one token uses."""
     cfg = self.config
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     other = self._head_params()
     for stack in self.stacks({name: (1, 1) for name in self.REQUIRED_FEATURES}):
       tables, norm = costs.embedder_params(cfg)
-      embedding, other = embedding + tables, other + norm + costs.stack_params(cfg, stack)
+      embedding, other = embedding + tables, other + norm + costs.stack_params(cfg, stack, active)
     return embedding + other + self._head_embedding_params(), embedding + (
         self._head_embedding_params())
 
@@ -189,7 +193,7 @@ class BaseModel:
     targets, weights = self._targets(batch)
     loss, metrics = losses.cross_entropy_with_logits(
         logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
-    return add_auxiliary_losses(loss, metrics, sown.get(layers.AUX_LOSSES, {}))
+    return layers.add_sown(loss, metrics, sown)
 
   # -- inference --------------------------------------------------------------------------------
   def score_batch(self, params, batch: Batch) -> Array:
@@ -240,24 +244,6 @@ class BaseModel:
       params = transformer.unstack_layers(params)
     module = self._decoding_module
     return module, functools.partial(module.apply, {"params": params})
-
-
-def add_auxiliary_losses(loss: Array, metrics: dict, aux_losses) -> tuple[Array, dict]:
-  """`loss` plus every auxiliary loss term layers sowed (summed over layers), each also reported
-  as the metric "aux/<name>" weighted like the loss."""
-  flat = jax.tree_util.tree_flatten_with_path(aux_losses)[0]
-  totals: dict[str, Array] = {}
-  for path, value in flat:
-    name = next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-    totals[name] = totals.get(name, 0.0) + jnp.sum(value)
-  weight = metrics["loss"].count
-  for name, value in totals.items():
-    loss = loss + value
-    metrics[f"aux/{name}"] = Average.of(value, weight)
-  if totals:
-    aux = sum(totals.values())
-    metrics["loss"] = Average(metrics["loss"].total + aux * weight, weight)
-  return loss, metrics
 
 
 @gin.configurable(module="t5x_lite.models")
@@ -320,7 +306,7 @@ class DecoderOnlyModel(BaseModel):
   """GPT / LLaMA causal LM. With `inputs_bidirectional_attention`, batches from prefix-LM tasks
   (which carry `decoder_causal_attention`) see their inputs part bidirectionally."""
   REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
-  HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
+  HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM")
   GENERATES = True
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,

@@ -55,6 +55,7 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("expert", "expert"),  # the experts of an MoE layer, a group per expert-axis slot
+    ("router", None),  # an MoE router's expert scores: small, so routing needs no communication
     ("stage", "stage"),  # the layers of a pipeline stage, a stage per stage-axis slot
     ("kv", None),
     ("qkv", None),  # the query/key/value axis of a fused qkv kernel (TransformerConfig.fused_qkv)
@@ -63,7 +64,11 @@ DEFAULT_RULES: Rules = (
     ("abspos_buckets", None),
     # Activations (`layers.constrain`): rows over every data-parallel axis, the model width
     # whole (a device holds whole rows of the residual stream), the wide axes over tensor.
-    ("activation_batch", ("data", "fsdp")),
+    # Outside MoE layers the expert axis is one more data-parallel axis; inside, the experts'
+    # buffers are split by expert and their rows by the other batch axes, so tokens reach their
+    # experts with an all-to-all.
+    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_expert_group", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_vocab", "tensor"),
@@ -260,7 +265,7 @@ def data_shard_info(mesh: Mesh, global_batch_size: Optional[int] = None,
   """
   slots = data_parallel_size(mesh, rules)
   if global_batch_size is not None and global_batch_size % slots:
-    axes = batch_axes(rules)
+    axes = [a for a in batch_axes(rules) if mesh.shape[a] > 1]  # size-1 axes change nothing
     raise ValueError(
         f"BATCH_SIZE={global_batch_size} is not divisible by the data-parallel size "
         f"{' x '.join(axes)} = {' x '.join(str(mesh.shape[a]) for a in axes)} = {slots}; "

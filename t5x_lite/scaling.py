@@ -44,6 +44,8 @@ EMBEDDING_PARAM_NAMES = ("token_embed", "position_embedding", "token_type_embedd
 class ParamCounts:
   total: int
   embedding: int
+  # An MoE model's parameters one token uses (None: all); not read from a parameter tree.
+  active_params: Optional[int] = dataclasses.field(default=None, compare=False)
 
   @property
   def non_embedding(self) -> int:
@@ -51,8 +53,9 @@ class ParamCounts:
 
   @property
   def active(self) -> int:
-    """Parameters each token passes through: all of them in a dense model."""
-    return self.total
+    """Parameters each token passes through: all of them in a dense model, the router and
+    chosen experts (not all experts) in an MoE model."""
+    return self.total if self.active_params is None else self.active_params
 
   def as_dict(self) -> dict:
     return {"total": self.total, "embedding": self.embedding,
@@ -63,8 +66,9 @@ def count_params(cfg: TransformerConfig) -> ParamCounts:
   """Parameters of a model of this config, counted from its shape without building it (the
   model's `analytic_param_counts`; tests check it against the real parameter trees)."""
   from t5x_lite import models  # pylint: disable=g-import-not-at-top
-  total, embedding = models.MODEL_CLASSES[cfg.family](cfg).analytic_param_counts()
-  return ParamCounts(total=total, embedding=embedding)
+  model = models.MODEL_CLASSES[cfg.family](cfg)
+  total, embedding = model.analytic_param_counts()
+  return ParamCounts(total, embedding, model.analytic_param_counts(active=True)[0])
 
 
 def tree_param_counts(model) -> ParamCounts:

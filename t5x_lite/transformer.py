@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_lite import layers
+from t5x_lite import moe  # noqa: F401  # registers the "moe" MLP kind
 from t5x_lite.config import TransformerConfig
 
 Array = jax.Array
@@ -29,12 +30,14 @@ class Block(nn.Module):
   cross_attention: bool = False
   deterministic: bool = True
   remat_mlp_activation: bool = False  # see Stack
+  mlp_kind: Optional[str] = None  # None: config.mlp (see TransformerConfig.layer_mlp)
 
   @nn.compact
   def __call__(self, x, self_mask, self_bias, positions, encoded, cross_mask, encoded_positions,
-               cache=None, cache_index=None):
+               token_mask=None, cache=None, cache_index=None):
     """With `cache` (this layer's {"self": {key, value}[, "cross": {key, value}]}), returns the
-    updated cache as the per-layer output; otherwise None."""
+    updated cache as the per-layer output; otherwise None. `token_mask` [b, l] is False at
+    padding (an MoE layer routes only the other tokens)."""
     cfg = self.config
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     new_cache = None if cache is None else {}
@@ -63,8 +66,9 @@ class Block(nn.Module):
     if self.cross_attention:
       x = residual(x, "cross_attention", attention(
           "cross", False, cross_mask, None, encoded_positions, None))
-    mlp = layers.make_mlp(cfg, self.deterministic, self.remat_mlp_activation, name="mlp")
-    x = residual(x, "mlp", mlp)
+    mlp = layers.make_mlp(cfg, self.deterministic, self.remat_mlp_activation, name="mlp",
+                          kind=self.mlp_kind)
+    x = residual(x, "mlp", lambda y: mlp(y, token_mask))
     x = layers.constrain(x, ("batch", "length", "embed"))
     return x, new_cache  # (carry, per-layer output) as nn.scan expects.
 
@@ -76,12 +80,33 @@ REMAT_POLICIES = {
 }
 
 
+class LayerGroup(nn.Module):
+  """`config.moe_layer_interval` Blocks, the last with experts: what a stack scans over when
+  MoE layers alternate with dense ones (parameters `block_0`, `block_1`, ...)."""
+  config: TransformerConfig
+  cross_attention: bool = False
+  deterministic: bool = True
+  remat_mlp_activation: bool = False
+  block: type = Block  # Block, or Block under nn.remat
+
+  @nn.compact
+  def __call__(self, x, *args):
+    cfg = self.config
+    for j in range(cfg.moe_layer_interval):
+      x, _ = self.block(cfg, self.cross_attention, self.deterministic, self.remat_mlp_activation,
+                        cfg.layer_mlp(j), name=f"block_{j}")(x, *args)
+    return x, None
+
+
 class Stack(nn.Module):
   """`num_layers` Blocks, scanned (one compiled layer, params stacked on a `layers` axis) or
   unrolled, with optional rematerialisation, and the final norm of pre-norm models.
 
-  What layers sow (`layers.AUX_LOSSES`, "intermediates") is carried through the scan, stacked on
-  the layers axis like the parameters, so a model sees it whether the stack is scanned or not.
+  With MoE every `moe_layer_interval` > 1 layers, the scan runs over groups of that many layers
+  (`LayerGroup`, params `layers/block_<j>` stacked over groups); unrolled, layer i is
+  `layers_<i>` either way. What layers sow (`layers.SOWN_COLLECTIONS`) is carried through the
+  scan, stacked on the layers axis like the parameters, so a model sees it whether the stack is
+  scanned or not.
   """
   config: TransformerConfig
   num_layers: int
@@ -89,33 +114,42 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, self_mask, positions, self_bias=None, encoded=None, cross_mask=None,
-               encoded_positions=None, *, deterministic=True, cache=None, cache_index=None):
+               encoded_positions=None, *, deterministic=True, cache=None, cache_index=None,
+               token_mask=None):
     """Returns x, or (x, updated cache) when decoding with a cache (a list: one per layer)."""
     cfg = self.config
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(Block, prevent_cse=not cfg.scan_layers,
                        policy=REMAT_POLICIES[cfg.remat_policy])
-    args = (self_mask, self_bias, positions, encoded, cross_mask, encoded_positions)
+    args = (self_mask, self_bias, positions, encoded, cross_mask, encoded_positions, token_mask)
     if cache is not None:
       x, cache = self._decode(x, args, cache, cache_index, deterministic)
     elif cfg.scan_layers:
-      # Scanned, JAX would stack every elementwise intermediate of the MLP's activation for each
-      # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
-      # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
-      stacked = {name: 0 for name in ("params",) + layers.SOWN_COLLECTIONS}
-      scanned = nn.scan(block, variable_axes=stacked,
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.cross_attention, deterministic, remat_mlp_activation=True,
-                     name="layers")(x, *args)
+      x = self._scan(block, x, args, deterministic)
     else:
       for i in range(self.num_layers):
-        x, _ = block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(x, *args)
+        x, _ = block(cfg, self.cross_attention, deterministic, False, cfg.layer_mlp(i),
+                     name=f"layers_{i}")(x, *args)
     if cfg.norm_position == "pre":
       x = layers.make_norm(cfg, "final_norm")(x)
     return x if cache is None else (x, cache)
+
+  def _scan(self, block, x, args, deterministic):
+    # Scanned, JAX would stack every elementwise intermediate of the MLP's activation for each
+    # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
+    # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
+    cfg = self.config
+    interval = cfg.moe_layer_interval if cfg.mlp == "moe" else 1
+    stacked = {name: 0 for name in ("params",) + layers.SOWN_COLLECTIONS}
+    unit, extra = (block, {}) if interval == 1 else (LayerGroup, {"block": block})
+    scanned = nn.scan(unit, variable_axes=stacked,
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(args), length=self.num_layers // interval,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(cfg, self.cross_attention, deterministic, True, name="layers", **extra)(
+        x, *args)
+    return x
 
   def _decode(self, x, args, cache, cache_index, deterministic):
     """Decoding runs the layers one after another, each on its own cache arrays, which XLA then
@@ -127,22 +161,26 @@ class Stack(nn.Module):
                        "(the models' predict_batch does this for you).")
     new_cache = []
     for i, layer_cache in enumerate(cache):
-      x, layer_cache = Block(cfg, self.cross_attention, deterministic, name=f"layers_{i}")(
-          x, *args, layer_cache, cache_index)
+      x, layer_cache = Block(cfg, self.cross_attention, deterministic, False, cfg.layer_mlp(i),
+                             name=f"layers_{i}")(x, *args, layer_cache, cache_index)
       new_cache.append(layer_cache)
     return x, new_cache
 
 
 def unstack_layers(params):
   """Parameters of scanned layers ("layers", stacked on a leading axis) as those of unrolled
-  ones ("layers_0", "layers_1", ...): the same model with scan_layers=False."""
+  ones ("layers_0", "layers_1", ...): the same model with scan_layers=False. Scanned groups of
+  layers (`LayerGroup`: "layers/block_<j>") become layer g * interval + j of group g."""
   if not isinstance(params, dict):
     return params
   out = {}
   for name, value in params.items():
     if name == "layers":
-      for i in range(jax.tree.leaves(value)[0].shape[0]):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+      groups = [k for k in value if k.startswith("block_")]
+      blocks = [value[f"block_{j}"] for j in range(len(groups))] if groups else [value]
+      for g in range(jax.tree.leaves(value)[0].shape[0]):
+        for j, block in enumerate(blocks):
+          out[f"layers_{g * len(blocks) + j}"] = jax.tree.map(lambda x, g=g: x[g], block)
     else:
       out[name] = unstack_layers(value)
   return out
@@ -217,7 +255,8 @@ class EncoderOnly(nn.Module):
     if cfg.position_type == "relative":
       bias = layers.RelativePositionBias(cfg, True, name="relpos_bias")(positions, positions)
     x = Stack(cfg, cfg.num_layers, name="encoder")(x, mask, positions, bias,
-                                                   deterministic=deterministic)
+                                                   deterministic=deterministic,
+                                                   token_mask=segment_ids > 0)
     x = layers.DenseGeneral((cfg.d_model,), ("embed",), ("mlp",), True, cfg.dtype,
                             cfg.param_dtype, name="mlm_transform")(x)
     x = layers.make_norm(cfg, "mlm_norm")(layers.ACTIVATION_FNS[cfg.activation](x))
@@ -262,10 +301,12 @@ class DecoderOnly(nn.Module):
       bias = layers.RelativePositionBias(cfg, False, name="relpos_bias")(positions, keys[1])
     stack = Stack(cfg, cfg.num_layers, name="decoder")
     if cache is None:
-      x = stack(x, mask, positions, bias, deterministic=deterministic)
+      x = stack(x, mask, positions, bias, deterministic=deterministic,
+                token_mask=segment_ids > 0)
     else:
       x, layer_cache = stack(x, mask, positions, bias, deterministic=deterministic,
-                             cache=cache["layers"], cache_index=cache["index"])
+                             cache=cache["layers"], cache_index=cache["index"],
+                             token_mask=segment_ids > 0)
       cache = _advance(cache, keys, layer_cache, tokens.shape[1])
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
@@ -303,7 +344,8 @@ class EncoderDecoder(nn.Module):
                               deterministic=deterministic)
     mask = layers.attention_mask(segment_ids, segment_ids)
     bias = self.encoder_relpos(positions, positions) if cfg.position_type == "relative" else None
-    return self.encoder(x, mask, positions, bias, deterministic=deterministic)
+    return self.encoder(x, mask, positions, bias, deterministic=deterministic,
+                        token_mask=segment_ids > 0)
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
              encoder_positions=None, decoder_segment_ids=None, decoder_positions=None, *,
@@ -338,11 +380,12 @@ class EncoderDecoder(nn.Module):
             if cfg.position_type == "relative" else None)
     if cache is None:
       x = self.decoder(x, self_mask, dec_positions, bias, encoded, cross_mask, enc_positions,
-                       deterministic=deterministic)
+                       deterministic=deterministic, token_mask=dec_segments > 0)
     else:
       x, layer_cache = self.decoder(x, self_mask, dec_positions, bias, encoded, cross_mask,
                                     enc_positions, deterministic=deterministic,
-                                    cache=cache["layers"], cache_index=cache["index"])
+                                    cache=cache["layers"], cache_index=cache["index"],
+                                    token_mask=dec_segments > 0)
       cache = _advance(cache, keys, layer_cache, decoder_tokens.shape[1])
     if cfg.tie_embeddings:
       logits = self.token_embed.attend(x * cfg.d_model ** -0.5)

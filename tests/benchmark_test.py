@@ -57,6 +57,11 @@ def test_named_shapes_are_the_issue_models():
   t5 = models.from_gin("t5_1_1_small", benchmark.SHAPES["t5-small"].bindings).config
   assert (t5.num_layers, t5.resolved_num_decoder_layers, t5.d_ff) == (6, 6, 1024)
   assert benchmark.SHAPES["t5-small"].lengths == {"inputs": 256, "targets": 64}
+  moe = models.from_gin("mixtral_tiny", benchmark.SHAPES["moe-small"].bindings).config
+  assert (moe.num_layers, moe.d_model, moe.num_experts, moe.num_experts_per_token, moe.d_ff) == (
+      6, 512, 8, 2, 1024)
+  assert benchmark.SHAPES["moe-small"].batch_size == 8
+  assert benchmark.SHAPES["moe-small"].lengths == {"targets": 256}
 
 
 def test_bert_batches_carry_the_loss_on_15_percent_in_both_frameworks():

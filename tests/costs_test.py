@@ -38,3 +38,24 @@ def test_activation_memory_follows_batch_remat_and_tensor_sharding():
   assert model.activation_bytes(shapes, tensor_shards=2) < full
   remat = models.from_gin("gpt2_tiny", ["TransformerConfig.remat_policy = 'full'"])
   assert remat.activation_bytes(shapes) < full / 3
+
+
+def test_moe_flops_and_params_count_the_active_experts_only():
+  moe = models.from_gin("mixtral_tiny").config
+  dense = moe.replace(mlp="dense", num_experts=0)
+  d, e, k = moe.d_model, moe.num_experts, moe.num_experts_per_token
+  assert costs.mlp_flops_per_token(moe, "moe") == 2 * d * e + k * costs.mlp_flops_per_token(dense)
+  assert costs.mlp_params(moe, "moe") == d * e + e * costs.mlp_params(dense)
+  assert costs.mlp_params(moe, "moe", active=True) == d * e + k * costs.mlp_params(dense)
+  # Every other layer (Switch): half the layers are dense.
+  switch = moe.replace(moe_layer_interval=2, num_layers=4)
+  stack = costs.StackShape(batch=1, length=1, layers=4)
+  expected = 4 * costs.layer_params(dense, False) + 2 * (
+      costs.mlp_params(moe, "moe") - costs.mlp_params(dense)) + costs.norm_params(moe)
+  assert costs.stack_params(switch, stack) == expected
+
+
+def test_mixtral_8x7b_has_hfs_parameter_count():
+  model = models.from_gin("mixtral_8x7b")
+  assert model.analytic_param_counts()[0] == 46_702_792_704  # HF MixtralForCausalLM
+  assert round(model.analytic_param_counts(active=True)[0] / 1e9, 1) == 12.9

@@ -41,6 +41,10 @@ CASES = {
     "llama_mqa_tied": (tf.LlamaForCausalLM, dict(
         hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)),
+    "mixtral": (tf.MixtralForCausalLM, dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, rope_theta=5000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=64)),
 }
 
 
@@ -60,7 +64,7 @@ def _randomize(model, seed):
         p.copy_(noise)  # Unit scale, as T5 initialises its embedding.
       elif name.endswith(".q.weight"):  # T5 folds 1/sqrt(head_dim) into its queries.
         p.copy_(noise * (p.shape[-1] * model.config.d_kv) ** -0.5)
-      elif p.ndim == 2:
+      elif p.ndim in (2, 3):  # 3: Mixtral's experts [e, out, in]
         p.copy_(noise * p.shape[-1] ** -0.5)
       elif "bias" in name:
         p.copy_(noise * 0.1)
@@ -105,7 +109,7 @@ def our_logits(model, params):
 
 @pytest.mark.parametrize("name,scan_layers", [
     ("gpt2", True), ("gpt2_untied", False), ("bert", True), ("bert", False), ("t5_v1_0", False),
-    ("t5_v1_1", True), ("llama_gqa", True), ("llama_mqa_tied", False)])
+    ("t5_v1_1", True), ("llama_gqa", True), ("llama_mqa_tied", False), ("mixtral", True)])
 def test_converted_checkpoint_gives_hf_logits(tmp_path, name, scan_layers):
   hf_dir = save_hf(name, tmp_path / "hf")
   hf.convert_from_hf(hf_dir, str(tmp_path / "ckpt"), scan_layers=scan_layers)
@@ -119,7 +123,7 @@ def test_converted_checkpoint_gives_hf_logits(tmp_path, name, scan_layers):
   np.testing.assert_allclose(our_logits(model, params), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "t5_v1_1"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "t5_v1_1", "mixtral"])
 def test_converted_checkpoint_generates_hf_greedy_tokens(tmp_path, name):
   hf_dir = save_hf(name, tmp_path / "hf")
   hf.convert_from_hf(hf_dir, str(tmp_path / "ckpt"))
@@ -155,7 +159,7 @@ def test_t5_v1_1_saved_by_new_transformers_reads_its_head_from_shared(tmp_path):
                              rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "t5_v1_0", "t5_v1_1", "llama_gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5_v1_0", "t5_v1_1", "llama_gqa", "mixtral"])
 def test_hf_to_t5x_lite_to_hf_is_bit_exact(tmp_path, name):
   hf_dir = save_hf(name, tmp_path / "hf")
   model, params = hf.import_hf(hf_dir, scan_layers=name != "bert")
@@ -293,6 +297,30 @@ def test_unsupported_architecture_is_named(tmp_path):
   hf_dir = save_hf("llama_gqa", tmp_path / "hf")
   _edit_config(hf_dir, architectures=["MistralForCausalLM"], model_type="mistral")
   with pytest.raises(ValueError, match=r"Unsupported .*MistralForCausalLM.*LlamaForCausalLM"):
+    hf.import_hf(hf_dir)
+
+
+def test_mixtral_in_the_fused_layout_of_transformers_5_is_read(tmp_path):
+  """transformers 5 holds Mixtral's experts fused (mlp.experts.gate_up_proj, down_proj) and
+  save_pretrained splits them per expert; a file with the fused tensors reads the same."""
+  hf_dir = save_hf("mixtral", tmp_path / "hf")
+  _, expected = hf.import_hf(hf_dir)
+  cls, _ = _config("mixtral")
+  fused = {k: v.numpy() for k, v in cls.from_pretrained(hf_dir).state_dict().items()}
+  assert "model.layers.1.mlp.experts.gate_up_proj" in fused
+  _edit_weights(hf_dir, lambda tensors: (tensors.clear(), tensors.update(fused)))
+  _, params = hf.import_hf(hf_dir)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_other_moe_architectures_are_refused_by_name(tmp_path):
+  hf_dir = save_hf("llama_gqa", tmp_path / "hf")
+  _edit_config(hf_dir, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+               num_experts=4)
+  with pytest.raises(ValueError, match=r"Qwen2MoeForCausalLM.*is a mixture-of-experts "
+                                       r"architecture t5x_lite does not convert.*only "
+                                       r"MixtralForCausalLM"):
     hf.import_hf(hf_dir)
 
 

@@ -200,8 +200,8 @@ class SowingMlp(layers.Mlp):
   """The dense MLP plus an auxiliary loss on its output, as an MoE router's balance loss is."""
 
   @nn.compact
-  def __call__(self, x):
-    y = super().__call__(x)
+  def __call__(self, x, token_mask=None):
+    y = super().__call__(x, token_mask)
     self.sow(layers.AUX_LOSSES, "activity", 0.01 * jnp.mean(jnp.square(y)))
     return y
 
@@ -231,9 +231,9 @@ def test_a_sown_auxiliary_loss_survives_the_layer_scan_and_reaches_the_gradient(
 
 
 def test_an_unknown_mlp_kind_names_the_registered_ones():
-  model = models.from_gin("gpt2_tiny", ["TransformerConfig.mlp = 'moe'"])
-  with pytest.raises(ValueError, match=r"mlp='moe' is not a registered MLP kind; registered: "
-                                       r"\['dense'"):
+  model = models.from_gin("gpt2_tiny", ["TransformerConfig.mlp = 'mystery'"])
+  with pytest.raises(ValueError, match=r"mlp='mystery' is not a registered MLP kind; "
+                                       r"registered: \['dense', 'moe'"):
     model.num_params()
 
 

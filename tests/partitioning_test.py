@@ -63,7 +63,12 @@ def test_parameters_split_over_fsdp_and_tensor_activations_over_batch():
   assert scanned.spec == P(None, "fsdp", "tensor")
   activations = partitioning.logical_to_sharding(
       P("activation_batch", "activation_length", "activation_embed"), (8, 16, 64), mesh)
-  assert activations.spec == P(("data", "fsdp"), None, None)
+  assert activations.spec == P(("data", "fsdp", "expert"), None, None)
+  # Inside an MoE layer the experts take the expert axis and their buffers' rows the rest.
+  buffers = partitioning.logical_to_sharding(
+      P("activation_expert", "activation_expert_group", None, "activation_embed"), (4, 8, 3, 64),
+      partitioning.make_mesh(data=2, fsdp=2, expert=2))
+  assert buffers.spec == P("expert", ("data", "fsdp"), None, None)
 
 
 def test_activation_and_parameter_names_do_not_depend_on_rule_order():
@@ -92,7 +97,7 @@ def test_dimensions_the_mesh_does_not_divide_stay_whole():
   assert byte_vocab.spec == P(None, "fsdp")
   odd_batch = partitioning.logical_to_sharding(P("activation_batch", "activation_length"), (2, 8),
                                                mesh)
-  assert odd_batch.spec == P("data", None)
+  assert odd_batch.spec == P(("data", "expert"), None)  # fsdp (2) does not divide 2 / 2 rows
   assert jax.device_count() == 8
 
 
@@ -119,7 +124,8 @@ def test_bad_rules_are_refused_with_the_fix(rule, message):
 # ------------------------------------------------------------------ golden shardings of the presets
 
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden_shardings")
-PRESETS = ("gpt2_tiny", "llama_tiny", "bert_tiny", "t5_tiny")
+PRESETS = ("gpt2_tiny", "llama_tiny", "bert_tiny", "t5_tiny", "mixtral_tiny", "switch_t5_tiny",
+           "bert_moe_tiny")
 
 
 def _spec(sharding) -> list:
@@ -206,9 +212,9 @@ def test_rules_bound_in_gin_change_the_golden_shardings():
   assert default["params"]["decoder/layers/mlp/wi/kernel"]["spec"] == [None, "fsdp", "tensor"]
   assert bound["params"]["decoder/layers/mlp/wi/kernel"]["spec"] == [None, None, "tensor"]
   assert default["loss_activations"][0] == {"shape": [8, 16, 64],
-                                            "spec": [["data", "fsdp"], None, None]}
+                                            "spec": [["data", "fsdp", "expert"], None, None]}
   assert bound["loss_activations"][0] == {"shape": [8, 16, 64],
-                                          "spec": [["data", "fsdp"], None, "tensor"]}
+                                          "spec": [["data", "fsdp", "expert"], None, "tensor"]}
   assert not any("fsdp" in p["spec"] for p in bound["params"].values())
 
 
@@ -226,17 +232,16 @@ def test_host_batches_become_global_arrays_split_over_data_and_fsdp():
   mesh = partitioning.make_mesh(2, 2, 2)
   local = {"tokens": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
   tokens = partitioning.host_to_global(local, mesh)["tokens"]
-  assert tokens.shape == (8, 3) and tokens.sharding.spec == P(("data", "fsdp"), None)
+  assert tokens.shape == (8, 3) and tokens.sharding.spec == P(("data", "fsdp", "expert"), None)
   assert {s.data.shape for s in tokens.addressable_shards} == {(2, 3)}
   np.testing.assert_array_equal(tokens, local["tokens"])
 
 
 def test_the_batch_is_split_over_the_mesh_axes_of_its_rule():
   mesh = partitioning.make_mesh(2, 2, 1, expert=2)
-  assert partitioning.batch_axes() == ("data", "fsdp")
-  assert partitioning.data_parallel_size(mesh) == 4
-  gin.parse_config("axis_rules.overrides = [('activation_batch', ('data', 'fsdp', 'expert'))]")
+  assert partitioning.batch_axes() == ("data", "fsdp", "expert")  # expert is data-parallel too
   assert partitioning.data_parallel_size(mesh) == 8
+  assert partitioning.data_parallel_size(mesh, rules=[("activation_batch", ("data", "fsdp"))]) == 4
   local = {"tokens": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
   tokens = partitioning.host_to_global(local, mesh)["tokens"]
   assert tokens.sharding.spec == P(("data", "fsdp", "expert"), None)

@@ -8,6 +8,8 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           python tools/benchmark.py train --shapes gpt-small t5-small bert-small --compare hf
           python tools/benchmark.py train --shapes gpt-small --variants default unrolled bf16
           python tools/benchmark.py train --shapes gpt-small --variants default fused-qkv no-donate
+          python tools/benchmark.py train --shapes moe-small --compare hf \
+              --variants moe-einsum moe-ragged moe-capacity-1.25
   decode  generated tokens/s of `model.predict_batch` (greedy, KV cache) and of HF `generate`,
           CPU seconds per call; --threads N gives both frameworks the same N CPU threads
           python tools/benchmark.py decode --shapes gpt-small t5-small --batch_sizes 1 8 --compare hf
@@ -132,6 +134,13 @@ SHAPES = {
                       8, {"inputs": 256, "targets": 64}),
     "bert-small": Shape("bert_base", _SMALL + ("TransformerConfig.d_ff = 2048",),
                         8, {"inputs": 256}),
+    # Mixtral-style: 8 experts of width 1024, top 2, in every layer (issue 14).
+    "moe-small": Shape("mixtral_tiny", _SMALL + ("TransformerConfig.d_ff = 1024",
+                                                 "TransformerConfig.num_kv_heads = None",
+                                                 "TransformerConfig.num_experts = 8",
+                                                 "TransformerConfig.num_experts_per_token = 2",
+                                                 "TransformerConfig.vocab_size = 32000"),
+                       8, {"targets": 256}),
 }
 
 # Speed switches: gin bindings and Trainer arguments, applied on top of a shape.
@@ -150,6 +159,12 @@ VARIANTS = {
     "no-donate": ((), {"donate_state": False}),
     # cuDNN's fused attention: NVIDIA GPUs only, and bf16/fp16 compute (run it as cudnn+bf16).
     "cudnn": (("TransformerConfig.attention_implementation = 'cudnn'",), {}),
+    # MoE dispatch (t5x_lite.moe): dropless grouped matmuls, dropless one-hot einsums (capacity
+    # = every token of a row), and einsums with a capacity factor that drops the overflow.
+    "moe-ragged": (("TransformerConfig.moe_dispatch = 'ragged'",), {}),
+    "moe-einsum": (("TransformerConfig.moe_dispatch = 'einsum'",), {}),
+    "moe-capacity-1.25": (("TransformerConfig.moe_dispatch = 'einsum'",
+                           "TransformerConfig.expert_capacity_factor = 1.25"), {}),
 }
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
 

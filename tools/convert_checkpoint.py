@@ -8,8 +8,10 @@
   python tools/convert_checkpoint.py --from runs/finetuned --to_hf ~/hf/finetuned \
       --hf_config ~/hf/TinyLlama-1.1B/config.json
 
-Supports GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration (v1.0 and v1.1) and
-LlamaForCausalLM. No PyTorch is needed.
+Supports GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration (v1.0 and v1.1),
+LlamaForCausalLM and MixtralForCausalLM (per-expert tensors as save_pretrained writes them, or
+the fused gate_up_proj / down_proj layout transformers 5 holds in memory; exported per expert).
+No PyTorch is needed.
 """
 from __future__ import annotations
 
@@ -63,8 +65,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   else:
     model = hf.convert_to_hf(args.from_dir, args.to_hf, args.hf_config)
     out = args.to_hf
-  print(f"Wrote {out} ({type(model).__name__}, {model.num_params():,} parameters, "
-        f"{model.config.param_dtype}).")
+  total, active = model.num_params(), model.num_params(active=True)
+  counts = f"{total:,} parameters" + (f", {active:,} active per token" if active < total else "")
+  print(f"Wrote {out} ({type(model).__name__}, {counts}, {model.config.param_dtype}).")
   return out
 
 

@@ -80,19 +80,33 @@ class SafetensorsWeights:
         if canonical.endswith(old):
           canonical = canonical[:-len(old)] + new
       self._files[canonical] = (handle, name)
+    self._views = {}  # name -> (name of the stored tensor, index into it)
+
+  def add_views(self, views: Mapping[str, tuple[str, tuple]]) -> None:
+    """Present parts of stored tensors under other names (`Family.views`); the stored tensors
+    they come from are then no longer listed."""
+    self._views.update(views)
 
   def names(self) -> set[str]:
-    return set(self._files)
+    sources = {source for source, _ in self._views.values()}
+    return (set(self._files) - sources) | set(self._views)
 
   def shape(self, name: str) -> tuple[int, ...]:
+    if name in self._views:
+      source, index = self._views[name]
+      return tuple(np.empty(self.shape(source), np.bool_)[index].shape)  # no data is read
     handle, stored = self._files[name]
     return tuple(handle.get_slice(stored).get_shape())
 
   def dtype(self, name: str) -> str:
-    handle, stored = self._files[name]
+    handle, stored = self._files[self._views[name][0] if name in self._views else name]
     return handle.get_slice(stored).get_dtype()
 
   def get(self, name: str) -> np.ndarray:
+    if name in self._views:
+      source, index = self._views[name]
+      handle, stored = self._files[source]
+      return np.asarray(handle.get_slice(stored)[index] if index else handle.get_tensor(stored))
     handle, stored = self._files[name]
     return handle.get_tensor(stored)
 
@@ -106,12 +120,37 @@ def _depth(cfg: TransformerConfig, stack: str) -> int:
 
 
 def _expand(family: Family, cfg: TransformerConfig) -> dict[str, tuple]:
-  """{HF tensor name: (Tensor, layer index or None)} for every tensor the model has."""
+  """{HF tensor name: (Tensor, layer index or None)} for every tensor the model has; a
+  per-expert Tensor comes once per expert, with its `expert` set."""
   out = {}
   for spec in family.tensors(cfg):
     for i in range(_depth(cfg, spec.stack)) if spec.stack else [None]:
-      out[spec.hf.format(i=i)] = (spec, i)
+      if spec.experts:
+        for j in range(cfg.num_experts):
+          out[spec.hf.format(i=i, j=j)] = (dataclasses.replace(spec, expert=j), i)
+      else:
+        out[spec.hf.format(i=i)] = (spec, i)
   return out
+
+
+def _tensor_shapes(spec, i: Optional[int], shapes: dict, scanned: bool) -> list[tuple]:
+  """The shapes of the slices of our parameters that HF tensor `spec` of layer `i` holds."""
+  skip = 0 if spec.expert is None else 1  # one expert of the experts axis
+  return [_layer_shape(shapes[_our_path(p, i, scanned)], i, scanned)[skip:] for p in spec.ours]
+
+
+def _stack(by_layer: dict, scanned: bool) -> np.ndarray:
+  """One parameter from its slices: {layer index or None: array}, or for a per-expert one
+  {(layer, expert): array}; stacked over experts, then (scanned) over layers."""
+  if all(isinstance(key, tuple) for key in by_layer):
+    experts = collections.defaultdict(dict)
+    for (i, j), array in by_layer.items():
+      experts[i][j] = array
+    by_layer = {i: np.stack([e[j] for j in range(len(e))]) for i, e in experts.items()}
+  if None in by_layer or not scanned:  # One array: not per layer, or one layer's own path.
+    (only,) = by_layer.values()
+    return only
+  return np.stack([by_layer[i] for i in range(len(by_layer))])
 
 
 def _our_path(template: str, i: Optional[int], scanned: bool) -> str:
@@ -222,6 +261,7 @@ def import_hf(hf_dir: str, *, scan_layers: bool = True, param_dtype: Optional[st
   hf = read_hf_config(hf_dir)
   family = family_of_hf_config(hf)
   weights = SafetensorsWeights(hf_dir, family.prefix)
+  weights.add_views(family.views({name: weights.shape(name) for name in weights.names()}))
   if param_dtype is None:
     probe = config_from_hf(hf)  # Only to name the token embedding, whose dtype we adopt.
     first = family.tensors(probe)[0].hf
@@ -250,21 +290,17 @@ def _read_params(family: Family, cfg: TransformerConfig, weights: SafetensorsWei
   scanned = cfg.scan_layers
 
   def our_shapes(spec, i):
-    return [_layer_shape(shapes[_our_path(p, i, scanned)], i, scanned) for p in spec.ours]
+    return _tensor_shapes(spec, i, shapes, scanned)
 
   _check_weights(family, cfg, weights, expected, source, our_shapes, where)
-  layers = collections.defaultdict(dict)  # our path -> {layer index: array}
+  layers = collections.defaultdict(dict)  # our path -> {layer index (, expert): array}
   dtype = jax.numpy.dtype(cfg.param_dtype)
   for name, (spec, i) in expected.items():
     arrays = spec.to_ours(weights.get(source[name]), our_shapes(spec, i))
+    key = i if spec.expert is None else (i, spec.expert)
     for template, array in zip(spec.ours, arrays):
-      layers[_our_path(template, i, scanned)][i] = array.astype(dtype, copy=False)
-  params = {}
-  for path, by_layer in layers.items():
-    if None in by_layer or not scanned:  # One array: not per layer, or one layer's own path.
-      (params[path],) = by_layer.values()
-    else:
-      params[path] = np.stack([by_layer[i] for i in range(len(by_layer))])
+      layers[_our_path(template, i, scanned)][key] = array.astype(dtype, copy=False)
+  params = {path: _stack(by_layer, scanned) for path, by_layer in layers.items()}
   if params.keys() != shapes.keys():  # A gap in hf_families' tables, never the user's fault.
     raise AssertionError(f"hf_families.{family.architecture} tables cover "
                          f"{sorted(params.keys() ^ shapes.keys())} wrongly.")
@@ -347,6 +383,8 @@ def export_hf(model: models.BaseModel, params, out_dir: str,
     arrays = [flat[_our_path(p, i, scanned)] for p in spec.ours]
     if scanned and i is not None:
       arrays = [a[i] for a in arrays]
+    if spec.expert is not None:
+      arrays = [a[spec.expert] for a in arrays]
     tensors[name] = spec.to_hf(arrays)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})

@@ -1,4 +1,4 @@
-"""The four Hugging Face architectures in t5x_lite terms.
+"""The five Hugging Face architectures in t5x_lite terms.
 
 For each family: how its config.json maps onto `TransformerConfig` fields (both ways, refusing the
 options our model code cannot reproduce), and a table pairing every HF tensor with the t5x_lite
@@ -46,6 +46,10 @@ class Tensor:
   layout: str = "in_out"
   n_in: int = 1
   stack: Optional[str] = None
+  # A per-expert tensor: `hf` also contains "{j}", and our parameter holds every expert's on an
+  # axis after the layer axis. `hf._expand` binds `expert` to each j in turn.
+  experts: bool = False
+  expert: Optional[int] = None
 
   @property
   def _in_axes(self) -> int:
@@ -85,6 +89,9 @@ class Family:
   # non-weight buffers, heads of sibling classes); transformers skips them too.
   ignored: tuple[str, ...] = ()
   prefix: str = ""  # The base model's name prefix (base_model_prefix + ".").
+  # {name as the tables have it: (stored name, index into it)} for checkpoints that store some
+  # tensors in another layout (Mixtral's fused experts), given the stored names and shapes.
+  views: Callable = lambda shapes: {}
 
   def is_ignored(self, name: str) -> bool:
     return any(re.fullmatch(p, name) for p in self.ignored)
@@ -169,7 +176,7 @@ def _gpt2_from_hf(hf: dict) -> dict:
 
 
 def _gpt2_to_hf(cfg: TransformerConfig) -> dict:
-  _needs(cfg, "GPT2LMHeadModel", family="decoder", position_type="learned",
+  _needs(cfg, "GPT2LMHeadModel", family="decoder", mlp="dense", position_type="learned",
          norm_type="layernorm", norm_position="pre", gated_mlp=False, use_bias=True,
          type_vocab_size=0, scale_attention=True, num_kv_heads=None, head_dim=None)
   return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_head=cfg.num_heads,
@@ -233,7 +240,7 @@ def _bert_from_hf(hf: dict) -> dict:
 
 
 def _bert_to_hf(cfg: TransformerConfig) -> dict:
-  _needs(cfg, "BertForMaskedLM", family="encoder", position_type="learned",
+  _needs(cfg, "BertForMaskedLM", family="encoder", mlp="dense", position_type="learned",
          norm_type="layernorm", norm_position="post", gated_mlp=False, use_bias=True,
          tie_embeddings=True, scale_attention=True, num_kv_heads=None, head_dim=None)
   if cfg.type_vocab_size == 0:
@@ -309,7 +316,8 @@ def _t5_from_hf(hf: dict) -> dict:
 
 
 def _t5_to_hf(cfg: TransformerConfig) -> dict:
-  _needs(cfg, "T5ForConditionalGeneration", family="encoder_decoder", position_type="relative",
+  _needs(cfg, "T5ForConditionalGeneration", family="encoder_decoder", mlp="dense",
+         position_type="relative",
          norm_type="rmsnorm", norm_position="pre", use_bias=False, type_vocab_size=0,
          scale_attention=False, num_kv_heads=None)
   act = OUR_ACTIVATIONS[cfg.activation]
@@ -400,7 +408,8 @@ def _llama_from_hf(hf: dict) -> dict:
 
 
 def _llama_to_hf(cfg: TransformerConfig) -> dict:
-  _needs(cfg, "LlamaForCausalLM", family="decoder", position_type="rope", norm_type="rmsnorm",
+  _needs(cfg, "LlamaForCausalLM", family="decoder", mlp="dense", position_type="rope",
+         norm_type="rmsnorm",
          norm_position="pre", gated_mlp=True, use_bias=False, type_vocab_size=0,
          scale_attention=True)
   return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
@@ -439,7 +448,87 @@ LLAMA = Family(
     ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",), prefix="model.")
 
 
-FAMILIES = {f.architecture: f for f in (GPT2, BERT, T5, LLAMA)}
+# ----------------------------------------------------------------------------------------------
+# Mixtral (MixtralForCausalLM): LLaMA with a top-k mixture of SwiGLU experts in every layer.
+# save_pretrained writes one tensor per expert (block_sparse_moe.experts.{j}.w1/w2/w3 = gate,
+# down, up); transformers 5 holds them fused in memory (mlp.experts.gate_up_proj [e, 2f, d] =
+# gate|up, down_proj [e, d, f]; mlp.gate), which `views` reads as the per-expert names.
+# ----------------------------------------------------------------------------------------------
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _mixtral_from_hf(hf: dict) -> dict:
+  arch = "MixtralForCausalLM"
+  k, layers = _get(hf, "num_experts_per_tok", 2), hf["num_hidden_layers"]
+  _refuse(arch, {
+      "sliding_window attention": _get(hf, "sliding_window", None) is not None,
+      "num_experts_per_tok=1 (HF renormalises a single expert's weight to 1; t5x_lite keeps "
+      "Switch's router probability)": k == 1})
+  fields = _llama_from_hf(dict(hf, attention_bias=False, mlp_bias=False))
+  # HF's balance loss is k at uniform routing and averages over layers; ours is 1 and sums.
+  coef = _get(hf, "router_aux_loss_coef", 0.0) if _get(hf, "output_router_logits", False) else 0.0
+  return dict(fields, mlp="moe", num_experts=hf["num_local_experts"], num_experts_per_token=k,
+              expert_capacity_factor=None, load_balance_loss_weight=coef * k / layers,
+              router_z_loss_weight=0.0)
+
+
+def _mixtral_to_hf(cfg: TransformerConfig) -> dict:
+  _needs(cfg, "MixtralForCausalLM", mlp="moe", moe_layer_interval=1, num_shared_experts=0,
+         expert_capacity_factor=None)
+  if cfg.num_experts_per_token == 1:
+    raise ValueError("MixtralForCausalLM cannot hold this t5x_lite model: TransformerConfig "
+                     "num_experts_per_token=1 (HF renormalises a single expert's weight to 1).")
+  fields = _llama_to_hf(cfg.replace(mlp="dense", num_experts=0))
+  for key in ("attention_bias", "mlp_bias"):
+    del fields[key]
+  return dict(fields, num_local_experts=cfg.num_experts,
+              num_experts_per_tok=cfg.num_experts_per_token, sliding_window=None,
+              output_router_logits=cfg.load_balance_loss_weight > 0,
+              router_aux_loss_coef=cfg.load_balance_loss_weight * cfg.num_layers
+              / cfg.num_experts_per_token)
+
+
+def _mixtral_tensors(cfg: TransformerConfig) -> list[Tensor]:
+  dense = cfg.replace(mlp="dense", num_experts=0)
+  out = [t for t in _llama_tensors(dense) if "/mlp/" not in t.ours[0]]
+  block, s, mlp = "model.layers.{i}.block_sparse_moe.", "decoder", "decoder/{layers}/mlp/"
+  out.append(Tensor(block + "gate.weight", (mlp + "router",), "linear", stack=s))
+  for hf_name, ours in (("w1", "wi_0"), ("w3", "wi_1"), ("w2", "wo")):
+    out.append(Tensor(block + f"experts.{{j}}.{hf_name}.weight", (f"{mlp}{ours}_kernel",),
+                      "linear", stack=s, experts=True))
+  return out
+
+
+def _mixtral_views(shapes: dict) -> dict:
+  """The fused in-memory layout of transformers 5 as the per-expert tensors of the table."""
+  views = {}
+  for name, shape in shapes.items():
+    match = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|"
+                         r"gate\.weight)", name)
+    if not match:
+      continue
+    block = f"model.layers.{match.group(1)}.block_sparse_moe."
+    if match.group(2) == "gate.weight":
+      views[block + "gate.weight"] = (name, ())
+    elif match.group(2) == "experts.down_proj":
+      views.update({f"{block}experts.{j}.w2.weight": (name, (j,)) for j in range(shape[0])})
+    else:
+      f = shape[1] // 2
+      for j in range(shape[0]):
+        views[f"{block}experts.{j}.w1.weight"] = (name, (j, slice(0, f)))
+        views[f"{block}experts.{j}.w3.weight"] = (name, (j, slice(f, 2 * f)))
+  return views
+
+
+MIXTRAL = Family(
+    "MixtralForCausalLM", "mixtral", _mixtral_from_hf, _mixtral_to_hf, _mixtral_tensors,
+    tied_copies=lambda cfg: {"lm_head.weight": "model.embed_tokens.weight"}
+    if cfg.tie_embeddings else {},
+    ignored=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",), prefix="model.",
+    views=_mixtral_views)
+
+
+FAMILIES = {f.architecture: f for f in (GPT2, BERT, T5, LLAMA, MIXTRAL)}
 
 
 def family_of_hf_config(hf: dict) -> Family:
@@ -448,6 +537,11 @@ def family_of_hf_config(hf: dict) -> Family:
   for name in names:
     if name in FAMILIES:
       return FAMILIES[name]
+  if any(key in hf for key in MOE_CONFIG_KEYS):
+    raise ValueError(
+        f"{names or hf.get('model_type')!r} is a mixture-of-experts architecture t5x_lite does "
+        "not convert: its router and experts differ from Mixtral's. Of the MoE models only "
+        "MixtralForCausalLM is converted.")
   raise ValueError(
       f"Unsupported Hugging Face architecture {names or '(none listed)'} (model_type="
       f"{hf.get('model_type')!r}); t5x_lite converts {sorted(FAMILIES)}. Save the checkpoint "
