@@ -19,3 +19,4 @@ from t5x_lite.data.pipeline import validation_batches
 from t5x_lite.data.sources import CorpusError
 from t5x_lite.data.vocabularies import DEFAULT_VOCABULARY, check_vocabulary_fits, get_vocabulary
 from t5x_lite.data.vocabularies import mask_id, special_ids
+from t5x_lite.data import preferences  # noqa: F401  # registers the preference tasks
