@@ -173,21 +173,31 @@ class LoraModel:
   def initial_params(self, directory: str, abstract_params, seed: int = 0):
     """The base parameters of a params checkpoint plus fresh adapters, laid out like
     `abstract_params` (the whole tree, adapters included, with shardings)."""
-    base_abstract, adapter_abstract = split(abstract_params)
-    base = checkpoints.load_params(directory, base_abstract)
+    base = checkpoints.load_params(directory, split(abstract_params)[0])
     self.base_checkpoint = os.path.abspath(directory)
-    return join(base, self.fresh_adapters(adapter_abstract, seed))
+    return join(base, self.fresh_adapters(abstract_params, seed))
 
-  def fresh_adapters(self, adapter_abstract, seed: int = 0):
-    """Adapters as `init` makes them (A random, B zero), without initialising the base."""
-    batch = self.base.dummy_batch(1, {"inputs": 8, "targets": 8})
-    shardings = jax.tree.map(lambda x: x.sharding, adapter_abstract)
+  def fresh_adapters(self, abstract_params, seed: int = 0):
+    """Adapters as `init` makes them (A random, B zero) for the kernels of `abstract_params`
+    (shapes with shardings, adapters included), without tracing or initialising the base."""
+    shapes = flat(abstract_params)
+    names = sorted(name for name in shapes if name.endswith("/lora_a"))
 
     def make(rng):
-      with self.adapters():
-        full = self.base.init(rng, batch)
-      return split(full)[1]
-    # Under jit only the adapters are outputs, so XLA drops the base's initialisation.
+      out = {}
+      for index, name in enumerate(names):
+        a, b = shapes[name], shapes[name[:-1] + "b"]
+        stacked = a.ndim + b.ndim - 2 - shapes[name[:-len("lora_a")] + "kernel"].ndim
+        # Stacked layers are a batch axis of the initialiser: each layer's fan-in is its own.
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                batch_axis=tuple(range(stacked)))
+        lead, rank = a.shape[:stacked], a.shape[-1]
+        matrix = init(jax.random.fold_in(rng, index),
+                      lead + (math.prod(a.shape[stacked:-1]), rank), a.dtype)
+        out[name] = matrix.reshape(a.shape)
+        out[name[:-1] + "b"] = jnp.zeros(b.shape, b.dtype)
+      return join(out)
+    shardings = jax.tree.map(lambda x: x.sharding, split(abstract_params)[1])
     return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
   def save_params(self, directory: str, params) -> str:
