@@ -102,8 +102,10 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       first_batches = stream(skip=0)
       first = next(first_batches)  # its shapes are those the trainer compiles for
       batch_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
+      # A model that reads frozen trees (DPO's reference) says which, laid out on the mesh.
+      frozen = getattr(model, "frozen_trees", lambda mesh: None)(mesh)
       trainer = trainer_lib.Trainer(model, optimizer, mesh, batch_shapes, num_microbatches,
-                                    trainable=trainable)
+                                    trainable=trainable, frozen_trees=frozen)
       trainer.check_memory()
       state, consumed, batches = _start(trainer, manager, initial_checkpoint_path, seed, stream,
                                         itertools.chain([first], first_batches), batch_size)
