@@ -5,6 +5,7 @@ import os
 
 import gin
 import seqio
+from sentencepiece import sentencepiece_model_pb2
 
 from t5x_lite.data import sources, vocabularies
 
@@ -33,6 +34,9 @@ def test_command_line_trains_a_t5x_lite_vocabulary(tmp_path, capsys, monkeypatch
   assert ids.mask_id == 3 and ids.regular_start == 4 and ids.regular_end == 500
   code = "def f(x):\n        return {'é': [x, 10]}\n"  # indentation and newlines survive
   assert vocab.decode(vocab.encode(code)) == code
+  # A character map (of one unused rule): TF-Text's op logs none missing at every pipeline.
+  assert vocab.sp_model and sentencepiece_model_pb2.ModelProto.FromString(
+      vocab.sp_model).normalizer_spec.precompiled_charsmap
   assert len(vocab.encode(code)) < len(code.encode())  # it learned merges: shorter than bytes
   digits = [vocab.tokenizer.id_to_piece(i) for i in vocab.encode("12345")]
   assert all(len(p.strip("▁")) <= 1 for p in digits)  # split_digits: one piece per digit

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import Iterator, Sequence
 
 import sentencepiece as spm
@@ -65,6 +66,23 @@ def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 80
   """Trains and writes `<output_prefix>.model` (and `.vocab`); returns the model path."""
   if os.path.dirname(output_prefix):
     os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    rules = os.path.join(tmp, "identity.tsv")
+    with open(rules, "w") as f:
+      f.write(IDENTITY_RULE)
+    _train(config, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
+           max_sentence_bytes, progress, quiet, rules)
+  return output_prefix + ".model"
+
+
+# Text is kept exactly (code needs it), but with SentencePiece's "identity" rule the model has
+# no character map, and TF-Text's op then logs "precompiled_charsmap is empty" each time a
+# pipeline loads it. One rule on a Unicode noncharacter (never in text) gives it a map.
+IDENTITY_RULE = "FDD0\tFDD1\n"
+
+
+def _train(config, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
+           max_sentence_bytes, progress, quiet, rules):
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter_sentences(iter_documents(config), max_sentence_bytes, progress),
       model_prefix=output_prefix,
@@ -78,13 +96,12 @@ def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 80
       user_defined_symbols=[vocabularies.MASK_PIECE],
       byte_fallback=True,
       split_digits=True,  # one piece per digit: arithmetic (the `addition` task) stays learnable
-      normalization_rule_name="identity",
+      normalization_rule_tsv=rules,
       remove_extra_whitespaces=False,
       allow_whitespace_only_pieces=True,
       num_threads=os.cpu_count() or 1,
       minloglevel=2 if quiet else 0,  # SentencePiece's own training log is its progress display
   )
-  return output_prefix + ".model"
 
 
 def main(argv: Sequence[str] | None = None) -> str:
