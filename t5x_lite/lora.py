@@ -54,6 +54,9 @@ ADAPTER_JSON = "adapter.json"
 MERGED_JSON = "lora_merged.json"  # in a merged params checkpoint: the adapters merged into it
 
 
+_SCANNED = re.compile(r"/layers_\d+/")
+
+
 def is_adapter(path: str) -> bool:
   return path.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
 
@@ -72,7 +75,8 @@ def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, s
       return next_fun(*args, **kwargs)
     path = "/".join(module.path) + "/kernel"
     seen.append(path)
-    if not pattern.fullmatch(path):
+    # Decoding unrolls scanned layers (layers_0, layers_1, ...): their adapters are the same.
+    if not (pattern.fullmatch(path) or pattern.fullmatch(_SCANNED.sub("/layers/", path))):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     x = args[0]

@@ -142,3 +142,18 @@ def test_fresh_adapters_start_as_init_does_sharded_like_the_state(lora_trainer):
   for name, fan_in in (("self_attention/query", 64), ("mlp/wo", 192)):
     a = np.asarray(adapters[f"decoder/layers/{name}/lora_a"])
     assert 0.7 < a.std() * np.sqrt(fan_in) < 1.3, (name, a.std())
+
+
+def test_decoding_uses_the_adapters_of_scanned_layers():
+  # A regex naming the scanned path: decoding unrolls the layers, and must still find them.
+  model = lora.LoraModel(models.from_gin("llama_tiny"), rank=4,
+                         targets="decoder/layers/mlp/wo/kernel")
+  trained = host_params(model, adapters_b=0.5)
+  merged = lora.merge(trained, model.scale)
+  batch = model.generation_batch([[5, 6, 7]], eos_id=1, max_new_tokens=3)
+  tokens, scores = model.predict_batch(trained, batch, max_new_tokens=3)
+  expected, expected_scores = model.base.predict_batch(merged, batch, max_new_tokens=3)
+  np.testing.assert_array_equal(tokens, expected)
+  np.testing.assert_allclose(scores, expected_scores, atol=1e-4)
+  _, base_scores = model.base.predict_batch(lora.split(trained)[0], batch, max_new_tokens=3)
+  assert not np.allclose(scores, base_scores, atol=1e-3)  # the adapters changed the decoding
