@@ -115,6 +115,11 @@ class BaseModel:
 
   def init(self, rng: Array, batch: Batch):
     """Initial parameters (a plain pytree of arrays) for batches shaped like `batch`."""
+    # Compiled: run eagerly, flax dispatches every initialiser op by op, which is slower. A new
+    # jit per call, so the trace sees the interceptors active now (LoRA's adapters).
+    return jax.jit(self._unboxed_init)(rng, batch)
+
+  def _unboxed_init(self, rng, batch):
     return nn.meta.unbox(self._init_boxed(rng, batch))
 
   def _init_boxed(self, rng, batch):
