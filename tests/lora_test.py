@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import lora, models, optimizers, partitioning, trainer as trainer_lib
+from t5x_lite import lora, models, optimizers, partitioning, transformer
+from t5x_lite import trainer as trainer_lib
 
 PRESETS = ("gpt2_tiny", "llama_tiny", "t5_tiny", "bert_tiny")
 
@@ -144,16 +145,17 @@ def test_fresh_adapters_start_as_init_does_sharded_like_the_state(lora_trainer):
     assert 0.7 < a.std() * np.sqrt(fan_in) < 1.3, (name, a.std())
 
 
-def test_decoding_uses_the_adapters_of_scanned_layers():
-  # A regex naming the scanned path: decoding unrolls the layers, and must still find them.
-  model = lora.LoraModel(models.from_gin("llama_tiny"), rank=4,
-                         targets="decoder/layers/mlp/wo/kernel")
-  trained = host_params(model, adapters_b=0.5)
-  merged = lora.merge(trained, model.scale)
-  batch = model.generation_batch([[5, 6, 7]], eos_id=1, max_new_tokens=3)
-  tokens, scores = model.predict_batch(trained, batch, max_new_tokens=3)
-  expected, expected_scores = model.base.predict_batch(merged, batch, max_new_tokens=3)
-  np.testing.assert_array_equal(tokens, expected)
-  np.testing.assert_allclose(scores, expected_scores, atol=1e-4)
-  _, base_scores = model.base.predict_batch(lora.split(trained)[0], batch, max_new_tokens=3)
-  assert not np.allclose(scores, base_scores, atol=1e-3)  # the adapters changed the decoding
+def test_unrolled_layers_as_decoding_runs_them_use_the_scanned_adapters():
+  # Decoding unrolls scanned layers (layers_0, ...); a regex naming the scanned path must still
+  # find their adapters there, or decoding would silently run the base.
+  targets = "decoder/layers/mlp/wo/kernel"
+  scanned = lora.LoraModel(models.from_gin("llama_tiny"), rank=4, targets=targets)
+  unrolled = lora.LoraModel(models.from_gin("llama_tiny", ["TransformerConfig.scan_layers = False"]),
+                            rank=4, targets=targets)
+  trained = host_params(scanned, adapters_b=0.5)
+  batch = random_batch(scanned, 2)
+  expected = jax.jit(scanned.logits)(trained, batch)
+  got = jax.jit(unrolled.logits)(transformer.unstack_layers(trained), batch)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  base = jax.jit(unrolled.base.logits)(transformer.unstack_layers(lora.split(trained)[0]), batch)
+  assert float(np.abs(np.asarray(got) - np.asarray(base)).max()) > 1e-2
