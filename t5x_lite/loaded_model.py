@@ -177,6 +177,17 @@ class LoadedModel:
                                      round_width=_bucket)
     return [float(s) for s in np.asarray(self.model.score_batch(self.params, batch))[:len(inputs)]]
 
+  def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The scalar reward of each (prompt, response) for a reward model (runs/reward_model.gin;
+    see t5x_lite.alignment.RewardModel)."""
+    if not hasattr(self.model, "reward_texts"):
+      raise ValueError("reward needs a reward model (trained with runs/reward_model.gin); this "
+                       f"checkpoint is a {type(self.model).__name__}: use generate or score.")
+    return [float(r) for r in self.model.reward_texts(
+        self.params, [self._encode(p) for p in prompts] if not isinstance(prompts, str) else
+        prompts, [self._encode(r) for r in responses] if not isinstance(responses, str) else
+        responses, self.vocabulary.eos_id)]
+
   # -- masked LM --------------------------------------------------------------------------------
   def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
     """For each [MASK] in `text`, the top_k tokens an encoder-only model predicts there:
