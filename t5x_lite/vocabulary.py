@@ -189,6 +189,19 @@ def _with_sentinels(sp_model: bytes, extra_ids: int) -> bytes:
 
 # ------------------------------------------------------------------------------ building
 
+GIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "gin_configs")
+
+
+def find_spm(path: str) -> str:
+  """`path`, or, when it is relative and not in the working directory, the file of that name
+  under gin_configs/ (as gin files are found): 'vocab/stdlib_2k.model' is the quickstart's."""
+  shipped = os.path.join(GIN_CONFIGS, path)
+  if not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(shipped):
+    return shipped
+  return path
+
+
 def build(kind: str = "byte", spm_path: Optional[str] = None,
           extra_ids: int = DEFAULT_EXTRA_IDS) -> Vocabulary:
   """The vocabulary `get_vocabulary(kind, spm_path, extra_ids)` selects (cached).
@@ -212,10 +225,12 @@ def _build(kind: str, spm_path: Optional[str], extra_ids: int) -> Vocabulary:
           "get_vocabulary.kind='sentencepiece' needs get_vocabulary.spm_path, e.g. "
           "--gin.get_vocabulary.spm_path=\"'/path/spm.model'\" (train one with "
           "tools/train_vocab.py).")
+    spm_path = find_spm(spm_path)
     if not os.path.exists(spm_path):
       raise FileNotFoundError(
-          f"SentencePiece model {spm_path!r} does not exist; train one with "
-          "`python tools/train_vocab.py --output_prefix ...` or use get_vocabulary.kind='byte'.")
+          f"SentencePiece model {spm_path!r} does not exist (nor under {GIN_CONFIGS}); train one "
+          "with `python tools/train_vocab.py --output_prefix ...` or use "
+          "get_vocabulary.kind='byte'.")
     vocab = SentencePieceVocabulary(spm_path, extra_ids)
     if vocab.tokenizer.pad_id() != PAD_ID or vocab.eos_id != EOS_ID:  # id 0 pads every batch
       raise ValueError(

@@ -172,6 +172,20 @@ def test_pickle_and_errors(spm_paths, tmp_path):
       vocabulary.build("sentencepiece", str(tmp_path / "text.model"), extra_ids)
 
 
+def test_a_relative_path_not_in_the_working_directory_is_found_under_gin_configs(tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  shipped = vocabulary.build("sentencepiece", "vocab/stdlib_2k.model")  # the quickstart's
+  assert shipped.sentencepiece_model_file == os.path.join(vocabulary.GIN_CONFIGS, "vocab",
+                                                          "stdlib_2k.model")
+  assert shipped.decode(shipped.encode("def f(self):\n    return 1")) == "def f(self):\n    return 1"
+  (tmp_path / "vocab").mkdir()
+  shutil.copy(shipped.sentencepiece_model_file, tmp_path / "vocab" / "stdlib_2k.model")
+  vocabulary._build.cache_clear()  # pylint: disable=protected-access
+  local = vocabulary.build("sentencepiece", "vocab/stdlib_2k.model")  # the working dir's first
+  assert local.sentencepiece_model_file == "vocab/stdlib_2k.model"
+
+
 def test_building_and_using_them_imports_no_tensorflow(spm_paths):
   code = ("import sys; from t5x_lite import vocabulary as v; "
           f"s = v.build('sentencepiece', {spm_paths['train_vocab']!r}, 10); b = v.build('byte'); "

@@ -49,7 +49,8 @@ def plot(model_dir: str, output: str | None = None) -> str:
         steps, values = np.array(scalars[tag]).T
         axis.plot(steps, values, marker="o" if name == "validation" else None, label=name)
     axis.set_xlabel("step")
-    axis.set_ylabel(tag)
+    axis.set_ylabel({"loss": "loss (cross entropy, nats per target token)",
+                     "accuracy": "accuracy (next-token argmax)"}[tag])
     axis.grid(alpha=0.3)
     axis.legend()
   figure.suptitle(os.path.basename(os.path.abspath(model_dir)))
