@@ -3,7 +3,6 @@ loss on response tokens only for decoders, and the built-in offline instruction 
 import json
 
 import gin
-import numpy as np
 import pytest
 
 from t5x_lite import data
