@@ -26,9 +26,13 @@ def _layer(**changes):
   return cfg, params, x
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _apply(cfg, params, x, mask=None):
-  """(output, sown) of the layer."""
+  """(output, sown) of the layer; one compile per config (the tests share x's shape)."""
+  return _apply_jit(cfg, params, x, jnp.ones(x.shape[:2], bool) if mask is None else mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(cfg, params, x, mask):
   return moe.MoeMlp(cfg).apply({"params": params}, x, mask, mutable=layers.SOWN_COLLECTIONS)
 
 
@@ -49,19 +53,22 @@ def _per_token(cfg, params, x, mask):
       probs /= probs.sum()
       chosen = np.argsort(-probs, kind="stable")[:cfg.num_experts_per_token]
       weights = probs[chosen] / (probs[chosen].sum() if len(chosen) > 1 else 1.0)
+      bias = lambda name, e: p[f"{name}_bias"][e] if cfg.use_bias else 0.0
       for e, w in zip(chosen, weights):
         if cfg.gated_mlp:
           h = act(token @ p["wi_0_kernel"][e]) * (token @ p["wi_1_kernel"][e])
         else:
-          h = act(token @ p["wi_kernel"][e])
-        out[b, t] += w * (h @ p["wo_kernel"][e])
+          h = act(token @ p["wi_kernel"][e] + bias("wi", e))
+        out[b, t] += w * (h @ p["wo_kernel"][e] + bias("wo", e))
   return out
 
 
 @pytest.mark.parametrize("changes", [{}, dict(num_experts_per_token=1, gated_mlp=False,
-                                               activation="relu")])
+                                               activation="relu", use_bias=True)])
 def test_batched_routing_equals_a_per_token_loop(changes):
   cfg, params, x = _layer(**changes)
+  if cfg.use_bias:  # zeros at init: make them show
+    params = jax.tree.map(lambda p: p + 0.1, params)
   mask = np.ones(x.shape[:2], bool)
   mask[1, 4:] = False  # padding
   for dispatch in ("einsum", "ragged"):
@@ -91,6 +98,7 @@ def test_dropless_ragged_equals_einsum_and_capacity_drops_the_same_tokens_on_bot
 
 def test_bf16_experts_follow_float32():
   cfg, params, x = _layer()
+  cfg = cfg.replace(moe_dispatch="einsum")  # compiled already by the test above
   y, _ = _apply(cfg, params, x)
   y16, _ = _apply(cfg.replace(dtype="bfloat16"), params, x)
   assert y16.dtype == jnp.bfloat16
@@ -128,22 +136,27 @@ def test_load_balance_loss_is_one_at_uniform_routing_and_more_when_skewed():
 
 @pytest.fixture(scope="module")
 def mixtral():
-  """mixtral_tiny (4 experts, top 2, dropless) with a router z-loss, its params, a random batch
-  with a padded row, and the loss and gradients on one device."""
+  """mixtral_tiny (4 experts, top 2, dropless) with a router z-loss, its params, a batch whose
+  row 0 packs two examples [a | b] and row 1 holds b alone then padding, the jitted loss with
+  gradients and logits, and the loss and gradients on one device."""
   model = models.from_gin("mixtral_tiny", ["TransformerConfig.router_z_loss_weight = 0.001"])
   rng = np.random.default_rng(0)
   tokens = rng.integers(2, 500, (8, 12)).astype(np.int32)
-  weights = np.ones_like(tokens)
-  weights[3, 6:] = 0
+  segments = np.ones_like(tokens)
+  positions = np.broadcast_to(np.arange(12, dtype=np.int32), tokens.shape).copy()
+  tokens[1, :7] = tokens[0, 5:]
+  segments[0, 5:], positions[0, 5:] = 2, np.arange(7)
+  segments[1, 7:], positions[1, 7:] = 0, 0
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
-           "decoder_loss_weights": weights}
+           "decoder_loss_weights": (segments > 0).astype(np.int32),
+           "decoder_segment_ids": segments, "decoder_positions": positions}
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
-  reference = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))(params, batch)
-  return model, params, batch, reference
+  grad_fn = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))
+  return model, params, batch, grad_fn(params, batch), grad_fn, jax.jit(model.logits)
 
 
 def test_router_gets_gradient_and_losses_reach_the_loss(mixtral):
-  _, _, _, ((loss, metrics), grads) = mixtral
+  (loss, metrics), grads = mixtral[3]
   router = grads["decoder"]["layers"]["mlp"]["router"]
   assert float(jnp.abs(router).min(axis=(1, 2)).max()) > 0  # every layer's router learns
   extra = float(metrics["aux/load_balance_loss"]) + float(metrics["aux/router_z_loss"])
@@ -156,50 +169,36 @@ def test_router_gets_gradient_and_losses_reach_the_loss(mixtral):
 
 
 def test_packed_rows_and_padding_route_like_separate_rows(mixtral):
-  """Dropless routing is per token: two examples packed into one row give the logits they give
-  alone, and what padding holds changes no statistic."""
-  model, params, _, _ = mixtral
-  rng = np.random.default_rng(1)
-  a, b = rng.integers(2, 500, 5), rng.integers(2, 500, 7)
-  row = lambda ids, segments, positions: {
-      "decoder_input_tokens": np.asarray([ids], np.int32),
-      "decoder_segment_ids": np.asarray([segments], np.int32),
-      "decoder_positions": np.asarray([positions], np.int32),
-      "decoder_target_tokens": np.ones((1, 12), np.int32),
-      "decoder_loss_weights": np.asarray([segments], np.int32) > 0}
-  packed = row(np.concatenate([a, b]), [1] * 5 + [2] * 7, list(range(5)) + list(range(7)))
-  alone = [row(np.concatenate([b, padding]), [1] * 7 + [0] * 5, list(range(7)) + [0] * 5)
-           for padding in (np.zeros(5), rng.integers(2, 500, 5))]
-  logits = jax.jit(model.logits)
-  np.testing.assert_allclose(logits(params, packed)[0, 5:], logits(params, alone[0])[0, :7],
-                             atol=1e-4)
-  loss_fn = jax.jit(model.loss_fn)
-  stats = [{k: float(v) for k, v in loss_fn(params, batch)[1].items() if k.startswith("moe/")}
-           for batch in alone]
-  assert stats[0] == pytest.approx(stats[1], rel=1e-6) and len(stats[0]) == 4
+  """Dropless routing is per token: an example packed after another gets the logits it gets
+  alone, and what padding holds changes no statistic (nor the loss)."""
+  model, params, batch, ((loss, metrics), _), grad_fn, logits_fn = mixtral
+  logits = logits_fn(params, batch)
+  np.testing.assert_allclose(logits[0, 5:], logits[1, :7], atol=1e-4)
+  other_padding = dict(batch, decoder_input_tokens=batch["decoder_input_tokens"].copy())
+  other_padding["decoder_input_tokens"][1, 7:] = [7, 7, 9, 9, 11]
+  (loss_2, metrics_2), _ = grad_fn(params, other_padding)
+  moe_metrics = lambda m: {k: float(v) for k, v in m.items() if k.startswith("moe/")}
+  assert len(moe_metrics(metrics)) == 4
+  assert moe_metrics(metrics_2) == pytest.approx(moe_metrics(metrics), rel=1e-6)
+  np.testing.assert_allclose(loss_2, loss, rtol=1e-6)
+  del model
 
 
-def test_cached_decoding_equals_the_full_forward_with_dense_and_moe_layers():
-  model = models.from_gin("mixtral_tiny", ["TransformerConfig.moe_layer_interval = 2",
-                                           "TransformerConfig.num_layers = 4"])
-  tokens = np.random.default_rng(2).integers(2, 500, (2, 8)).astype(np.int32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), {
-      "decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
-      "decoder_loss_weights": tokens})
-  groups = params["decoder"]["layers"]
-  assert sorted(groups) == ["block_0", "block_1"]  # scanned over 2 groups of (dense, MoE)
-  assert "router" in groups["block_1"]["mlp"] and "wi_0" in groups["block_0"]["mlp"]
-  assert groups["block_1"]["mlp"]["router"].shape[0] == 2
-  full = jax.jit(model.logits)(params, {"decoder_input_tokens": tokens})
-  _, apply = model._decoder(params)  # pylint: disable=protected-access  # unrolled layers_0..3
+def test_cached_decoding_equals_the_full_forward(mixtral):
+  model, params, batch, _, _, logits_fn = mixtral
+  tokens = batch["decoder_input_tokens"]
+  unpacked = dict(batch, decoder_segment_ids=np.ones_like(tokens),
+                  decoder_positions=np.broadcast_to(np.arange(12, dtype=np.int32), tokens.shape))
+  full = logits_fn(params, unpacked)
+  _, apply = model._decoder(params)  # pylint: disable=protected-access  # unrolled layers
 
   @jax.jit
   def decode(tokens):
-    cache = transformer.init_cache(model.config, 2, 8)
-    logits, cache = apply(tokens[:, :6], cache=cache)  # prefill 6, then one token at a time
+    cache = transformer.init_cache(model.config, 8, 12)
+    logits, cache = apply(tokens[:, :10], cache=cache)  # prefill 10, then one token at a time
     steps = [logits]
-    for t in range(6, 8):
-      logits, cache = apply(tokens[:, t:t + 1], None, jnp.full((2, 1), t), cache=cache)
+    for t in range(10, 12):
+      logits, cache = apply(tokens[:, t:t + 1], None, jnp.full((8, 1), t), cache=cache)
       steps.append(logits)
     return jnp.concatenate(steps, axis=1)
 
@@ -213,6 +212,9 @@ def test_switch_t5_scans_groups_with_remat_like_unrolled_layers():
   batch = {k: rng.integers(2, 500, (2, 8)).astype(np.int32) for k in scanned.REQUIRED_FEATURES}
   batch["decoder_loss_weights"] = np.ones((2, 8), np.int32)
   params = jax.jit(scanned.init)(jax.random.PRNGKey(0), batch)
+  groups = params["decoder"]["layers"]
+  assert sorted(groups) == ["block_0", "block_1"]  # scanned over groups of (dense, MoE)
+  assert "router" in groups["block_1"]["mlp"] and "wi" in groups["block_0"]["mlp"]
   loss, metrics = jax.jit(scanned.loss_fn)(params, batch)
   loss_unrolled, _ = jax.jit(unrolled.loss_fn)(transformer.unstack_layers(params), batch)
   np.testing.assert_allclose(loss, loss_unrolled, rtol=1e-5)
@@ -225,7 +227,7 @@ def _global_norm(tree):
 
 
 def test_microbatches_merge_the_moe_metrics(mixtral):
-  model, params, batch, ((_, metrics), grads) = mixtral
+  model, params, batch, ((_, metrics), grads), _, _ = mixtral
   micro_grads, micro = jax.jit(lambda p, b: trainer.accumulate_gradients(
       lambda p, b, rng: model.loss_fn(p, b), p, b, jax.random.PRNGKey(0), 2))(params, batch)
   # Cross entropy is a token mean either way; the balance losses are per microbatch, so the
@@ -239,22 +241,26 @@ def test_microbatches_merge_the_moe_metrics(mixtral):
   assert norm(difference) < 0.02 * norm(grads)
 
 
+def test_grouped_layers_unstack_in_depth_order():
+  grouped = {"decoder": {"layers": {"block_0": {"w": np.array([0, 2])},
+                                    "block_1": {"w": np.array([1, 3])}}}}
+  unstacked = transformer.unstack_layers(grouped)["decoder"]
+  assert [int(unstacked[f"layers_{i}"]["w"]) for i in range(4)] == [0, 1, 2, 3]
+
+
 def test_bert_moe_has_biased_experts_in_every_other_layer():
-  model = models.from_gin("bert_moe_tiny")
-  tokens = np.random.default_rng(4).integers(2, 500, (2, 8)).astype(np.int32)
-  batch = {"encoder_input_tokens": tokens, "encoder_target_tokens": tokens,
-           "encoder_loss_weights": np.ones_like(tokens)}
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
-  mlp = params["encoder"]["layers"]["block_1"]["mlp"]
-  assert mlp["wi_bias"].shape == (1, 4, 256) and "wi" in params["encoder"]["layers"]["block_0"]["mlp"]
-  loss, metrics = jax.jit(model.loss_fn)(params, batch)
-  assert np.isfinite(float(loss)) and float(metrics["aux/load_balance_loss"]) > 0
+  shapes, specs = models.from_gin("bert_moe_tiny").abstract_params()
+  layers_ = shapes["encoder"]["layers"]
+  assert layers_["block_1"]["mlp"]["wi_bias"].shape == (1, 4, 256)  # [groups, experts, f]
+  assert tuple(specs["encoder"]["layers"]["block_1"]["mlp"]["wi_kernel"]) == (
+      "layers", "expert", "embed", "mlp")
+  assert "kernel" in layers_["block_0"]["mlp"]["wi"]  # the dense layer of the group
 
 
 # ------------------------------------------------------------------------------ expert parallelism
 
 def test_expert_parallel_meshes_match_one_device_and_move_tokens_with_all_to_all(mixtral):
-  model, params, batch, ((loss, _), grads) = mixtral
+  model, params, batch, ((loss, _), grads), _, _ = mixtral
   _, specs = model.abstract_params(batch)
   grad_fn = jax.value_and_grad(lambda p, b: model.loss_fn(p, b)[0])
   kernel = params["decoder"]["layers"]["mlp"]["wi_0_kernel"].shape[1:]  # [e, d, f]
