@@ -30,6 +30,9 @@ def _param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+param = _param  # for layers defined in other modules (t5x_lite.moe)
+
+
 def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
   """Sharding hint for an activation, by logical names (a no-op outside a mesh + rules context).
 

@@ -104,8 +104,8 @@ class MoeMlp(nn.Module):
     b, l, d = x.shape
     if token_mask is None:
       token_mask = jnp.ones((b, l), bool)
-    kernel = layers._param(self, "router", layers.default_kernel_init, (d, cfg.num_experts),  # pylint: disable=protected-access
-                           ("embed", "router"), cfg.param_dtype)
+    kernel = layers.param(self, "router", layers.default_kernel_init, (d, cfg.num_experts),
+                          ("embed", "router"), cfg.param_dtype)
     logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), kernel.astype(jnp.float32))
     slots = capacity(cfg, l)
     routing = route(logits, token_mask, cfg.num_experts_per_token, slots)
@@ -130,12 +130,12 @@ class MoeMlp(nn.Module):
     shapes["wo"] = ((e, f, d), ("expert", "mlp", "embed"))
     out = {}
     for name, (shape, axes) in shapes.items():
-      kernel = layers._param(self, f"{name}_kernel", expert_kernel_init, shape, axes,  # pylint: disable=protected-access
-                             cfg.param_dtype).astype(cfg.dtype)
+      kernel = layers.param(self, f"{name}_kernel", expert_kernel_init, shape, axes,
+                            cfg.param_dtype).astype(cfg.dtype)
       bias = None
       if cfg.use_bias:
-        bias = layers._param(self, f"{name}_bias", nn.initializers.zeros, (e, shape[2]),  # pylint: disable=protected-access
-                             (axes[0], axes[2]), cfg.param_dtype).astype(cfg.dtype)
+        bias = layers.param(self, f"{name}_bias", nn.initializers.zeros, (e, shape[2]),
+                            (axes[0], axes[2]), cfg.param_dtype).astype(cfg.dtype)
       out[name] = (kernel, bias)
     return out
 

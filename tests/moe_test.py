@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import layers, models, moe, optimizers, partitioning, trainer, transformer
+from t5x_lite import layers, models, moe, partitioning, trainer, transformer
 from t5x_lite.config import TransformerConfig
 
 SMALL = dict(family="decoder", vocab_size=64, d_model=16, num_heads=2, d_ff=24, num_layers=2,
@@ -96,6 +96,20 @@ def test_dropless_ragged_equals_einsum_and_capacity_drops_the_same_tokens_on_bot
   np.testing.assert_array_equal(dropped(("ragged", 0.5)), dropped(("einsum", 0.5)))
 
 
+def test_shared_experts_add_a_dense_mlp_every_token_passes_through():
+  cfg, params, x = _layer(num_shared_experts=2, moe_dispatch="einsum")
+  routed = {k: v for k, v in params.items() if k != "shared_experts"}
+  y, _ = _apply(cfg, params, x)
+  y_routed, _ = _apply(cfg.replace(num_shared_experts=0), routed, x)
+  shared = layers.Mlp(cfg.replace(d_ff=2 * cfg.d_ff)).apply(
+      {"params": params["shared_experts"]}, x)
+  np.testing.assert_allclose(y, y_routed + shared, atol=1e-5)
+  model = models.from_gin("mixtral_tiny", ["TransformerConfig.num_shared_experts = 1"])
+  assert model.num_params() == model.analytic_param_counts()[0]
+  assert model.num_params(active=True) - models.from_gin("mixtral_tiny").num_params(
+      active=True) == 2 * 3 * 64 * 128  # one SwiGLU expert per layer
+
+
 def test_bf16_experts_follow_float32():
   cfg, params, x = _layer()
   cfg = cfg.replace(moe_dispatch="einsum")  # compiled already by the test above
@@ -134,6 +148,19 @@ def test_load_balance_loss_is_one_at_uniform_routing_and_more_when_skewed():
 
 # ------------------------------------------------------------------------------ whole models
 
+def _random_params(model, batch):
+  """Random parameters of the model's shapes, drawn on the host (no init to compile): norm
+  scales near 1, everything else small."""
+  shapes, _ = model.abstract_params(batch)
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    noise = rng.normal(size=leaf.shape).astype(np.float32)
+    return 1.0 + 0.1 * noise if path[-1].key == "scale" else 0.1 * noise
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.fixture(scope="module")
 def mixtral():
   """mixtral_tiny (4 experts, top 2, dropless) with a router z-loss, its params, a batch whose
@@ -150,7 +177,7 @@ def mixtral():
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
            "decoder_loss_weights": (segments > 0).astype(np.int32),
            "decoder_segment_ids": segments, "decoder_positions": positions}
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
+  params = _random_params(model, batch)
   grad_fn = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True))
   return model, params, batch, grad_fn(params, batch), grad_fn, jax.jit(model.logits)
 
@@ -211,7 +238,7 @@ def test_switch_t5_scans_groups_with_remat_like_unrolled_layers():
   rng = np.random.default_rng(3)
   batch = {k: rng.integers(2, 500, (2, 8)).astype(np.int32) for k in scanned.REQUIRED_FEATURES}
   batch["decoder_loss_weights"] = np.ones((2, 8), np.int32)
-  params = jax.jit(scanned.init)(jax.random.PRNGKey(0), batch)
+  params = _random_params(scanned, batch)
   groups = params["decoder"]["layers"]
   assert sorted(groups) == ["block_0", "block_1"]  # scanned over groups of (dense, MoE)
   assert "router" in groups["block_1"]["mlp"] and "wi" in groups["block_0"]["mlp"]
