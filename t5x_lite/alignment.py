@@ -345,7 +345,10 @@ class RewardModel(PairModel):
       raise ValueError("reward takes two lists of the same length, at least one item each: "
                        "prompts and their responses, e.g. reward([\"add: 1 + 1\"], [\"2\"]).")
     batch = self.reward_batch(prompts, responses, eos_id)
-    return np.asarray(self._jitted_rewards(params, batch))
+    n = len(prompts)  # rows padded to a power of two: similar calls share one compilation
+    rows = max(8, 1 << (n - 1).bit_length())
+    batch = {k: np.pad(v, ((0, rows - n), (0, 0))) for k, v in batch.items()}
+    return np.asarray(self._jitted_rewards(params, batch))[:n]
 
   @functools.cached_property
   def _jitted_rewards(self):
