@@ -15,6 +15,9 @@ give the same ids, and this module alone holds the id layout:
   user-defined piece "[MASK]" (id 3); in the byte vocabulary it is one extra id reserved just below
   the sentinels (id 259), which is why the byte vocabulary holds `extra_ids + 1` extra ids.
 
+A Hugging Face tokenizer (`build("hf_tokenizer", tokenizer_path=...)`, t5x_lite/hf_tokenizer.py)
+keeps its own ids and special tokens instead: a converted checkpoint expects them.
+
 `describe(vocab)` fingerprints a vocabulary, ours or seqio's, by kind, content and extra ids (the
 record run_dir.py keeps in a run's manifest); two vocabularies are `same` when their records are,
 wherever their model files live.
@@ -90,6 +93,10 @@ class Vocabulary:
 
   def _init_args(self) -> tuple:
     return (self.extra_ids,)
+
+  def _content(self) -> bytes:
+    """What `describe` fingerprints: whatever decides the ids, never a path."""
+    return self.kind.encode()
 
 
 class ByteVocabulary(Vocabulary):
@@ -168,6 +175,9 @@ class SentencePieceVocabulary(Vocabulary):
   def _init_args(self) -> tuple:
     return (self.sentencepiece_model_file, self.extra_ids)
 
+  def _content(self) -> bytes:
+    return self.sp_model
+
   def __str__(self):
     return (f"SentencePieceVocabulary(file={self.sentencepiece_model_file}, "
             f"extra_ids={self.extra_ids}, spm_md5={hashlib.md5(self.sp_model).hexdigest()})")
@@ -203,19 +213,30 @@ def find_spm(path: str) -> str:
 
 
 def build(kind: str = "byte", spm_path: Optional[str] = None,
-          extra_ids: int = DEFAULT_EXTRA_IDS) -> Vocabulary:
-  """The vocabulary `get_vocabulary(kind, spm_path, extra_ids)` selects (cached).
+          extra_ids: int = DEFAULT_EXTRA_IDS, tokenizer_path: Optional[str] = None) -> Vocabulary:
+  """The vocabulary `get_vocabulary(kind, spm_path, extra_ids, tokenizer_path)` selects (cached).
 
   Args:
-    kind: "byte" (needs no files) or "sentencepiece".
+    kind: "byte" (needs no files), "sentencepiece" or "hf_tokenizer".
     spm_path: a SentencePiece model, e.g. written by tools/train_vocab.py.
-    extra_ids: number of T5 sentinels at the top of the vocabulary.
+    extra_ids: number of T5 sentinels at the top of the vocabulary (not for "hf_tokenizer",
+      whose sentinels are its own `<extra_id_i>` tokens).
+    tokenizer_path: for "hf_tokenizer": a Hugging Face tokenizer.json, or the directory
+      save_pretrained wrote it to (see t5x_lite.hf_tokenizer).
   """
-  return _build(kind, spm_path, int(extra_ids))
+  return _build(kind, spm_path, int(extra_ids), tokenizer_path)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(kind: str, spm_path: Optional[str], extra_ids: int) -> Vocabulary:
+def _build(kind: str, spm_path: Optional[str], extra_ids: int,
+           tokenizer_path: Optional[str] = None) -> Vocabulary:
+  if kind == "hf_tokenizer":
+    if not tokenizer_path:
+      raise ValueError(
+          "get_vocabulary.kind='hf_tokenizer' needs get_vocabulary.tokenizer_path, e.g. "
+          "--gin.get_vocabulary.tokenizer_path=\"'/path/tokenizer.json'\".")
+    from t5x_lite import hf_tokenizer  # pylint: disable=g-import-not-at-top  # it imports this
+    return hf_tokenizer.HfTokenizerVocabulary(tokenizer_path)
   if kind == "byte":
     # One more extra id than sentinels: the lowest one is [MASK] (see module docstring).
     return ByteVocabulary(extra_ids + 1)
@@ -237,18 +258,22 @@ def _build(kind: str, spm_path: Optional[str], extra_ids: int) -> Vocabulary:
           f"{spm_path}: pad/eos ids are {vocab.tokenizer.pad_id()}/{vocab.eos_id}, but t5x_lite "
           "needs 0/1. Retrain it with tools/train_vocab.py (it sets --pad_id=0 --eos_id=1).")
     return vocab
-  raise ValueError(f"Unknown vocabulary kind {kind!r}; choose 'byte' or 'sentencepiece'.")
+  raise ValueError(f"Unknown vocabulary kind {kind!r}; choose 'byte', 'sentencepiece' or "
+                   "'hf_tokenizer'.")
 
 
 # ------------------------------------------------------------------------------ any vocabulary
 
 def _concrete(vocab):
-  # t5x_lite.data's GinVocabulary stands for the gin-selected vocabulary it `resolved` to.
-  return getattr(vocab, "resolved", vocab)
+  # t5x_lite.data's GinVocabulary stands for the gin-selected vocabulary it `resolved` to, and
+  # a seqio vocabulary made from one of ours `resolved` to that one.
+  while hasattr(vocab, "resolved"):
+    vocab = vocab.resolved
+  return vocab
 
 
 def kind_of(vocab) -> str:
-  """"byte" or "sentencepiece", for ours and for seqio's vocabularies."""
+  """"byte", "sentencepiece" or "hf_tokenizer", for ours and for seqio's vocabularies."""
   vocab = _concrete(vocab)
   if isinstance(vocab, Vocabulary):
     return vocab.kind
@@ -259,7 +284,8 @@ def kind_of(vocab) -> str:
     if isinstance(vocab, seqio.SentencePieceVocabulary):
       return "sentencepiece"
   raise TypeError(
-      f"t5x_lite knows byte and SentencePiece vocabularies, not {type(vocab).__name__}; use "
+      f"t5x_lite knows byte, SentencePiece and Hugging Face tokenizer vocabularies, not "
+      f"{type(vocab).__name__}; use "
       "vocabulary.build(...) or a seqio ByteVocabulary / SentencePieceVocabulary.")
 
 
@@ -271,7 +297,10 @@ def describe(vocab) -> dict:
   """
   vocab = _concrete(vocab)
   kind = kind_of(vocab)
-  content = vocab.sp_model if kind == "sentencepiece" else kind.encode()
+  if isinstance(vocab, Vocabulary):
+    content = vocab._content()  # pylint: disable=protected-access
+  else:  # seqio's own
+    content = vocab.sp_model if kind == "sentencepiece" else kind.encode()
   digest = hashlib.sha256(content + f"/extra_ids={vocab.extra_ids}".encode()).hexdigest()
   return {"kind": kind, "vocab_size": int(vocab.vocab_size), "extra_ids": int(vocab.extra_ids),
           "sha256": digest}
@@ -308,8 +337,10 @@ class SpecialIds:
 
 
 def special_ids(vocab) -> SpecialIds:
-  """The special ids of a byte or SentencePiece vocabulary, ours or seqio's."""
+  """The special ids of a byte, SentencePiece or Hugging Face vocabulary, ours or seqio's."""
   vocab = _concrete(vocab)
+  if kind_of(vocab) == "hf_tokenizer":
+    return _hf_special_ids(vocab)
   if kind_of(vocab) == "byte":
     base = vocab._base_vocab_size  # pylint: disable=protected-access  # 3 specials + 256 bytes
     return SpecialIds(mask_id=base if vocab.extra_ids else None,
@@ -320,6 +351,17 @@ def special_ids(vocab) -> SpecialIds:
   specials = [i for i in (vocab.pad_id, vocab.eos_id, vocab.unk_id, mask) if i is not None]
   return SpecialIds(mask_id=mask, num_sentinels=vocab.extra_ids, regular_start=max(specials) + 1,
                     regular_end=vocab.vocab_size - vocab.extra_ids, vocab_size=vocab.vocab_size)
+
+
+def _hf_special_ids(vocab) -> SpecialIds:
+  # A tokenizer's special tokens sit anywhere (BERT's at the bottom, GPT-2's at the top): the
+  # ordinary tokens are the widest run of ids holding none of them, sentinels excluded.
+  size = vocab.vocab_size
+  top = size - vocab.extra_ids
+  specials = [-1] + [i for i in vocab.special_token_ids() if i < top] + [top]
+  start, end = max(zip(specials, specials[1:]), key=lambda gap: gap[1] - gap[0])
+  return SpecialIds(mask_id=vocab.mask_id, num_sentinels=vocab.extra_ids,
+                    regular_start=start + 1, regular_end=end, vocab_size=size)
 
 
 def mask_id(vocab) -> int:

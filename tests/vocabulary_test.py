@@ -156,7 +156,7 @@ def test_pickle_and_errors(spm_paths, tmp_path):
   assert pickle.loads(pickle.dumps(vocabulary.build("byte"))) == vocabulary.build("byte")
   with pytest.raises(ValueError, match="1-D"):
     ours.decode([[1, 2]])
-  with pytest.raises(TypeError, match="knows byte and SentencePiece"):
+  with pytest.raises(TypeError, match="knows byte, SentencePiece and Hugging Face"):
     vocabulary.special_ids(seqio.PassThroughVocabulary(10))
   no_mask = _train(tmp_path / "nomask", user_defined_symbols=[])
   with pytest.raises(ValueError, match=r"has no '\[MASK\]' piece.*tools/train_vocab.py"):
