@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from t5x_lite import checkpoints, models
+from t5x_lite import checkpoints, hf_tokenizer, models
 from t5x_lite.config import TransformerConfig
 from t5x_lite.interop.hf_families import Family, family_of_config, family_of_hf_config
 
@@ -339,13 +339,15 @@ def _check_weights(family, cfg, weights, expected, source, our_shapes, where):
 def convert_from_hf(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
                     param_dtype: Optional[str] = None, dtype: Optional[str] = None,
                     fused_qkv: bool = False):
-  """Write a t5x_lite params checkpoint (params/ + model.gin) from an HF checkpoint."""
+  """Write a t5x_lite params checkpoint (params/ + model.gin) from an HF checkpoint, with the
+  tokenizer files found next to it and its special token ids (see t5x_lite.hf_tokenizer)."""
   model, params = import_hf(hf_dir, scan_layers=scan_layers, param_dtype=param_dtype,
                             dtype=dtype, fused_qkv=fused_qkv)
   hf = read_hf_config(hf_dir)
   arch = family_of_hf_config(hf).architecture
   gin_text = (f"# Converted from the Hugging Face {arch} checkpoint {os.path.abspath(hf_dir)}.\n"
-              + checkpoints.model_gin(model))
+              + checkpoints.model_gin(model)
+              + hf_tokenizer.import_tokenizer(hf_dir, out_dir, hf))  # copies tokenizer files
   checkpoints.save_params(out_dir, params, gin_text)
   with open(os.path.join(out_dir, HF_CONFIG_COPY), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
