@@ -126,7 +126,7 @@ def _pair_metrics(loss_per_pair, chosen, rejected, prefix: str) -> dict:
   mean = lambda x: metrics_lib.Average(jnp.sum(x.astype(jnp.float32)), jnp.float32(n))
   return {"loss": mean(loss_per_pair), f"{prefix}/chosen": mean(chosen),
           f"{prefix}/rejected": mean(rejected), f"{prefix}/margins": mean(chosen - rejected),
-          f"{prefix}/accuracy": mean(chosen > rejected)}
+          "accuracy": mean(chosen > rejected)}  # the preference accuracy (what the loop logs)
 
 
 # ---------------------------------------------------------------------------------------- DPO

@@ -84,8 +84,8 @@ def test_dpo_losses_are_the_published_formulas_on_fixed_logits(decoder):
   np.testing.assert_allclose(float(metrics["rewards/chosen"]), rewards[:, 0].mean(), rtol=1e-4)
   np.testing.assert_allclose(float(metrics["rewards/margins"]),
                              (rewards[:, 0] - rewards[:, 1]).mean(), rtol=1e-4)
-  assert float(metrics["rewards/accuracy"]) == np.mean(rewards[:, 0] > rewards[:, 1])
-  assert 0.0 < float(metrics["rewards/accuracy"]) < 1.0  # both outcomes occur in this batch
+  assert float(metrics["accuracy"]) == np.mean(rewards[:, 0] > rewards[:, 1])
+  assert 0.0 < float(metrics["accuracy"]) < 1.0  # both outcomes occur in this batch
   avg = (pi - ref) / tokens
   variants = {  # conservative DPO (Mitchell 2023), IPO (Azar et al. 2023, eq. 17; TRL's form)
       ("sigmoid", eps): -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h),
@@ -208,7 +208,7 @@ def test_reward_models_of_every_family_give_bradley_terry(preset):
   rewards = np.asarray(rewards).reshape(B, 2)
   np.testing.assert_allclose(float(loss), (-log_sigmoid(rewards[:, 0] - rewards[:, 1])).mean(),
                              rtol=1e-5)
-  assert float(metrics["reward/accuracy"]) == np.mean(rewards[:, 0] > rewards[:, 1])
+  assert float(metrics["accuracy"]) == np.mean(rewards[:, 0] > rewards[:, 1])
   np.testing.assert_allclose(float(metrics["reward/margins"]),
                              (rewards[:, 0] - rewards[:, 1]).mean(), rtol=1e-4, atol=1e-6)
 
