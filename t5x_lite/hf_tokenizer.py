@@ -187,7 +187,9 @@ def import_tokenizer(hf_dir: str, out_dir: str, hf_config: dict) -> str:
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(hf_dir, name)):
       shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
-  if not os.path.isfile(os.path.join(out_dir, TOKENIZER_JSON)):
+  slow = {"tokenizer.model", "spiece.model", "vocab.json", "vocab.txt"}
+  if not os.path.isfile(os.path.join(out_dir, TOKENIZER_JSON)) and any(
+      os.path.isfile(os.path.join(hf_dir, name)) for name in slow):
     _write_tokenizer_json(hf_dir, out_dir)
   vocab = None
   if os.path.isfile(os.path.join(out_dir, TOKENIZER_JSON)):
@@ -205,6 +207,8 @@ def import_tokenizer(hf_dir: str, out_dir: str, hf_config: dict) -> str:
       ids.update({k: v for k, v in json.load(f).items() if v is not None})
   from_vocab = {"eos_token_id": vocab and vocab.eos_id, "bos_token_id": vocab and vocab.bos_id,
                 "pad_token_id": vocab and vocab.special["pad_token"]}
+  if ids.get("is_encoder_decoder") and ids.get("decoder_start_token_id") is None:
+    ids["decoder_start_token_id"] = ids.get("pad_token_id")  # T5's decoder starts at its PAD
   lines = ["", "# The Hugging Face tokenizer (copied next to params/) and special token ids of the",
            "# converted checkpoint: t5x_lite.load encodes, decodes and stops with them.",
            f"{TOKENIZER_MACRO} = {TOKENIZER_JSON if vocab else None!r}"]

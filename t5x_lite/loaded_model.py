@@ -7,25 +7,31 @@
     t5x_lite.load(bert_dir).fill_mask("import [MASK]s")      # encoder-only (BERT) models
 
 The vocabulary that turns text into ids comes from, in order: `load(..., vocabulary=)`, a
-SentencePiece `vocab.model` file in the checkpoint directory, the `get_vocabulary` bindings of
-the `config.gin` a training run writes there, and otherwise the byte vocabulary. None of this
-imports TensorFlow (`t5x_lite.vocabulary` gives the same ids as the input pipeline's seqio ones).
+Hugging Face `tokenizer.json` in the checkpoint directory (tools/convert_checkpoint.py copies it
+there), a SentencePiece `vocab.model` file there, the `get_vocabulary` bindings of the
+`config.gin` a training run writes there, and otherwise the byte vocabulary (with a warning for
+a converted Hugging Face checkpoint, whose ids are not bytes). None of this imports TensorFlow
+(`t5x_lite.vocabulary` gives the same ids as the input pipeline's seqio ones).
 
 What the text means follows the seqio tasks the models train on: a decoder-only model continues
 the prompt ([BOS] + prompt, as `*_clm` tasks), an encoder-decoder model reads it as its inputs
-with EOS appended (as text-to-text and span-corruption tasks); both stop at EOS.
+with EOS appended (as text-to-text and span-corruption tasks); both stop at EOS. A converted
+Hugging Face decoder reads its prompts as transformers feeds them instead (the tokenizer's own
+special tokens, such as LLaMA's BOS, and no t5x_lite BOS 0), and decoding stops at the
+checkpoint's EOS id (model.gin's EOS_ID).
 """
 from __future__ import annotations
 
 import ast
 import os
 import re
-from typing import Sequence
+import warnings
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from t5x_lite import checkpoints, models
+from t5x_lite import checkpoints, hf_tokenizer, models
 from t5x_lite import vocabulary as vocab_lib
 
 SPM_FILE = "vocab.model"
@@ -40,7 +46,8 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
   Args:
     checkpoint_dir: written by `checkpoints.save_params`, a training run's MODEL_DIR, or
       tools/convert_checkpoint.py.
-    vocabulary: a seqio Vocabulary or a SentencePiece model path; default: see module docstring.
+    vocabulary: a Vocabulary (ours or seqio's), a SentencePiece model path or a Hugging Face
+      tokenizer.json path; default: see module docstring.
     mesh: a `partitioning.make_mesh(...)` mesh to restore the parameters onto, laid out by the
       logical-axis rules as the infer job does; default: this process's first device.
   """
@@ -49,17 +56,27 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
     raise FileNotFoundError(_not_a_params_checkpoint(checkpoint_dir))
   model = models.from_gin(gin_path)
   vocab = _vocabulary(checkpoint_dir, vocabulary)
+  ids = hf_tokenizer.checkpoint_ids(checkpoint_dir)
+  if ids and vocabulary is None and vocab_lib.kind_of(vocab) == "byte":
+    warnings.warn(
+        f"{checkpoint_dir!r} is a converted Hugging Face checkpoint without its tokenizer, so "
+        "t5x_lite.load falls back to bytes, which are not the ids the model was trained on. "
+        f"Put the tokenizer's files there (AutoTokenizer.from_pretrained(hf_dir)"
+        f".save_pretrained({checkpoint_dir!r})) or pass load(..., vocabulary=).", stacklevel=2)
   if vocab.vocab_size > model.config.vocab_size:
     raise ValueError(
         f"The vocabulary ({vocab}, {vocab.vocab_size} ids) does not fit the checkpoint's model "
         f"(vocab_size={model.config.vocab_size}): it is not the vocabulary the model was trained "
         f"with. Pass load(..., vocabulary=) the right one, or put its SentencePiece model in "
-        f"{os.path.join(checkpoint_dir, SPM_FILE)}.")
+        f"{os.path.join(checkpoint_dir, SPM_FILE)} (or its Hugging Face tokenizer.json next to "
+        "params/).")
+  options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=bool(ids))
   if mesh is None:
-    return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab)
+    return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab, **options)
   from t5x_lite import predict  # pylint: disable=g-import-not-at-top  # predict imports this module
   return LoadedModel(model, predict.restore_params(
-      model, mesh, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract)), vocab)
+      model, mesh, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract)), vocab,
+                     **options)
 
 
 def _not_a_params_checkpoint(directory: str) -> str:
@@ -88,13 +105,18 @@ def _steps(directory: str) -> list[int]:
 
 def _vocabulary(checkpoint_dir: str, vocabulary):
   if isinstance(vocabulary, str):
+    if vocabulary.endswith(".json"):
+      return vocab_lib.build("hf_tokenizer", tokenizer_path=vocabulary)
     return vocab_lib.build("sentencepiece", vocabulary)
   return vocabulary or checkpoint_vocabulary(checkpoint_dir) or vocab_lib.build("byte")
 
 
 def checkpoint_vocabulary(checkpoint_dir: str):
-  """The vocabulary a checkpoint directory records, or None: its SentencePiece `vocab.model`,
-  else the `get_vocabulary.NAME = VALUE` lines of the config.gin a training run writes."""
+  """The vocabulary a checkpoint directory records, or None: its Hugging Face `tokenizer.json`,
+  its SentencePiece `vocab.model`, else the `get_vocabulary.NAME = VALUE` lines of the config.gin
+  a training run writes."""
+  if os.path.exists(os.path.join(checkpoint_dir, hf_tokenizer.TOKENIZER_JSON)):
+    return vocab_lib.build("hf_tokenizer", tokenizer_path=checkpoint_dir)
   spm_path = os.path.join(checkpoint_dir, SPM_FILE)
   if os.path.exists(spm_path):
     return vocab_lib.build("sentencepiece", spm_path)
@@ -117,12 +139,19 @@ def checkpoint_vocabulary(checkpoint_dir: str):
 
 
 class LoadedModel:
-  """A model, its parameters and its vocabulary: text in, text (or scores) out."""
+  """A model, its parameters and its vocabulary: text in, text (or scores) out.
 
-  def __init__(self, model: models.BaseModel, params, vocabulary):
+  `eos_id` (default: the vocabulary's) ends generated text; `hf_prompts` makes a decoder-only
+  model read prompts as transformers feeds them (a converted Hugging Face checkpoint).
+  """
+
+  def __init__(self, model: models.BaseModel, params, vocabulary, eos_id: Optional[int] = None,
+               hf_prompts: bool = False):
     self.model = model
     self.params = params
     self.vocabulary = vocabulary
+    self.eos_id = vocabulary.eos_id if eos_id is None else eos_id
+    self.hf_prompts = hf_prompts and hasattr(vocabulary, "encode_prompt")
 
   def __repr__(self):
     return (f"LoadedModel({type(self.model).__name__}, {self.model.num_params():,} parameters, "
@@ -132,12 +161,13 @@ class LoadedModel:
   def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                num_decodes: int = 1, beam_size: int = 0, alpha: float = 0.6,
-               seed: int = 0) -> list:
+               seed: int = 0, eos_id: Optional[int] = None) -> list:
     """The text generated for each prompt (without the prompt, up to EOS).
 
     temperature 0 is greedy; top_k / top_p restrict sampling; beam_size >= 1 runs beam search
-    with T5X's length penalty `alpha`. With num_decodes > 1 or beam search, each prompt gets a
-    list of all its samples or beams, best first; otherwise one string.
+    with T5X's length penalty `alpha`; `eos_id` ends a row (default: the checkpoint's EOS). With
+    num_decodes > 1 or beam search, each prompt gets a list of all its samples or beams, best
+    first; otherwise one string.
     """
     if isinstance(prompts, str):
       raise TypeError("generate takes a list of prompts, e.g. generate([\"Hello\"]).")
@@ -150,14 +180,22 @@ class LoadedModel:
                        f"max_length={max_length} tokens, so ask for 1 to {max_length} new "
                        "tokens (fewer the longer the prompt, for a decoder-only model).")
     self._check_generates()
-    batch = self.model.generation_batch([self._encode(p) for p in prompts],
-                                        self.vocabulary.eos_id, max_new_tokens,
-                                        rows=_bucket(len(prompts)), round_width=_bucket)
+    eos_id = self.eos_id if eos_id is None else eos_id
+    if self._hf_decoder():
+      firsts, encoded = self._hf_prompts(prompts)
+      batch = self.model.generation_batch(encoded, eos_id, max_new_tokens,
+                                          rows=_bucket(len(prompts)), round_width=_bucket)
+      batch["decoder_input_tokens"][:len(prompts), 0] = firsts  # in BOS 0's place
+    else:
+      batch = self.model.generation_batch([self._encode(p) for p in prompts], eos_id,
+                                          max_new_tokens, rows=_bucket(len(prompts)),
+                                          round_width=_bucket)
     outputs, _ = self.model.predict_batch(
         self.params, batch, rng=jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, num_decodes=num_decodes,
-        beam_size=beam_size, alpha=alpha)
-    texts = [[self._decode(seq) for seq in row] for row in np.asarray(outputs)[:len(prompts)]]
+        beam_size=beam_size, alpha=alpha, eos_id=eos_id)
+    texts = [[self._decode(seq, eos_id) for seq in row]
+             for row in np.asarray(outputs)[:len(prompts)]]
     return [row[0] for row in texts] if num_decodes == 1 and not beam_size else texts
 
   def score(self, inputs: Sequence[str], targets: Sequence[str]) -> list[float]:
@@ -171,10 +209,13 @@ class LoadedModel:
       raise ValueError("score takes two lists of the same length, at least one item each: "
                        "inputs and their targets, e.g. score([\"1 + 1 =\"], [\" 2\"]).")
     self._check_generates()
-    batch = self.model.scoring_batch([self._encode(text) for text in inputs],
-                                     [self._encode(text) for text in targets],
-                                     self.vocabulary.eos_id, rows=_bucket(len(inputs)),
-                                     round_width=_bucket)
+    sources = [self._encode(text) for text in inputs]
+    if self._hf_decoder():
+      firsts, sources = self._hf_prompts(inputs)
+    batch = self.model.scoring_batch(sources, [self._encode(text) for text in targets],
+                                     self.eos_id, rows=_bucket(len(inputs)), round_width=_bucket)
+    if self._hf_decoder():
+      batch["decoder_input_tokens"][:len(inputs), 0] = firsts  # in BOS 0's place
     return [float(s) for s in np.asarray(self.model.score_batch(self.params, batch))[:len(inputs)]]
 
   def reward(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -202,7 +243,9 @@ class LoadedModel:
     ids = []
     for i, piece in enumerate(text.split(MASK)):
       ids += ([mask_id] if i else []) + (self._encode(piece) if piece else [])
-    ids.append(self.vocabulary.eos_id)  # MLM tasks append EOS to their inputs.
+    ids.append(self.eos_id)  # MLM tasks append EOS to their inputs ([SEP] for a converted BERT).
+    if self.hf_prompts and self.vocabulary.bos_id is not None:
+      ids.insert(0, self.vocabulary.bos_id)  # and a converted BERT reads [CLS] first
     max_length = self.model.config.max_length
     models.check_lengths([ids], max_length, "", max_length)
     tokens = models.pad_rows([ids], 1, min(_bucket(len(ids)), max_length))
@@ -221,10 +264,25 @@ class LoadedModel:
   def _encode(self, text: str) -> list[int]:
     return list(self.vocabulary.encode(text))
 
-  def _decode(self, ids) -> str:
+  def _hf_decoder(self) -> bool:
+    return self.hf_prompts and isinstance(self.model, models.DecoderOnlyModel)
+
+  def _hf_prompts(self, prompts: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(first ids, the rest) of the prompts as transformers encodes them: the first id takes
+    the place of t5x_lite's BOS 0. An empty prompt is the BOS alone, as transformers starts."""
+    encoded = [self.vocabulary.encode_prompt(p) or [self.vocabulary.bos_id] for p in prompts]
+    if any(ids[0] is None for ids in encoded):
+      raise ValueError("An empty prompt needs a BOS token, and this tokenizer has none; give "
+                       "every prompt some text.")
+    return [ids[0] for ids in encoded], [ids[1:] for ids in encoded]
+
+  def _decode(self, ids, eos_id: Optional[int] = None) -> str:
     ids = [int(t) for t in ids]
-    if self.vocabulary.eos_id in ids:
-      ids = ids[:ids.index(self.vocabulary.eos_id)]
+    eos_id = self.eos_id if eos_id is None else eos_id
+    if eos_id in ids:
+      ids = ids[:ids.index(eos_id)]
+    if getattr(vocab_lib._concrete(self.vocabulary), "kind", "") == "hf_tokenizer":  # pylint: disable=protected-access
+      return self.vocabulary.decode(ids)  # id 0 is a token (GPT-2's "!"); specials are skipped
     return self.vocabulary.decode([t for t in ids if t != 0])
 
 

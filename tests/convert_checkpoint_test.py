@@ -86,3 +86,63 @@ def test_export_without_model_gin_says_what_is_missing(tmp_path):
   os.makedirs(tmp_path / "ckpt" / "params")
   with pytest.raises(FileNotFoundError, match="No model.gin"):
     convert_checkpoint.main(["--from", str(tmp_path / "ckpt"), "--to_hf", str(tmp_path / "hf")])
+
+
+def test_a_converted_gpt2_generates_what_the_transformers_pipeline_does(tmp_path):
+  # The seeds' first example, offline: a random GPT-2 saved with a locally trained tokenizer.
+  from hf_tokenizer_test import gpt2_tokenizer  # pylint: disable=g-import-not-at-top
+  import t5x_lite  # pylint: disable=g-import-not-at-top
+  hf_dir = gpt2_tokenizer(tmp_path / "hf")
+  tokenizer = tf.AutoTokenizer.from_pretrained(hf_dir)
+  config = tf.GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2,
+                         n_head=4, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+  torch.manual_seed(0)
+  hf_model = tf.GPT2LMHeadModel(config).eval()
+  hf_model.save_pretrained(hf_dir)
+  ckpt = str(tmp_path / "ckpt")
+  convert_checkpoint.main(["--from_hf", hf_dir, "--to", ckpt])
+  assert os.path.isfile(os.path.join(ckpt, "tokenizer.json"))
+  with open(os.path.join(ckpt, "model.gin")) as f:
+    gin_text = f.read()
+  assert "HF_TOKENIZER = 'tokenizer.json'" in gin_text and "EOS_ID = 400" in gin_text
+  assert "BOS_ID = 400" in gin_text and "PAD_ID = None" in gin_text
+
+  prompts = ["The capital of France is", "def f(x):\n    return x ±"]
+  generator = tf.pipeline("text-generation", model=hf_model, tokenizer=tokenizer, device="cpu")
+  expected = [generator(p, max_new_tokens=12, do_sample=False, return_full_text=False,
+                        pad_token_id=tokenizer.eos_token_id)[0]["generated_text"]
+              for p in prompts]
+  loaded = t5x_lite.load(ckpt)
+  assert loaded.eos_id == 400 and loaded.vocabulary.kind == "hf_tokenizer"
+  assert loaded.generate(prompts, max_new_tokens=12) == expected
+  # An EOS of the caller's choice ends the text where that token first comes.
+  ids = tokenizer(prompts[0]).input_ids
+  greedy = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+  stop = greedy[3]
+  cut = tokenizer.decode(greedy[:greedy.index(stop)], skip_special_tokens=True)
+  assert loaded.generate(prompts[:1], max_new_tokens=12, eos_id=stop) == [cut]
+  # Scores are transformers' log-likelihoods of the continuation too.
+  with torch.no_grad():
+    logits = hf_model(torch.tensor([ids + greedy[:4]])).logits[0].log_softmax(-1)
+  hf_score = sum(float(logits[len(ids) - 1 + t, tok]) for t, tok in enumerate(greedy[:4]))
+  target = tokenizer.decode(greedy[:4])
+  assert tokenizer(target, add_special_tokens=False).input_ids == greedy[:4]
+  np.testing.assert_allclose(loaded.score(prompts[:1], [target]), [hf_score], rtol=1e-4)
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so(tmp_path):
+  import t5x_lite  # pylint: disable=g-import-not-at-top
+  hf_dir = _hf_t5(tmp_path / "hf")
+  ckpt = str(tmp_path / "ckpt")
+  with pytest.warns(UserWarning, match="has no tokenizer.*save_pretrained"):
+    convert_checkpoint.main(["--from_hf", hf_dir, "--to", ckpt])
+  with open(os.path.join(ckpt, "model.gin")) as f:
+    gin_text = f.read()
+  # T5's ids come from its config.json: EOS 1, PAD 0, the decoder starts at 0.
+  assert "HF_TOKENIZER = None" in gin_text and "EOS_ID = 1" in gin_text
+  assert "DECODER_START_ID = 0" in gin_text
+  with pytest.warns(UserWarning, match="without its tokenizer.*falls back to bytes"):
+    with pytest.raises(ValueError, match="does not fit.*tokenizer.json"):  # 64 ids < 360 bytes
+      t5x_lite.load(ckpt)

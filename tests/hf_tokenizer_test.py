@@ -9,7 +9,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers import trainers
 
 from t5x_lite import hf_tokenizer, vocabulary
-from t5x_lite.data import vocabularies
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # A few KB of local text: code, prose, accents, CJK and emoji.
@@ -145,7 +144,10 @@ def test_fingerprints_pickles_and_errors(tokenizer_dirs, tmp_path):
 
 
 def test_seqio_vocabulary_tokenizes_in_tf_data_as_in_python(tokenizer_dirs):
+  # Here only: the input pipeline (TensorFlow, seqio) is slow to import, and
+  # convert_checkpoint_test imports this file for its tokenizer.
   import tensorflow as tensorflow  # pylint: disable=g-import-not-at-top
+  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top
   path = tokenizer_dirs["unigram"]
   seqio_vocab = vocabularies.get_vocabulary("hf_tokenizer", tokenizer_path=path)
   ours = vocabulary.build("hf_tokenizer", tokenizer_path=path)
