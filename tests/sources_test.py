@@ -192,6 +192,8 @@ def test_stdlib_corpus_is_split_by_file_deterministically():
   assert 0.01 < len(validation) / (len(train) + len(validation)) < 0.06  # ~3% of files
   assert all(f.endswith(".py") and "site-packages" not in f for f in train)
   assert os.path.join(sources.STDLIB_ROOT, "json", "decoder.py") in train + validation
+  library = sources.list_corpus(sources.stdlib_corpus(exclude=["/test/"]), "train").files
+  assert library == [f for f in train if "/test/" not in f] and len(library) < len(train)
   gin.bind_parameter("stdlib_corpus.max_files", 5)
   few = sources.list_corpus(sources.stdlib_corpus(), "train").files
   assert few == train[:5]

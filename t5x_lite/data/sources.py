@@ -505,15 +505,17 @@ STDLIB_ROOT = sysconfig.get_paths()["stdlib"]
 
 @gin.configurable
 def stdlib_corpus(max_files: int | None = None, validation_percent: float = 3.0,
-                  non_utf8: str = "skip") -> CorpusConfig:
+                  non_utf8: str = "skip", exclude: Sequence[str] = ()) -> CorpusConfig:
   """Python's own standard library sources: a code corpus present on every machine with Python.
 
   Split by file (hash of the path relative to the stdlib root), one document per file.
+  `exclude`: more path substrings to leave out, e.g. ["/test/", "/encodings/"] (the test suite
+  and the codecs' tables, most of the text).
   """
   return CorpusConfig(
       patterns=(os.path.join(STDLIB_ROOT, "**", "*.py"),), format="files", non_utf8=non_utf8,
       split_by="file", validation_percent=validation_percent, root=STDLIB_ROOT,
-      exclude=("site-packages", "dist-packages", "__pycache__"), max_files=max_files)
+      exclude=("site-packages", "dist-packages", "__pycache__", *exclude), max_files=max_files)
 
 
 @gin.configurable
