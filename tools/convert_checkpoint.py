@@ -71,5 +71,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   return out
 
 
+def run(argv: Optional[Sequence[str]] = None) -> int:
+  """The command line: 0 on success; a refusal (what is wrong and how to fix it) is printed
+  without a traceback and exits 2, as argparse's errors do. Other errors keep their traceback."""
+  try:
+    main(argv)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(run())
