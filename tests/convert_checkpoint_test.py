@@ -146,3 +146,11 @@ def test_a_checkpoint_without_a_tokenizer_says_so(tmp_path):
   with pytest.warns(UserWarning, match="without its tokenizer.*falls back to bytes"):
     with pytest.raises(ValueError, match="does not fit.*tokenizer.json"):  # 64 ids < 360 bytes
       t5x_lite.load(ckpt)
+
+
+def test_refusals_are_printed_without_a_traceback(tmp_path, capsys):
+  os.makedirs(tmp_path / "hf")
+  assert convert_checkpoint.run(["--from_hf", str(tmp_path / "hf"), "--to",
+                                 str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("convert_checkpoint.py: error: No config.json in") and "Traceback" not in err
