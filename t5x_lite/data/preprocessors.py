@@ -40,16 +40,61 @@ def _need_lengths(sequence_length, keys, name):
 
 # ------------------------------------------------------------------------------ shared steps
 
-def tokenize_text(ds: tf.data.Dataset, vocabulary: seqio.Vocabulary,
-                  key: str = "text") -> tf.data.Dataset:
-  """{"text": string} -> {"tokens": int32 [n]} (no EOS yet)."""
-  return ds.map(plain(lambda ex: {"tokens": tf.cast(vocabulary.encode_tf(ex[key]), tf.int32)}),
+# Longer documents are tokenized in pieces of at most this many bytes (see split_long_documents).
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
+def tokenize_text(ds: tf.data.Dataset, vocabulary: seqio.Vocabulary, key: str = "text",
+                  max_document_bytes: int = MAX_DOCUMENT_BYTES) -> tf.data.Dataset:
+  """{"text": string} -> {"tokens": int32 [n], "ends_document": bool} (no EOS yet)."""
+  ds = split_long_documents(ds, max_document_bytes, key)
+  return ds.map(plain(lambda ex: {"tokens": tf.cast(vocabulary.encode_tf(ex[key]), tf.int32),
+                                  "ends_document": ex["ends_document"]}),
                 num_parallel_calls=AUTOTUNE)
+
+
+def split_long_documents(ds: tf.data.Dataset, max_bytes: int,
+                         key: str = "text") -> tf.data.Dataset:
+  """{"text"} -> {"text", "ends_document"}: a document of more than `max_bytes` becomes pieces
+  of at most that many bytes, so that tokenizing one huge document (a 100 MB file of one line)
+  never holds all of its token ids at once. A piece ends after the last space or newline of its
+  final 4 KiB when there is one (the tokenizer then sees a word border it would have seen
+  anyway), otherwise between two UTF-8 characters; `concat_and_split` puts EOS only after a
+  document's last piece, so the token stream is the document's own."""
+  def pieces(ex):
+    text = ex[key]
+    parts = tf.cond(tf.strings.length(text) > max_bytes,
+                    lambda: _cut_pieces(text, max_bytes), lambda: text[None])
+    last = tf.equal(tf.range(tf.size(parts)), tf.size(parts) - 1)
+    return tf.data.Dataset.from_tensor_slices({key: parts, "ends_document": last})
+  return ds.flat_map(plain(pieces))
+
+
+def _cut_pieces(text: tf.Tensor, max_bytes: int) -> tf.Tensor:
+  def cut(raw):
+    raw, out, start = raw.numpy(), [], 0
+    while start < len(raw):
+      end = min(start + max_bytes, len(raw))
+      if end < len(raw):
+        window = max(start + 1, end - 4096)
+        border = max(raw.rfind(b" ", window, end), raw.rfind(b"\n", window, end))
+        if border >= window:
+          end = border + 1
+        else:  # never inside a character: back off UTF-8 continuation bytes (10xxxxxx)
+          while end > start + 1 and raw[end] & 0xC0 == 0x80:
+            end -= 1
+      out.append(raw[start:end])
+      start = end
+    return tf.constant(out, tf.string)
+  parts = tf.py_function(cut, [text], tf.string)
+  parts.set_shape([None])
+  return parts
 
 
 def concat_and_split(ds: tf.data.Dataset, length: int, eos_id: int = vocabularies.EOS_ID,
                      key: str = "tokens") -> tf.data.Dataset:
-  """Joins documents (each followed by EOS) into one stream and cuts it into `length` chunks.
+  """Joins documents (each followed by EOS; a piece of a long document only if it is the
+  last, see `split_long_documents`) into one stream and cuts it into `length` chunks.
 
   A `scan` carries the unfinished tail of the stream from one document to the next, so no tokens
   are lost at document borders (only the final tail, shorter than `length`, is dropped).
@@ -58,7 +103,8 @@ def concat_and_split(ds: tf.data.Dataset, length: int, eos_id: int = vocabularie
     raise ValueError(f"chunk length must be positive, got {length}")
 
   def step(tail, ex):
-    stream = tf.concat([tail, ex[key], [eos_id]], axis=0)
+    eos = tf.fill([tf.cast(ex.get("ends_document", True), tf.int32)], eos_id)
+    stream = tf.concat([tail, ex[key], eos], axis=0)
     n = tf.size(stream) // length
     chunks = tf.reshape(stream[:n * length], [n, length])
     return stream[n * length:], {key: chunks}
