@@ -244,3 +244,63 @@ def checkpoint_ids(checkpoint_dir: str) -> dict:
   names = "|".join([TOKENIZER_MACRO] + list(ID_MACROS))
   return {name: ast.literal_eval(value) for name, value in
           re.findall(rf"^({names})\s*=\s*(.+?)\s*$", text, re.MULTILINE)}
+
+
+# ------------------------------------------------------------------------------ training
+
+TRAINABLE = ("bpe", "wordpiece", "unigram")
+# t5x_lite's id layout (t5x_lite.vocabulary), so the tokenizer serves every task as it is:
+# batches pad with 0, seqio appends EOS 1, MLM writes [MASK], sentinels sit at the top.
+LAYOUT = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+          "mask_token": vocabulary.MASK_PIECE}
+
+
+def train_tokenizer(kind: str, sentences, vocab_size: int, out_dir: str,
+                    extra_ids: int = vocabulary.DEFAULT_EXTRA_IDS) -> str:
+  """Trains a `tokenizers` tokenizer on an iterator of strings and writes `out_dir`/tokenizer.json
+  (and a tokenizer_config.json naming its special tokens, which transformers also reads).
+
+  kind: "bpe" (GPT-2's byte-level BPE: no text is unknown, whitespace kept), "wordpiece" (BERT's,
+  cased: whitespace is not kept) or "unigram" (SentencePiece's algorithm, over the same bytes
+  as "bpe").
+  Ids: <pad> 0, </s> 1, <unk> 2, [MASK] 3, then the learned tokens, then `extra_ids` sentinels
+  <extra_id_i> at vocab_size - 1 - i (as T5's). Returns the tokenizer.json path.
+  """
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  specials = list(LAYOUT.values())
+  common = dict(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+  if kind == "bpe":
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common)
+  elif kind == "wordpiece":
+    tok = Tokenizer(models.WordPiece(unk_token=LAYOUT["unk_token"]))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(**common)
+  elif kind == "unigram":
+    # Over bytes as the BPE is, so that no text is unknown and whitespace is kept.
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.UnigramTrainer(unk_token=LAYOUT["unk_token"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      **common)
+  else:
+    raise ValueError(f"Unknown tokenizer kind {kind!r}; choose one of {TRAINABLE}.")
+  tok.train_from_iterator(sentences, trainer)
+  sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
+  tok.add_special_tokens(sentinels)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, TOKENIZER_JSON)
+  tok.save(path)
+  with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **LAYOUT,
+               "extra_special_tokens": sentinels[::-1]}, f, indent=2)
+  vocab = HfTokenizerVocabulary(out_dir)
+  got = (vocab.pad_id, vocab.eos_id, vocab.unk_id, vocab.mask_id, vocab.extra_ids)
+  if got != (vocabulary.PAD_ID, vocabulary.EOS_ID, vocabulary.UNK_ID, 3, extra_ids):
+    raise AssertionError(f"{path}: special ids {got} are not t5x_lite's layout.")
+  return path

@@ -161,3 +161,40 @@ def test_seqio_vocabulary_tokenizes_in_tf_data_as_in_python(tokenizer_dirs):
   rows = tensorflow.constant([[5, 6, 1, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10, 11]])  # EOS in one
   assert [t.decode() for t in seqio_vocab.decode_tf(rows).numpy()] == [
       ours.decode(row) for row in rows.numpy()]
+
+
+@pytest.mark.parametrize("kind", hf_tokenizer.TRAINABLE)
+def test_train_vocab_trains_tokenizers_a_task_vocabulary_selects(kind, tmp_path, capsys):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top
+  tool = os.path.join(_HERE, "..", "tools", "train_vocab.py")
+  spec = importlib.util.spec_from_file_location("train_vocab", tool)
+  train_vocab = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(train_vocab)
+  text = tmp_path / "text.txt"
+  text.write_text("\n".join(CORPUS), encoding="utf-8")
+  path = train_vocab.main(["--input", str(text), "--kind", kind, "--vocab_size", "300",
+                           "--extra_ids", "10", "--output_prefix", str(tmp_path / kind),
+                           "--quiet"])
+  assert path == str(tmp_path / kind / "tokenizer.json")
+  out = capsys.readouterr().out
+  assert f"--gin.get_vocabulary.tokenizer_path=\"'{path}'\"" in out
+  assert "--gin.TransformerConfig.vocab_size=310" in out
+  theirs = tf.AutoTokenizer.from_pretrained(str(tmp_path / kind))
+  code = "def f(x):\n        return {'é': [x, 10]}  # 🙂\n"
+  gin.clear_config()
+  try:
+    gin.parse_config(["get_vocabulary.kind = 'hf_tokenizer'",
+                      f"get_vocabulary.tokenizer_path = '{path}'"])
+    vocab = vocabularies.DEFAULT_VOCABULARY
+    assert (vocab.pad_id, vocab.eos_id, vocab.unk_id, vocab.vocab_size) == (0, 1, 2, 310)
+    assert (vocabularies.mask_id(), theirs.mask_token_id, theirs.eos_token_id) == (3, 3, 1)
+    ids = vocabularies.special_ids(vocab)
+    assert (ids.regular_start, ids.regular_end, ids.sentinel(0)) == (4, 300, 309)
+    assert vocab.encode(code) == theirs(code, add_special_tokens=False).input_ids
+    assert vocab.encode_tf(code).numpy().tolist() == vocab.encode(code)
+    if kind != "wordpiece":  # BERT's pre-tokenizer does not keep whitespace
+      assert vocab.decode(vocab.encode(code)) == code
+  finally:
+    gin.clear_config()
