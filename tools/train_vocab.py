@@ -10,10 +10,17 @@ for BERT MLM; byte fallback so no text is ever unknown; whitespace kept as is (c
 indentation). T5 sentinels (<extra_id_0> ...) are not stored in the file: seqio appends
 `extra_ids` of them when loading it, which is what `get_vocabulary.extra_ids` controls.
 At the end it prints the gin bindings that select the new vocabulary.
+
+`--kind bpe|wordpiece|unigram` trains a Hugging Face `tokenizers` tokenizer instead (byte-level
+BPE as GPT-2's, WordPiece as BERT's, or Unigram over bytes) and writes `<output_prefix>/`
+tokenizer.json with the same ids for pad/eos/unk/[MASK] and the sentinels stored in it:
+
+    python tools/train_vocab.py --stdlib --kind bpe --vocab_size 8000 --output_prefix /tmp/bpe
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -23,6 +30,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from t5x_lite.data import sources  # noqa: E402  pylint: disable=g-import-not-at-top
+from t5x_lite import hf_tokenizer  # noqa: E402  pylint: disable=g-import-not-at-top
 from t5x_lite.data import vocabularies  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -115,13 +123,19 @@ def main(argv: Sequence[str] | None = None) -> str:
                       help="lines: a document per line; files: a document per file; jsonl")
   parser.add_argument("--text_key", default="text", help="JSONL field holding the text")
   parser.add_argument("--non_utf8", default="skip", choices=("skip", "fail"))
-  parser.add_argument("--output_prefix", required=True, help="writes <prefix>.model/.vocab")
+  parser.add_argument("--output_prefix", required=True,
+                      help="writes <prefix>.model/.vocab (--kind sentencepiece) or "
+                           "<prefix>/tokenizer.json (the other kinds)")
+  parser.add_argument("--kind", default="sentencepiece",
+                      choices=("sentencepiece",) + hf_tokenizer.TRAINABLE,
+                      help="SentencePiece (--model_type) or a Hugging Face tokenizers model")
   parser.add_argument("--vocab_size", type=int, default=8000)
   parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
   parser.add_argument("--max_sentences", type=int, default=2_000_000)
   parser.add_argument("--character_coverage", type=float, default=0.9995)
   parser.add_argument("--extra_ids", type=int, default=vocabularies.DEFAULT_EXTRA_IDS,
-                      help="T5 sentinels seqio appends at load time (only for the printed hint)")
+                      help="T5 sentinels seqio appends at load time (only for the printed hint); stored in "
+           "the tokenizer.json of the other kinds")
   parser.add_argument("--quiet", action="store_true", help="no progress output")
   args = parser.parse_args(argv)
 
@@ -131,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     config = sources.CorpusConfig(patterns=tuple(args.input), format=args.format,
                                   text_key=args.text_key, non_utf8=args.non_utf8,
                                   validation_percent=0.0)  # use all the text
+  if args.kind != "sentencepiece":
+    return _train_tokenizers(args, config)
   path = train(config, args.output_prefix, args.vocab_size, args.model_type, args.max_sentences,
                args.character_coverage, progress=not args.quiet, quiet=args.quiet)
   size = spm.SentencePieceProcessor(model_file=path).get_piece_size() + args.extra_ids
@@ -140,6 +156,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"  --gin.get_vocabulary.kind=\"'sentencepiece'\" "
         f"--gin.get_vocabulary.spm_path=\"'{os.path.abspath(path)}'\" "
         f"--gin.get_vocabulary.extra_ids={args.extra_ids} "
+        f"--gin.TransformerConfig.vocab_size={size}")
+  return path
+
+
+def _train_tokenizers(args: argparse.Namespace, config: sources.CorpusConfig) -> str:
+  sentences = itertools.islice(
+      iter_sentences(iter_documents(config), 4192, progress=not args.quiet), args.max_sentences)
+  path = hf_tokenizer.train_tokenizer(args.kind, sentences, args.vocab_size, args.output_prefix,
+                                      args.extra_ids)
+  size = hf_tokenizer.HfTokenizerVocabulary(path).vocab_size
+  print(f"\nWrote {path} ({args.kind}, {size} ids with {args.extra_ids} sentinels; pad 0, eos 1, "
+        "unk 2, [MASK] 3).\nUse it with:\n"
+        "  --gin.get_vocabulary.kind=\"'hf_tokenizer'\" "
+        f"--gin.get_vocabulary.tokenizer_path=\"'{os.path.abspath(path)}'\" "
         f"--gin.TransformerConfig.vocab_size={size}")
   return path
 
