@@ -263,7 +263,7 @@ class RewardModel(PairModel):
 
   def abstract_params(self, batch=None):
     shapes, specs = super().abstract_params(batch)
-    head = jax.eval_shape(self._head, self.model.config.param_dtype)
+    head = jax.eval_shape(functools.partial(self._head, self.model.config.param_dtype))
     return (dict(shapes, **{HEAD: head}),
             dict(specs, **{HEAD: {"kernel": jax.sharding.PartitionSpec("embed"),
                                   "bias": jax.sharding.PartitionSpec()}}))

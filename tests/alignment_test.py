@@ -226,6 +226,7 @@ def test_reward_reads_the_last_token_and_loads_from_its_export(tmp_path):
   assert changed[0] != rewards[0] and changed[1] == pytest.approx(rewards[1], rel=1e-5)
   rm.save_params(str(tmp_path), params)
   loaded = t5x_lite.load(str(tmp_path))
+  assert loaded.model.num_params() == rm.num_params()  # its model.gin spells dtypes as strings
   texts = loaded.reward(["add: 1 + 2", "add: 3"], ["3", "4"])
   ids = [list(loaded.vocabulary.encode(t)) for t in ("add: 1 + 2", "add: 3", "3", "4")]
   np.testing.assert_allclose(texts, rm.reward_texts(params, ids[:2], ids[2:], 1), rtol=1e-5)
