@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import math
+import os
 import signal
 import threading
 import time
@@ -323,6 +325,74 @@ class Evaluate(Hook):
 
   def __call__(self, loop):
     self.evaluate(loop.trainer, loop.state.params, loop.step)
+
+
+class Forgetting(Hook):
+  """How much a run forgot of a second task (e.g. the pretraining task while fine-tuning): its
+  teacher-forced metrics on fixed validation batches before the first update (`start`) and after
+  the last (`on_end`), and the change. Logged, written to TensorBoard as
+  forgetting/<task>/{loss,accuracy}_{before,after,change} and to `path` (JSON).
+
+  `evaluator` has `eval_step(params, batch)` for these batches' shapes. `record` (task, feature
+  lengths, batches) says what makes two evaluations comparable: a resumed run reads the "before"
+  values from `path` only if they were measured the same way.
+  """
+  REPORTED = ("loss", "accuracy")
+
+  def __init__(self, batches: Sequence[dict], evaluator, writer: metrics_lib.MetricsWriter,
+               path: str, record: dict):
+    self.batches, self.evaluator, self.writer, self.path = batches, evaluator, writer, path
+    self.record, self.task = dict(record), record["task"]
+    self.before: Optional[dict] = None
+
+  def evaluate(self, params) -> dict[str, float]:
+    return metrics_lib.summarize([self.evaluator.eval_step(params, b) for b in self.batches])
+
+  def start(self, params, step: int) -> None:
+    """Measures "before" at step 0; a resumed run takes it from `path`."""
+    if step == 0:
+      self.before = dict(step=0, **self.evaluate(params))
+      self._report("before", self.before)
+      self._save(dict(self.record, before=self.before))
+      return
+    saved = self._load()
+    if {k: saved.get(k) for k in self.record} == self.record and "before" in saved:
+      self.before = saved["before"]
+    else:
+      metrics_lib.log(f"forgetting/{self.task}: no step-0 evaluation of {self.record} in "
+                      f"{self.path} (the run started without it), so only the values after "
+                      "training are reported.")
+
+  def on_end(self, loop):
+    after = dict(step=loop.step, **self.evaluate(loop.state.params))
+    self._report("after", after)
+    report = dict(self.record, before=self.before, after=after)
+    if self.before is not None:
+      report["change"] = {k: after[k] - self.before[k] for k in self.REPORTED if k in after}
+      self._report("change", dict(report["change"], step=loop.step))
+    self._save(report)
+    metrics_lib.log(f"forgetting/{self.task}: written to {self.path}")
+
+  def _report(self, when: str, values: dict) -> None:
+    shown = {k: values[k] for k in self.REPORTED if k in values}
+    self.writer.write(values["step"], {f"forgetting/{self.task}/{k}_{when}": v
+                                       for k, v in shown.items()})
+    sign = "+" if when == "change" else ""
+    metrics_lib.log(f"forgetting/{self.task} {when} (step {values['step']}): " + ", ".join(
+        f"{k} {v:{sign}.4f}" for k, v in shown.items()))
+
+  def _load(self) -> dict:
+    if not os.path.exists(self.path):
+      return {}
+    with open(self.path) as f:
+      return json.load(f)
+
+  def _save(self, report: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    with open(self.path + ".tmp", "w") as f:
+      json.dump(report, f, indent=2)
+    os.replace(self.path + ".tmp", self.path)  # a reader never sees half a file
 
 
 class AtEnd(Hook):

@@ -51,7 +51,9 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           checkpoint_every: int = 1000, keep_checkpoints: int = 3, on_nonfinite: str = "skip",
           max_nonfinite_fraction: float = 0.05, nonfinite_window: int = 100,
           allow_changes: Sequence[str] = (), sample_prompts: Sequence[str] = (),
-          sample_length: int = 64, sample_temperature: float = 0.0) -> dict[str, float]:
+          sample_length: int = 64, sample_temperature: float = 0.0,
+          forgetting_eval_task: Optional[str] = None,
+          forgetting_feature_lengths: Optional[Mapping[str, int]] = None) -> dict[str, float]:
   """Trains `model` for `train_steps` optimizer steps on global batches of `batch_size`.
 
   Resumes from the newest checkpoint in `model_dir` if there is one; otherwise starts from
@@ -70,12 +72,20 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   than `max_nonfinite_fraction` of the last `nonfinite_window` steps were skipped (see
   loop.NonFiniteGuard). A non-finite validation loss stops the run too.
 
+  Forgetting report: with `forgetting_eval_task` (FORGETTING_EVAL_TASK, e.g. the pretraining
+  task), that task's teacher-forced loss and accuracy on `eval_batches` validation batches of
+  `forgetting_feature_lengths` (default: TASK_FEATURE_LENGTHS' lengths of its features) are
+  measured before the first update and after the last, and written with their change to
+  MODEL_DIR/forgetting.json and TensorBoard (see loop.Forgetting).
+
   After training, `sample_prompts` are continued for `sample_length` tokens with the model's
   `predict_batch` (greedy, or sampled at `sample_temperature`) and printed.
   """
   _check_counts(TRAIN_STEPS=(train_steps, 0), BATCH_SIZE=(batch_size, 1),
                 **{"train.log_every": (log_every, 1), "train.checkpoint_every":
                    (checkpoint_every, 1), "train.eval_every": (eval_every, 1)})
+  forgetting_lengths = _forgetting_lengths(forgetting_eval_task, forgetting_feature_lengths,
+                                           task_feature_lengths, eval_batches)
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
   os.makedirs(model_dir, exist_ok=True)
   with run_dir.locked(model_dir, take=jax.process_index() == 0, command=" ".join(sys.argv)):
@@ -116,13 +126,20 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           seed, shard, eval_batches)] if eval_batches else []
       evaluate = loop.Evaluate(validation, metrics_lib.MetricsWriter(model_dir, "validation"),
                                eval_every)
-      if int(jax.device_get(state.step)) == 0:
+      step = int(jax.device_get(state.step))
+      if step == 0:
         evaluate.evaluate(trainer, state.params, 0)
+      forgetting = []  # the hook, when FORGETTING_EVAL_TASK is set
+      if forgetting_lengths:
+        forgetting = [_forgetting(trainer, forgetting_eval_task, data.validation_batches(
+            forgetting_eval_task, forgetting_lengths, per_host_batch, model.feature_converter(),
+            seed, shard, eval_batches), evaluate.writer, model_dir, forgetting_lengths)]
+        forgetting[0].start(state.params, step)
       with loop.sigterm_received() as sigterm:
         hooks = _hooks(trainer, manager, guard, evaluate, sigterm, model_dir, log_every,
                        batch_size, (sample_prompts, sample_length, sample_temperature))
         loop.TrainLoop(trainer, state, (partitioning.host_to_global(b, mesh) for b in batches),
-                       train_steps, consumed).add(*hooks).run()
+                       train_steps, consumed).add(*hooks, *forgetting).run()
   return evaluate.last
 
 
@@ -141,6 +158,46 @@ def _hooks(trainer, manager, guard, evaluate, sigterm, model_dir: str, log_every
   samples = loop.AtEnd(lambda run: print_samples(model, run.state.params, *sampling))
   return [log, guard, checkpoint, loop.Preemption(sigterm, checkpoint, log), evaluate,
           loop.DataFaults(_data().sources.data_faults), export, samples]
+
+
+def _forgetting_lengths(task: Optional[str], lengths: Optional[Mapping[str, int]],
+                        run_lengths: Mapping[str, int], eval_batches: int):
+  """FORGETTING_EVAL_TASK's feature lengths (None: no forgetting report), checked before any
+  work: given, or the run's lengths of the features that task has."""
+  if not task:
+    return None
+  data = _data()
+  if task not in data.registered_names():
+    raise ValueError(f"FORGETTING_EVAL_TASK={task!r} is not a registered task or mixture; "
+                     f"registered: {data.registered_names()}. Set it to the task the base was "
+                     "trained on (e.g. 'stdlib_clm'), or to None for no forgetting report.")
+  if eval_batches < 1:
+    raise ValueError(f"FORGETTING_EVAL_TASK={task!r} is evaluated on train.eval_batches "
+                     "validation batches, which is 0: set train.eval_batches >= 1.")
+  if lengths:
+    return dict(lengths)
+  features = sorted(k for k, f in data.get_provider(task).output_features.items() if f.required)
+  missing = [k for k in features if k not in run_lengths]
+  if missing:
+    raise ValueError(f"FORGETTING_EVAL_TASK={task!r} has features {features}, and "
+                     f"TASK_FEATURE_LENGTHS={dict(run_lengths)} has no length for {missing}: set "
+                     f"FORGETTING_FEATURE_LENGTHS, e.g. {dict.fromkeys(features, 128)}.")
+  return {k: run_lengths[k] for k in features}
+
+
+def _forgetting(trainer, task: str, host_batches: Sequence[dict], writer, model_dir: str,
+                lengths: Mapping[str, int]) -> loop.Forgetting:
+  """The forgetting hook over `task`'s validation batches (this process's rows)."""
+  mesh = trainer.mesh
+  batches = [partitioning.host_to_global(b, mesh) for b in host_batches]
+  shapes = {k: tuple(v.shape) for k, v in batches[0].items()}
+  # Another task has other batch shapes (a CLM task has no prefix): its own compiled eval
+  # step, on the same parameter layout (nothing is allocated until it runs).
+  evaluator = trainer if shapes == trainer.batch_shapes else trainer_lib.Trainer(
+      trainer.model, trainer.optimizer, mesh, shapes, frozen_trees=trainer.frozen_trees)
+  record = {"task": task, "feature_lengths": dict(lengths), "batches": len(batches)}
+  return loop.Forgetting(batches, evaluator, writer, os.path.join(model_dir, "forgetting.json"),
+                         record)
 
 
 def _check_counts(**counts: tuple[Any, int]) -> None:

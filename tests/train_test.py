@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, launch, models, run_dir
+from t5x_lite import checkpoints, launch, lora, models, run_dir
+from t5x_lite import metrics as metrics_lib
 from t5x_lite import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,3 +249,50 @@ def test_a_non_finite_validation_loss_stops_the_run_before_training(poisoned_che
   with pytest.raises(FloatingPointError, match=r"Step 0: the validation loss is nan"):
     finetune_from(poisoned_checkpoint, tmp_path, "train.eval_batches = 1")
   assert not (tmp_path / "params").exists()
+
+
+@pytest.mark.parametrize("run_file", ["runs/finetune.gin", "runs/lora_finetune.gin"])
+def test_forgetting_report_evaluates_the_base_task_before_and_after(straight_run, tmp_path,
+                                                                    run_file):
+  pretrained, _ = straight_run
+  run_job(tmp_path, "TRAIN_STEPS = 2", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
+          "MIXTURE_OR_TASK_NAME = 'addition'",
+          "TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 8}", "train.eval_batches = 2",
+          "FORGETTING_EVAL_TASK = 'stdlib_clm'", "FORGETTING_FEATURE_LENGTHS = {'targets': 32}",
+          preset=str(pretrained / "model.gin"), run_file=run_file)
+  report = json.loads((tmp_path / "forgetting.json").read_text())
+  assert report["task"] == "stdlib_clm" and report["batches"] == 2
+  assert report["before"]["step"] == 0 and report["after"]["step"] == 2
+  # Independently: the plain model's metrics of the same validation batches, unsharded.
+  model = models.from_gin(str(pretrained / "model.gin"))
+  from t5x_lite import data  # pylint: disable=g-import-not-at-top
+  batches = data.validation_batches("stdlib_clm", {"targets": 32}, 8, model.feature_converter(),
+                                    0, (0, 1), 2)
+  evaluate = lambda params: metrics_lib.summarize(
+      [model.loss_fn(params, b, None)[1] for b in batches])
+  if run_file == "runs/finetune.gin":
+    final = params_of(tmp_path)
+  else:  # the export is the adapters: merged into the base, the plain model computes the same
+    adapters, config = lora.load_adapters(str(tmp_path))
+    final = lora.merge(lora.join(params_of(pretrained), adapters),
+                       config["alpha"] / config["rank"])
+  for when, params in (("before", params_of(pretrained)), ("after", final)):
+    expected = evaluate(params)
+    for name in ("loss", "accuracy"):
+      np.testing.assert_allclose(report[when][name], expected[name], rtol=1e-5, err_msg=when)
+  assert report["change"]["loss"] == report["after"]["loss"] - report["before"]["loss"]
+  assert report["change"]["loss"] != 0  # the two steps changed what the base computes
+  scalars = read_scalars(tmp_path / "validation")
+  assert scalars["forgetting/stdlib_clm/loss_before"] == [(0, pytest.approx(
+      report["before"]["loss"]))]
+  assert scalars["forgetting/stdlib_clm/loss_after"] == [(2, pytest.approx(
+      report["after"]["loss"]))]
+  assert scalars["forgetting/stdlib_clm/loss_change"] == [(2, pytest.approx(
+      report["change"]["loss"], rel=1e-4))]
+
+
+def test_an_unknown_forgetting_task_is_refused_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match=r"FORGETTING_EVAL_TASK='stdlib_clmm' is not a "
+                                       r"registered task.*'stdlib_clm'.*or to None"):
+    run_job(tmp_path / "run", "TRAIN_STEPS = 1", "train.forgetting_eval_task = 'stdlib_clmm'")
+  assert not (tmp_path / "run").exists()
