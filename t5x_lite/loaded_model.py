@@ -37,6 +37,7 @@ from t5x_lite import vocabulary as vocab_lib
 SPM_FILE = "vocab.model"
 SPM_COPY = "sentencepiece.model"  # = run_dir.SPM_COPY: the copy a training run keeps
 TRAIN_CONFIG = "config.gin"
+HF_CONFIG_COPY = "hf_config.json"  # = interop.hf.HF_CONFIG_COPY: what a conversion leaves
 MASK = "[MASK]"
 
 
@@ -57,7 +58,10 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
   model = models.from_gin(gin_path)
   vocab = _vocabulary(checkpoint_dir, vocabulary)
   ids = hf_tokenizer.checkpoint_ids(checkpoint_dir)
-  if ids and vocabulary is None and vocab_lib.kind_of(vocab) == "byte":
+  # Converted by tools/convert_checkpoint.py: the model.gin ids, or (converted before they were
+  # recorded) the copy of config.json it keeps.
+  converted = bool(ids) or os.path.exists(os.path.join(checkpoint_dir, HF_CONFIG_COPY))
+  if converted and vocabulary is None and vocab_lib.kind_of(vocab) == "byte":
     warnings.warn(
         f"{checkpoint_dir!r} is a converted Hugging Face checkpoint without its tokenizer, so "
         "t5x_lite.load falls back to bytes, which are not the ids the model was trained on. "
@@ -70,7 +74,7 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
         f"with. Pass load(..., vocabulary=) the right one, or put its SentencePiece model in "
         f"{os.path.join(checkpoint_dir, SPM_FILE)} (or its Hugging Face tokenizer.json next to "
         "params/).")
-  options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=bool(ids))
+  options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=converted)
   if mesh is None:
     return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab, **options)
   from t5x_lite import predict  # pylint: disable=g-import-not-at-top  # predict imports this module
