@@ -58,7 +58,8 @@ class HfTokenizerVocabulary(vocabulary.Vocabulary):
     try:
       self.tokenizer = Tokenizer.from_file(self.tokenizer_file)
     except Exception as e:  # pylint: disable=broad-except  # tokenizers raises plain Exceptions
-      raise ValueError(f"{self.tokenizer_file!r} is not a tokenizers tokenizer.json ({e}).") from None
+      raise ValueError(
+          f"{self.tokenizer_file!r} is not a tokenizers tokenizer.json ({e}).") from None
     config_file = os.path.join(os.path.dirname(self.tokenizer_file), TOKENIZER_CONFIG)
     self.config = {}
     if os.path.isfile(config_file):
@@ -170,7 +171,7 @@ def _clean_up_tokenization(text: str) -> str:
   return text
 
 
-# ------------------------------------------------------------------------------ converted checkpoints
+# ----------------------------------------------------------------------- converted checkpoints
 
 # model.gin macros of a converted checkpoint (gin macros need no configurable, so models.from_gin
 # parses them without importing the input pipeline).
@@ -266,7 +267,8 @@ def train_tokenizer(kind: str, sentences, vocab_size: int, out_dir: str,
   Ids: <pad> 0, </s> 1, <unk> 2, [MASK] 3, then the learned tokens, then `extra_ids` sentinels
   <extra_id_i> at vocab_size - 1 - i (as T5's). Returns the tokenizer.json path.
   """
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
   specials = list(LAYOUT.values())
   common = dict(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
   if kind == "bpe":
