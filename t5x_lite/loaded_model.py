@@ -285,7 +285,7 @@ class LoadedModel:
     eos_id = self.eos_id if eos_id is None else eos_id
     if eos_id in ids:
       ids = ids[:ids.index(eos_id)]
-    if getattr(vocab_lib._concrete(self.vocabulary), "kind", "") == "hf_tokenizer":  # pylint: disable=protected-access
+    if hasattr(self.vocabulary, "encode_prompt"):  # a Hugging Face tokenizer (hf_tokenizer.py)
       return self.vocabulary.decode(ids)  # id 0 is a token (GPT-2's "!"); specials are skipped
     return self.vocabulary.decode([t for t in ids if t != 0])
 
