@@ -134,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--max_sentences", type=int, default=2_000_000)
   parser.add_argument("--character_coverage", type=float, default=0.9995)
   parser.add_argument("--extra_ids", type=int, default=vocabularies.DEFAULT_EXTRA_IDS,
-                      help="T5 sentinels seqio appends at load time (only for the printed hint); stored in "
-           "the tokenizer.json of the other kinds")
+                      help="T5 sentinels seqio appends at load time (only for the printed "
+                           "hint); stored in the tokenizer.json of the other kinds")
   parser.add_argument("--quiet", action="store_true", help="no progress output")
   args = parser.parse_args(argv)
 
