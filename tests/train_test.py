@@ -251,15 +251,16 @@ def test_a_non_finite_validation_loss_stops_the_run_before_training(poisoned_che
   assert not (tmp_path / "params").exists()
 
 
-@pytest.mark.parametrize("run_file", ["runs/finetune.gin", "runs/lora_finetune.gin"])
-def test_forgetting_report_evaluates_the_base_task_before_and_after(straight_run, tmp_path,
-                                                                    run_file):
+def test_forgetting_report_evaluates_the_base_task_before_and_after(straight_run, tmp_path):
+  # LoRA (the model wraps another; its export is adapters) over the pretrained run, on another
+  # task: the report must equal the plain model's evaluation of the base and of the merged
+  # result. (Full fine-tuning takes the same path with the plain model: the README's runs.)
   pretrained, _ = straight_run
   run_job(tmp_path, "TRAIN_STEPS = 2", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
           "MIXTURE_OR_TASK_NAME = 'addition'",
           "TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 8}", "train.eval_batches = 2",
           "FORGETTING_EVAL_TASK = 'stdlib_clm'", "FORGETTING_FEATURE_LENGTHS = {'targets': 32}",
-          preset=str(pretrained / "model.gin"), run_file=run_file)
+          preset=str(pretrained / "model.gin"), run_file="runs/lora_finetune.gin")
   report = json.loads((tmp_path / "forgetting.json").read_text())
   assert report["task"] == "stdlib_clm" and report["batches"] == 2
   assert report["before"]["step"] == 0 and report["after"]["step"] == 2
@@ -270,12 +271,8 @@ def test_forgetting_report_evaluates_the_base_task_before_and_after(straight_run
                                     0, (0, 1), 2)
   evaluate = lambda params: metrics_lib.summarize(
       [model.loss_fn(params, b, None)[1] for b in batches])
-  if run_file == "runs/finetune.gin":
-    final = params_of(tmp_path)
-  else:  # the export is the adapters: merged into the base, the plain model computes the same
-    adapters, config = lora.load_adapters(str(tmp_path))
-    final = lora.merge(lora.join(params_of(pretrained), adapters),
-                       config["alpha"] / config["rank"])
+  adapters, config = lora.load_adapters(str(tmp_path))
+  final = lora.merge(lora.join(params_of(pretrained), adapters), config["alpha"] / config["rank"])
   for when, params in (("before", params_of(pretrained)), ("after", final)):
     expected = evaluate(params)
     for name in ("loss", "accuracy"):
