@@ -105,5 +105,5 @@ def test_bad_configuration_is_refused_with_the_fix(tmp_path):
   with pytest.raises(sources.CorpusError, match="preference_files.pattern"):
     next(batches("preference_jsonl", "decoder"))
   name = preferences.register_preference_task("test_no_files", str(tmp_path / "{split}.x"))
-  with pytest.raises(sources.CorpusError, match="No preference files match"):
+  with pytest.raises(sources.CorpusError, match="No files match preference_files.pattern"):
     next(batches(name, "decoder"))

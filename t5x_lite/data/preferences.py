@@ -29,9 +29,6 @@ The response length is the larger of TASK_FEATURE_LENGTHS' "chosen" and "rejecte
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
-import os
 from typing import Mapping, Sequence
 
 import gin
@@ -39,6 +36,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_lite.data import finetune_tasks
+from t5x_lite.data import jsonl_rows
 from t5x_lite.data import preprocessors
 from t5x_lite.data import sources
 from t5x_lite.data import tasks as tasks_lib
@@ -54,15 +52,13 @@ FEATURES = {
 FAMILIES = ("decoder", "encoder_decoder", "encoder")
 
 # The data-fault kinds of preference rows, reported with the pipeline's own (sources.FAULTS).
-sources.KIND_NAMES.setdefault("missing_preference_key", "row(s) without a preference key")
-sources.KIND_NAMES.setdefault("identical_pair", "row(s) with chosen == rejected")
-sources._FIX.setdefault(  # pylint: disable=protected-access  # the table FAULTS.add reads
-    "missing_preference_key", lambda c: (
+jsonl_rows.register_fault_kind(
+    "missing_preference_key", "row(s) without a preference key", lambda c: (
         f"Set preference_files.prompt_key / .chosen_key / .rejected_key to the fields holding "
         f"them (now {c.keys})"))
-sources._FIX.setdefault(  # pylint: disable=protected-access
-    "identical_pair", lambda c: "Drop rows whose chosen and rejected answers are equal: they "
-    "carry no preference")
+jsonl_rows.register_fault_kind(
+    "identical_pair", "row(s) with chosen == rejected", lambda c: (
+        "Drop rows whose chosen and rejected answers are equal: they carry no preference"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,97 +84,16 @@ def preference_files(pattern: str | None = None, prompt_key: str = "prompt",
   return PreferenceFiles(pattern, prompt_key, chosen_key, rejected_key, max_bad_fraction)
 
 
-def parse_row(raw: bytes, path: str, line: int, config: PreferenceFiles) -> tuple[str, ...] | None:
-  """(prompt, chosen, rejected) of one JSONL line, or None when it is skipped (and counted)."""
-  if not raw.strip():
-    return None
-  try:
-    row = json.loads(raw.decode("utf-8"))
-  except (UnicodeDecodeError, ValueError) as e:
-    sources.FAULTS.add("malformed", path, line, f"not a UTF-8 JSON line ({e})", config)
-    return None
-  if not isinstance(row, dict):
-    sources.FAULTS.add("malformed", path, line, f"a JSON {type(row).__name__}, not an object",
-                       config)
-    return None
-  missing = [k for k in config.keys if not isinstance(row.get(k), str)]
-  if missing:
-    sources.FAULTS.add("missing_preference_key", path, line,
-                       f"no string at {missing} (keys found: {sorted(row)[:10]})", config)
-    return None
-  prompt, chosen, rejected = (row[k] for k in config.keys)
-  if chosen == rejected:
-    sources.FAULTS.add("identical_pair", path, line, "chosen == rejected", config)
-    return None
-  return prompt, chosen, rejected
+def _something_to_prefer(row: tuple[str, ...]):
+  return ("identical_pair", "chosen == rejected") if row[1] == row[2] else None
 
 
-def _parse_lines(paths, numbers, lines, config: PreferenceFiles):
-  """[n] raw lines -> [n, 3] strings and [n] bools (kept), in Python (JSON has no TF op)."""
-  def parse(paths, numbers, lines):
-    rows, kept = [], []
-    for raw, path, n in zip(lines.numpy(), paths.numpy(), numbers.numpy()):
-      path = path.decode()
-      sources.FAULTS.count_read(path, int(n))
-      row = parse_row(raw, path, int(n), config)
-      kept.append(row is not None)
-      rows.append([s.encode("utf-8") for s in row] if row else [b"", b"", b""])
-    return (tf.constant(rows, tf.string, shape=[len(rows), 3]),
-            tf.constant(kept, tf.bool, shape=[len(kept)]))
-  rows, kept = tf.py_function(parse, [paths, numbers, lines], [tf.string, tf.bool])
-  rows.set_shape([None, 3])
-  kept.set_shape([None])
-  return rows, kept
-
-
-class PreferenceJsonlSource(seqio.DataSource):
-  """{"inputs", "chosen", "rejected"} strings from JSON Lines files, bad rows counted."""
-
-  def __init__(self, config):
-    self._config = config  # a PreferenceFiles, or a callable returning one (read when used)
-    super().__init__(splits=sources.SPLITS)
-
-  @property
-  def config(self) -> PreferenceFiles:
-    return self._config() if callable(self._config) else self._config
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return False
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    pattern = self.config.pattern
-    if not pattern:
-      raise sources.CorpusError(
-          "The preference task has no files: set --gin.preference_files.pattern="
-          "\"'/data/prefs/{split}.jsonl'\" (JSON Lines with prompt/chosen/rejected).")
-    files = sorted(glob.glob(os.path.expanduser(pattern.replace("{split}", split))))
-    if not files:
-      raise sources.CorpusError(f"No preference files match {pattern!r} for split {split!r}; "
-                                "check preference_files.pattern ('{split}' becomes train / "
-                                "validation).")
-    return files
-
-  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
-                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
-                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
-    del sequence_length, use_cached, num_epochs
-    config, files = self.config, list(self.list_shards(split))
-    if shard_info and shard_info.num_shards > 1:
-      files = files[shard_info.index::shard_info.num_shards]
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda p: tf.data.TextLineDataset(p).enumerate(start=1).map(
-        plain(lambda i, line: (p, i, line))), cycle_length=min(len(files), 8),
-                       num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(256).map(plain(lambda p, n, b: _parse_lines(p, n, b, config)),
-                           num_parallel_calls=AUTOTUNE)
-    ds = ds.map(plain(lambda rows, kept: tf.boolean_mask(rows, kept))).unbatch()
-    ds = ds.map(plain(lambda r: {"inputs": r[0], "chosen": r[1], "rejected": r[2]}))
-    if shuffle:
-      ds = ds.shuffle(1024, seed=seed)
-    return ds
+def preference_source(config) -> jsonl_rows.JsonlRowsSource:
+  """{"inputs", "chosen", "rejected"} strings from the JSON Lines files of `config` (a
+  PreferenceFiles or a callable returning one), bad rows counted."""
+  return jsonl_rows.JsonlRowsSource(config, ("inputs", "chosen", "rejected"),
+                                    "missing_preference_key", "preference_files",
+                                    check=_something_to_prefer)
 
 
 class AdditionPreferenceSource(seqio.DataSource):
@@ -225,7 +140,7 @@ def register_preference_task(name: str, source: seqio.DataSource | str, prompt_k
   """Registers a preference task over `source` ({"inputs", "chosen", "rejected"} strings) or
   over the JSON Lines files of a glob pattern ("{split}" becomes train / validation)."""
   if isinstance(source, str):
-    source = PreferenceJsonlSource(PreferenceFiles(source, prompt_key, chosen_key, rejected_key,
+    source = preference_source(PreferenceFiles(source, prompt_key, chosen_key, rejected_key,
                                                    max_bad_fraction))
   return tasks_lib._add_task(  # pylint: disable=protected-access  # the registry all tasks use
       name, FAMILIES, source=source, output_features=FEATURES,
@@ -234,7 +149,7 @@ def register_preference_task(name: str, source: seqio.DataSource | str, prompt_k
 
 
 register_preference_task("addition_preferences", AdditionPreferenceSource())
-register_preference_task("preference_jsonl", PreferenceJsonlSource(preference_files))
+register_preference_task("preference_jsonl", preference_source(preference_files))
 
 
 # ------------------------------------------------------------------------------ converter
