@@ -121,20 +121,12 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
                                         itertools.chain([first], first_batches), batch_size)
       run(write=jax.process_index() == 0)  # the start is accepted: record it
 
-      validation = [partitioning.host_to_global(b, mesh) for b in data.validation_batches(
-          mixture_or_task_name, task_feature_lengths, per_host_batch, model.feature_converter(),
-          seed, shard, eval_batches)] if eval_batches else []
-      evaluate = loop.Evaluate(validation, metrics_lib.MetricsWriter(model_dir, "validation"),
-                               eval_every)
-      step = int(jax.device_get(state.step))
-      if step == 0:
-        evaluate.evaluate(trainer, state.params, 0)
-      forgetting = []  # the hook, when FORGETTING_EVAL_TASK is set
-      if forgetting_lengths:
-        forgetting = [_forgetting(trainer, forgetting_eval_task, data.validation_batches(
-            forgetting_eval_task, forgetting_lengths, per_host_batch, model.feature_converter(),
-            seed, shard, eval_batches), evaluate.writer, model_dir, forgetting_lengths)]
-        forgetting[0].start(state.params, step)
+      validation_of = lambda task, lengths: data.validation_batches(
+          task, lengths, per_host_batch, model.feature_converter(), seed, shard,
+          eval_batches) if eval_batches else []
+      evaluate, *forgetting = _evaluations(
+          trainer, state, validation_of, (mixture_or_task_name, task_feature_lengths), eval_every,
+          model_dir, (forgetting_eval_task, forgetting_lengths))
       with loop.sigterm_received() as sigterm:
         hooks = _hooks(trainer, manager, guard, evaluate, sigterm, model_dir, log_every,
                        batch_size, (sample_prompts, sample_length, sample_temperature))
@@ -158,6 +150,26 @@ def _hooks(trainer, manager, guard, evaluate, sigterm, model_dir: str, log_every
   samples = loop.AtEnd(lambda run: print_samples(model, run.state.params, *sampling))
   return [log, guard, checkpoint, loop.Preemption(sigterm, checkpoint, log), evaluate,
           loop.DataFaults(_data().sources.data_faults), export, samples]
+
+
+def _evaluations(trainer, state, validation_of: Callable, run_task: tuple, eval_every: int,
+                 model_dir: str, forgetting_task: tuple) -> list[loop.Hook]:
+  """The validation hook on the run's task (evaluated now if the run is fresh) and, when
+  FORGETTING_EVAL_TASK is set, the forgetting hook (its "before" measured now). Each task is
+  a (name, feature lengths) pair; `validation_of` gives its validation batches (this host's)."""
+  mesh, (task, lengths) = trainer.mesh, forgetting_task
+  validation = [partitioning.host_to_global(b, mesh) for b in validation_of(*run_task)]
+  evaluate = loop.Evaluate(validation, metrics_lib.MetricsWriter(model_dir, "validation"),
+                           eval_every)
+  step = int(jax.device_get(state.step))
+  if step == 0:
+    evaluate.evaluate(trainer, state.params, 0)
+  if not lengths:
+    return [evaluate]
+  forgetting = _forgetting(trainer, task, validation_of(task, lengths), evaluate.writer,
+                           model_dir, lengths)
+  forgetting.start(state.params, step)
+  return [evaluate, forgetting]
 
 
 def _forgetting_lengths(task: Optional[str], lengths: Optional[Mapping[str, int]],
