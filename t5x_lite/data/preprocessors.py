@@ -40,7 +40,7 @@ def _need_lengths(sequence_length, keys, name):
 
 # ------------------------------------------------------------------------------ shared steps
 
-# Longer documents are tokenized in pieces of at most this many bytes (see split_long_documents).
+# Longer documents are tokenized in pieces of about this many bytes (see split_long_documents).
 MAX_DOCUMENT_BYTES = 1 << 20
 
 
@@ -56,11 +56,10 @@ def tokenize_text(ds: tf.data.Dataset, vocabulary: seqio.Vocabulary, key: str = 
 def split_long_documents(ds: tf.data.Dataset, max_bytes: int,
                          key: str = "text") -> tf.data.Dataset:
   """{"text"} -> {"text", "ends_document"}: a document of more than `max_bytes` becomes pieces
-  of at most that many bytes, so that tokenizing one huge document (a 100 MB file of one line)
-  never holds all of its token ids at once. A piece ends after the last space or newline of its
-  final 4 KiB when there is one (the tokenizer then sees a word border it would have seen
-  anyway), otherwise between two UTF-8 characters; `concat_and_split` puts EOS only after a
-  document's last piece, so the token stream is the document's own."""
+  of that many bytes (give or take the 3 bytes a character may span), so that tokenizing one huge document (a 100 MB file of one line)
+  never holds all of its token ids at once. Pieces are cut between two UTF-8 characters;
+  `concat_and_split` puts EOS only after a document's last piece, so the token stream is the
+  document's own (a subword vocabulary may split the one word at each cut differently)."""
   def pieces(ex):
     text = ex[key]
     parts = tf.cond(tf.strings.length(text) > max_bytes,
@@ -71,24 +70,22 @@ def split_long_documents(ds: tf.data.Dataset, max_bytes: int,
 
 
 def _cut_pieces(text: tf.Tensor, max_bytes: int) -> tf.Tensor:
-  def cut(raw):
-    raw, out, start = raw.numpy(), [], 0
-    while start < len(raw):
-      end = min(start + max_bytes, len(raw))
-      if end < len(raw):
-        window = max(start + 1, end - 4096)
-        border = max(raw.rfind(b" ", window, end), raw.rfind(b"\n", window, end))
-        if border >= window:
-          end = border + 1
-        else:  # never inside a character: back off UTF-8 continuation bytes (10xxxxxx)
-          while end > start + 1 and raw[end] & 0xC0 == 0x80:
-            end -= 1
-      out.append(raw[start:end])
-      start = end
-    return tf.constant(out, tf.string)
-  parts = tf.py_function(cut, [text], tf.string)
-  parts.set_shape([None])
-  return parts
+  """[pieces] of a string longer than max_bytes, each cut before a UTF-8 character's first
+  byte. TF ops only: a py_function would make the pipeline's iterator uncheckpointable."""
+  n = tf.strings.length(text)
+  cuts = tf.range(max_bytes, n, max_bytes)
+
+  def continues_a_character(back):  # the byte `back` before each cut is 10xxxxxx
+    at = cuts - back
+    byte = tf.io.decode_raw(tf.strings.substr(text, at, tf.ones_like(at)), tf.uint8)[:, 0]
+    return tf.equal(tf.bitwise.bitwise_and(byte, 0xC0), 0x80)
+
+  # A character has at most 3 continuation bytes, so its first byte is at most 3 back.
+  back = tf.where(continues_a_character(0), tf.where(continues_a_character(1), tf.where(
+      continues_a_character(2), 3, 2), 1), 0)
+  starts = tf.concat([[0], cuts - back], 0)
+  ends = tf.concat([cuts - back, [n]], 0)
+  return tf.strings.substr(text, starts, ends - starts)
 
 
 def concat_and_split(ds: tf.data.Dataset, length: int, eos_id: int = vocabularies.EOS_ID,
