@@ -72,6 +72,9 @@ class FakeSentencePiece(vocabulary.Vocabulary):
     with open(path, "rb") as f:
       self.sp_model = f.read()
 
+  def _content(self) -> bytes:  # what the fingerprint covers, as SentencePieceVocabulary's
+    return self.sp_model
+
 
 def test_a_sentencepiece_model_is_fingerprinted_and_copied_into_the_run(tmp_path):
   original = tmp_path / "spm.model"

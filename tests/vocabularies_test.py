@@ -53,7 +53,7 @@ def test_bad_vocabulary_settings_say_how_to_fix_them(tmp_path):
     vocabularies.get_vocabulary(kind="sentencepiece")
   with pytest.raises(FileNotFoundError, match="tools/train_vocab.py"):
     vocabularies.get_vocabulary(kind="sentencepiece", spm_path=str(tmp_path / "missing.model"))
-  with pytest.raises(ValueError, match="choose 'byte' or 'sentencepiece'"):
+  with pytest.raises(ValueError, match="choose 'byte', 'sentencepiece' or 'hf_tokenizer'"):
     vocabularies.get_vocabulary(kind="wordpiece")
   no_mask = train_spm(tmp_path / "nomask", user_defined_symbols=[])
   vocab = vocabularies.get_vocabulary(kind="sentencepiece", spm_path=no_mask)
