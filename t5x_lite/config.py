@@ -88,6 +88,14 @@ class TransformerConfig:
   router_z_loss_weight: float = 0.001
   num_shared_experts: int = 0
 
+  # Pipeline parallelism (t5x_lite.pipeline_stages): with pipeline_microbatches > 0, each
+  # scanned stack is split into as many stages as the mesh's `stage` axis has slots (stage s
+  # holds layers [s * L / S, (s + 1) * L / S)) and runs a GPipe schedule over this many
+  # microbatches of its rows; 0 runs the stack whole. The bubble (idle) fraction of a stage is
+  # (S - 1) / (M + S - 1): use M >= 4 * S or so. Parameters keep their layout, so checkpoints
+  # move between pipelined and unpipelined meshes.
+  pipeline_microbatches: int = 0
+
   def __post_init__(self):
     _check_choice("family", self.family, FAMILIES)
     _check_choice("position_type", self.position_type, POSITION_TYPES)
@@ -127,6 +135,24 @@ class TransformerConfig:
       raise ValueError("TransformerConfig.num_decoder_layers only applies to "
                        f"family='encoder_decoder', not family={self.family!r}.")
     self._check_experts()
+    self._check_pipeline()
+
+  def _check_pipeline(self):
+    if self.pipeline_microbatches < 0:
+      raise ValueError("TransformerConfig.pipeline_microbatches must be >= 0 (0: no pipeline), "
+                       f"got {self.pipeline_microbatches}.")
+    if not self.pipeline_microbatches:
+      return
+    if not self.scan_layers:
+      raise ValueError(
+          f"TransformerConfig.pipeline_microbatches={self.pipeline_microbatches} needs "
+          "scan_layers=True: pipeline stages split the scanned stack's stacked `layers` axis; "
+          "set scan_layers=True, or pipeline_microbatches=0.")
+    if self.mlp == "moe":
+      raise ValueError(
+          "TransformerConfig.pipeline_microbatches > 0 does not support mlp='moe' yet (the "
+          "experts' auxiliary losses are not carried through the pipeline); use expert "
+          "parallelism (make_mesh.expert) instead, or pipeline_microbatches=0.")
 
   def _check_experts(self):
     """The MoE fields; `mlp` alone chooses the MLP kind, `num_experts` sizes the "moe" one."""
@@ -183,6 +209,10 @@ class TransformerConfig:
     return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
 
   def replace(self, **changes) -> "TransformerConfig":
+    """A copy with `changes`. Unrolling the layers (scan_layers=False, what decoding does)
+    also turns pipelining off unless `changes` says otherwise: stages split a scanned stack."""
+    if changes.get("scan_layers") is False:
+      changes.setdefault("pipeline_microbatches", 0)
     return dataclasses.replace(self, **changes)
 
 

@@ -3,7 +3,8 @@
 
 Inputs are token ids plus, for packed batches, segment ids and positions as seqio's feature
 converters produce them; without them every row is one example and id 0 is padding. Outputs are
-logits [b, l, v] in float32.
+logits [b, l, v] in float32, or with `output_head=True` the head's inputs (`losses.OutputHead`:
+features and the projection's weights) for a loss that computes the logits chunk by chunk.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5x_lite import layers
+from t5x_lite import layers, losses
 from t5x_lite import moe  # noqa: F401  # registers the "moe" MLP kind
+from t5x_lite import pipeline_stages
 from t5x_lite.config import TransformerConfig
 
 Array = jax.Array
@@ -140,16 +142,34 @@ class Stack(nn.Module):
     # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
     # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
     cfg = self.config
+    if cfg.pipeline_microbatches and not self.is_initializing():
+      return self._pipeline(block, x, args, deterministic)
     interval = cfg.moe_layer_interval if cfg.mlp == "moe" else 1
     stacked = {name: 0 for name in ("params",) + layers.SOWN_COLLECTIONS}
     unit, extra = (block, {}) if interval == 1 else (LayerGroup, {"block": block})
+    # Pipelined, the stacked axis is named "stage", which the rules split over the stage axis.
     scanned = nn.scan(unit, variable_axes=stacked,
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(args), length=self.num_layers // interval,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+                      metadata_params={
+                          nn.PARTITION_NAME: "stage" if cfg.pipeline_microbatches else "layers"})
     x, _ = scanned(cfg, self.cross_attention, deterministic, True, name="layers", **extra)(
         x, *args)
     return x
+
+  def _pipeline(self, block, x, args, deterministic):
+    """The scanned layers' parameters (created by the scan at init) run by
+    `pipeline_stages.run`, one Block applied functionally per layer and microbatch."""
+    cfg = self.config
+    layer = block(cfg, self.cross_attention, deterministic, True, parent=None)
+    rng = None if deterministic else self.make_rng("dropout")
+
+    def layer_fn(params, y, layer_args, index, microbatch):
+      rngs = None if rng is None else {
+          "dropout": jax.random.fold_in(jax.random.fold_in(rng, index), microbatch)}
+      return layer.apply({"params": params}, y, *layer_args, rngs=rngs)[0]
+    return pipeline_stages.run(layer_fn, self.variables["params"]["layers"], x, args,
+                               cfg.pipeline_microbatches)
 
   def _decode(self, x, args, cache, cache_index, deterministic):
     """Decoding runs the layers one after another, each on its own cache arrays, which XLA then
@@ -238,13 +258,29 @@ def _untied_head(cfg: TransformerConfig) -> layers.DenseGeneral:
                              cfg.param_dtype, name="lm_head")
 
 
+def _output_head(cfg: TransformerConfig, x: Array, embed: layers.Embed,
+                 head: Optional[layers.DenseGeneral] = None, bias: Optional[Array] = None):
+  """The projection's inputs (`losses.OutputHead`) of the tied `embed` or the untied `head`
+  (+ `bias`), in place of the logits. An untied head holding more than its kernel (LoRA adapters
+  add theirs when they target it) applies them only in its own call: it returns its logits."""
+  if cfg.tie_embeddings:
+    return losses.OutputHead(x.astype(cfg.dtype), embed.embedding, bias, vocab_first=True)
+  head = head if head is not None else _untied_head(cfg)
+  head(x[:, :0])  # binds the head's parameters (zero tokens: no work)
+  if set(head.variables["params"]) != {"kernel"}:
+    return layers.constrain(head(x).astype(jnp.float32), ("batch", "length", "vocab"))
+  return losses.OutputHead(x.astype(cfg.dtype), head.variables["params"]["kernel"], bias,
+                           vocab_first=False)
+
+
 class EncoderOnly(nn.Module):
   """BERT: a bidirectional encoder and a masked-LM head (dense, activation, norm, tied output
   projection plus a per-token bias)."""
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic=True) -> Array:
+  def __call__(self, tokens, segment_ids=None, positions=None, *, deterministic=True,
+               output_head=False):
     cfg = self.config
     _check_length(cfg, tokens.shape[1], "encoder_input_tokens")
     segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions)
@@ -261,10 +297,14 @@ class EncoderOnly(nn.Module):
                             cfg.param_dtype, name="mlm_transform")(x)
     x = layers.make_norm(cfg, "mlm_norm")(layers.ACTIVATION_FNS[cfg.activation](x))
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
       bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                         (cfg.vocab_size,), cfg.param_dtype)
+      if output_head:
+        return _output_head(cfg, x, embed, bias=bias)
+      logits = embed.attend(x)
       logits = logits + bias.astype(logits.dtype)
+    elif output_head:
+      return _output_head(cfg, x, embed)
     else:
       logits = _untied_head(cfg)(x)
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
@@ -283,7 +323,7 @@ class DecoderOnly(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, prefix=None, *,
-               deterministic=True, cache=None, logits_at=None):
+               deterministic=True, cache=None, logits_at=None, output_head=False):
     cfg = self.config
     _check_length(cfg, tokens.shape[1], "decoder_input_tokens")
     if segment_ids is None:
@@ -310,6 +350,8 @@ class DecoderOnly(nn.Module):
       cache = _advance(cache, keys, layer_cache, tokens.shape[1])
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+    if output_head and cache is None:
+      return _output_head(cfg, x, embed)
     logits = embed.attend(x) if cfg.tie_embeddings else _untied_head(cfg)(x)
     logits = layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     return logits if cache is None else (logits, cache)
@@ -349,7 +391,7 @@ class EncoderDecoder(nn.Module):
 
   def decode(self, encoded, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
              encoder_positions=None, decoder_segment_ids=None, decoder_positions=None, *,
-             deterministic=True, cache=None):
+             deterministic=True, cache=None, output_head=False):
     """Decoder logits [b, l, v] for the encoder outputs `encoded` [b, L, d].
 
     With a `cache` (from `init_cache`) returns (logits, cache). The first cached call passes the
@@ -387,6 +429,9 @@ class EncoderDecoder(nn.Module):
                                     cache=cache["layers"], cache_index=cache["index"],
                                     token_mask=dec_segments > 0)
       cache = _advance(cache, keys, layer_cache, decoder_tokens.shape[1])
+    if output_head and cache is None:
+      x = x * cfg.d_model ** -0.5 if cfg.tie_embeddings else x
+      return _output_head(cfg, x, self.token_embed, getattr(self, "lm_head", None))
     if cfg.tie_embeddings:
       logits = self.token_embed.attend(x * cfg.d_model ** -0.5)
     else:
@@ -396,12 +441,12 @@ class EncoderDecoder(nn.Module):
 
   def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None, *,
-               deterministic=True) -> Array:
+               deterministic=True, output_head=False):
     encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_positions,
                           deterministic=deterministic)
     return self.decode(encoded, encoder_tokens, decoder_tokens, encoder_segment_ids,
                        encoder_positions, decoder_segment_ids, decoder_positions,
-                       deterministic=deterministic)
+                       deterministic=deterministic, output_head=output_head)
 
 
 # ----------------------------------------------------------------------------------------------
