@@ -88,12 +88,12 @@ class TransformerConfig:
   router_z_loss_weight: float = 0.001
   num_shared_experts: int = 0
 
-  # Pipeline parallelism (t5x_lite.pipeline_stages): with pipeline_microbatches > 0, each
-  # scanned stack is split into as many stages as the mesh's `stage` axis has slots (stage s
-  # holds layers [s * L / S, (s + 1) * L / S)) and runs a GPipe schedule over this many
-  # microbatches of its rows; 0 runs the stack whole. The bubble (idle) fraction of a stage is
-  # (S - 1) / (M + S - 1): use M >= 4 * S or so. Parameters keep their layout, so checkpoints
-  # move between pipelined and unpipelined meshes.
+  # Pipeline parallelism (t5x_lite.pipeline_stages): with pipeline_microbatches > 0, on a mesh
+  # whose `stage` axis has S > 1 slots, each scanned stack is split into S stages (stage s holds
+  # layers [s * L / S, (s + 1) * L / S)) run on a GPipe schedule over this many microbatches of
+  # its rows; 0, or a mesh without stages, runs the stack as one scan. A stage idles (S - 1) /
+  # (M + S - 1) of the time (the bubble): use M >= 4 * S or so. Parameters keep their layout,
+  # so checkpoints move between pipelined and unpipelined meshes.
   pipeline_microbatches: int = 0
 
   def __post_init__(self):

@@ -66,10 +66,12 @@ def check(num_layers: int, stages: int, microbatches: int, rows: Optional[int] =
         "each pipeline pass gets (BATCH_SIZE / train.num_microbatches); choose a divisor of it.")
 
 
-def describe(config, mesh_shape: dict, rows: int) -> str:
-  """Checks a run's pipeline before any work and returns the start-up line saying its bubble.
+def describe(config, mesh_shape: dict, batch_size: int, accumulation_steps: int = 1) -> str:
+  """Checks a run's pipeline before any work; returns the start-up line that says its bubble
+  ("" without a pipeline).
 
-  `rows` is what one forward pass gets: BATCH_SIZE / train.num_microbatches.
+  One forward pass gets `batch_size / accumulation_steps` rows (train.num_microbatches: the
+  trainer's gradient accumulation, which the pipeline's microbatches then split further).
   """
   stages = mesh_shape.get("stage", 1)
   microbatches = config.pipeline_microbatches
@@ -79,17 +81,19 @@ def describe(config, mesh_shape: dict, rows: int) -> str:
           f"make_mesh.stage={stages} splits the layers into pipeline stages, which needs "
           f"TransformerConfig.pipeline_microbatches >= 1 (e.g. {4 * stages}); or set "
           "make_mesh.stage=1.")
-    return "No pipeline (TransformerConfig.pipeline_microbatches=0)."
+    return ""
+  # A batch the accumulation steps do not divide is the trainer's to refuse.
+  rows = batch_size // accumulation_steps if batch_size % accumulation_steps == 0 else None
   depths = {"stack": config.num_layers}
   if config.family == "encoder_decoder":
     depths = {"encoder": config.num_layers, "decoder": config.resolved_num_decoder_layers}
   for what, depth in depths.items():
     check(depth, stages, microbatches, rows, what)
   per_stage = ", ".join(f"{what} {depth // stages}" for what, depth in depths.items())
-  bubble = bubble_fraction(stages, microbatches)
-  return (f"Pipeline: {stages} stages (layers per stage: {per_stage}) x {microbatches} "
-          f"microbatches of {rows // microbatches} rows; bubble fraction (S-1)/(M+S-1) = "
-          f"{stages - 1}/{microbatches + stages - 1} = {bubble:.1%} of each stage's time idle.")
+  shape = f"{microbatches} microbatches" + (f" of {rows // microbatches} rows" if rows else "")
+  return (f"Pipeline: {stages} stages ({per_stage} layers each) x {shape}; bubble fraction "
+          f"(S-1)/(M+S-1) = {stages - 1}/{microbatches + stages - 1} = "
+          f"{bubble_fraction(stages, microbatches):.1%} of each stage's time idle.")
 
 
 def split_rows(x: Array, microbatches: int) -> Array:
@@ -124,7 +128,7 @@ def _stage_axis_name():
 
 
 def run(layer_fn: LayerFn, params, x: Array, args: tuple, microbatches: int,
-        stages: Optional[int] = None) -> Array:
+        stages: Optional[int] = None, what: str = "stack") -> Array:
   """The stack's output [b, l, d] for input `x` [b, l, d]: `params` (stacked [L, ...]) split
   into `stages` (default: the mesh's) and run on the GPipe schedule over `microbatches`.
 
@@ -134,7 +138,7 @@ def run(layer_fn: LayerFn, params, x: Array, args: tuple, microbatches: int,
   stages = mesh_stages() if stages is None else stages
   num_layers = jax.tree.leaves(params)[0].shape[0]
   rows = x.shape[0]
-  check(num_layers, stages, microbatches, rows)
+  check(num_layers, stages, microbatches, rows, what)
   per_layer = num_layers // stages
   stage_params = jax.tree.map(
       lambda p: _constrain(p.reshape((stages, per_layer) + p.shape[1:]), ("stage",)), params)

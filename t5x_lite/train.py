@@ -30,7 +30,8 @@ import gin
 import jax
 import numpy as np
 
-from t5x_lite import checkpoints, costs, launch, loop, optimizers, partitioning, run_dir
+from t5x_lite import checkpoints, costs, launch, loop, optimizers, partitioning, pipeline_stages
+from t5x_lite import run_dir
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
 
@@ -99,6 +100,10 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
     metrics_lib.log(f"Mesh {dict(mesh.shape)} over {jax.device_count()} "
                     f"{jax.devices()[0].platform} devices; this process reads data shard "
                     f"{shard[0]} of {shard[1]} ({per_host_batch} rows).")
+    pipeline = pipeline_stages.describe(model.config, dict(mesh.shape), batch_size,
+                                        num_microbatches)  # refuses a split that cannot work
+    if pipeline:
+      metrics_lib.log(pipeline)
     manager = checkpoints.CheckpointManager(model_dir, checkpoint_every, keep_checkpoints)
     with manager:  # on an error too: Orbax's threads stop before the job reports it
       run = functools.partial(_record_run, model_dir, manager, allow_changes, run_dir.manifest(
@@ -114,8 +119,11 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       batch_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
       # A model that reads frozen trees (DPO's reference) says which, laid out on the mesh.
       frozen = getattr(model, "frozen_trees", lambda mesh: None)(mesh)
-      trainer = trainer_lib.Trainer(model, optimizer, mesh, batch_shapes, num_microbatches,
-                                    trainable=trainable, frozen_trees=frozen)
+      # A model that trains on batches it makes from the task's (RL: samples of its policy for
+      # the task's prompts, see t5x_lite.rl) names the trainer that makes them.
+      trainer_class = getattr(model, "trainer_class", trainer_lib.Trainer)
+      trainer = trainer_class(model, optimizer, mesh, batch_shapes, num_microbatches,
+                              trainable=trainable, frozen_trees=frozen)
       trainer.check_memory()
       state, consumed, batches = _start(trainer, manager, initial_checkpoint_path, seed, stream,
                                         itertools.chain([first], first_batches), batch_size)

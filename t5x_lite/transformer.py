@@ -142,7 +142,10 @@ class Stack(nn.Module):
     # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
     # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
     cfg = self.config
-    if cfg.pipeline_microbatches and not self.is_initializing():
+    # Pipelined only on a mesh with a stage axis: elsewhere (inference, evaluation on another
+    # mesh) the same parameters run as one scan.
+    if (cfg.pipeline_microbatches and pipeline_stages.mesh_stages() > 1
+        and not self.is_initializing()):
       return self._pipeline(block, x, args, deterministic)
     interval = cfg.moe_layer_interval if cfg.mlp == "moe" else 1
     stacked = {name: 0 for name in ("params",) + layers.SOWN_COLLECTIONS}
@@ -169,7 +172,7 @@ class Stack(nn.Module):
           "dropout": jax.random.fold_in(jax.random.fold_in(rng, index), microbatch)}
       return layer.apply({"params": params}, y, *layer_args, rngs=rngs)[0]
     return pipeline_stages.run(layer_fn, self.variables["params"]["layers"], x, args,
-                               cfg.pipeline_microbatches)
+                               cfg.pipeline_microbatches, what=self.name)
 
   def _decode(self, x, args, cache, cache_index, deterministic):
     """Decoding runs the layers one after another, each on its own cache arrays, which XLA then
