@@ -129,6 +129,21 @@ def _pair_metrics(loss_per_pair, chosen, rejected, prefix: str) -> dict:
           "accuracy": mean(chosen > rejected)}  # the preference accuracy (what the loop logs)
 
 
+def load_reference(model, checkpoint: str, mesh, setting: str) -> Any:
+  """The parameters of the params checkpoint `checkpoint`, laid out on `mesh` as `model`'s: a
+  frozen reference (DPO, RL). `setting` names the gin binding in the error message."""
+  shapes, specs = model.abstract_params()
+  abstract = checkpoints.abstract_with_shardings(
+      shapes, partitioning.tree_shardings(shapes, specs, mesh))
+  try:
+    return checkpoints.load_params(checkpoint, abstract)
+  except ValueError as e:
+    raise ValueError(
+        f"{setting}={checkpoint!r} cannot be the reference of this model: {e} The reference is "
+        f"the checkpoint the policy starts from (the same model gin): set --gin.{setting} "
+        "(runs/dpo.gin, runs/grpo.gin: INITIAL_CHECKPOINT_PATH) to it.") from None
+
+
 # ---------------------------------------------------------------------------------------- DPO
 
 @gin.configurable(module="t5x_lite.alignment")
@@ -170,18 +185,9 @@ class DpoModel(PairModel):
     reference is the LoRA base (then it is the policy's own frozen parameters)."""
     if not self.reference_checkpoint:
       return {}
-    reference_model = self._adapters_off or self.model
-    shapes, specs = reference_model.abstract_params()
-    abstract = checkpoints.abstract_with_shardings(
-        shapes, partitioning.tree_shardings(shapes, specs, mesh))
-    try:
-      return {"reference": checkpoints.load_params(self.reference_checkpoint, abstract)}
-    except ValueError as e:
-      raise ValueError(
-          f"DpoModel.reference_checkpoint={self.reference_checkpoint!r} cannot be the "
-          f"reference of this model: {e} The reference is the checkpoint the policy starts from "
-          "(the same model gin): set --gin.DpoModel.reference_checkpoint (runs/dpo.gin: "
-          "INITIAL_CHECKPOINT_PATH) to it.") from None
+    return {"reference": load_reference(self._adapters_off or self.model,
+                                        self.reference_checkpoint, mesh,
+                                        "DpoModel.reference_checkpoint")}
 
   def sequence_log_probs(self, params, batch, dropout_rng=None, model=None):
     """(log p(response) [b, 2] summed over each row's loss-weighted tokens, those tokens [b, 2],
