@@ -54,7 +54,8 @@ class BaseModel:
   HF_ARCHITECTURES: tuple[str, ...] = ()  # Hugging Face classes that can hold it, by preference
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0,
+               loss_chunk_size: Optional[int] = losses.DEFAULT_CHUNK_SIZE):
     expected = MODEL_CLASSES.get(config.family)
     if expected is None or not isinstance(self, expected):
       mine = [f for f, cls in MODEL_CLASSES.items() if isinstance(self, cls)]
@@ -64,6 +65,8 @@ class BaseModel:
     self.config = config
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
+    # Tokens per chunk of the output projection + loss (None: all logits at once; see losses).
+    self.loss_chunk_size = losses.check_chunk_size(loss_chunk_size)
     # Defaults of `predict_batch`; each call may override any field.
     self.decode_params = decoding.DecodeParams()
     self._compiled_fns = {}
@@ -174,15 +177,21 @@ class BaseModel:
     cfg = self.config
     kept = sum(costs.stack_activation_bytes(cfg, s, tensor_shards)
                for s in self.stacks(batch_shapes))
-    return kept + costs.logits_bytes(cfg, self._head_tokens(batch_shapes), tensor_shards)
+    head_tokens = self._head_tokens(batch_shapes)
+    return kept + costs.logits_bytes(cfg, min(head_tokens, self.loss_chunk_size or head_tokens),
+                                     tensor_shards)
 
-  def apply(self, params, batch: Batch, dropout_rng: Optional[Array] = None):
+  def apply(self, params, batch: Batch, dropout_rng: Optional[Array] = None,
+            output_head: bool = False):
     """(teacher-forced logits [b, l, v], the auxiliary losses and intermediates layers sowed).
 
-    Dropout is on iff a `dropout_rng` is given."""
+    Dropout is on iff a `dropout_rng` is given. With `output_head`, the module's
+    `losses.OutputHead` (or logits, for a head that cannot be chunked) instead of the logits."""
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    kwargs = {"output_head": True} if output_head else {}
     logits, sown = self.module.apply({"params": params}, *self._module_args(batch), rngs=rngs,
-                                     deterministic=dropout_rng is None, mutable=layers.SOWN_COLLECTIONS)
+                                     deterministic=dropout_rng is None,
+                                     mutable=layers.SOWN_COLLECTIONS, **kwargs)
     return logits, sown
 
   def logits(self, params, batch: Batch, dropout_rng: Optional[Array] = None) -> Array:
@@ -194,10 +203,11 @@ class BaseModel:
     """Mean cross entropy (+ z-loss) over target tokens plus every auxiliary loss the layers
     sowed; T5X's metrics (mergeable, see `t5x_lite.metrics`) and one per auxiliary loss."""
     self.check_batch(batch)
-    logits, sown = self.apply(params, batch, dropout_rng)
+    outputs, sown = self.apply(params, batch, dropout_rng, self.loss_chunk_size is not None)
     targets, weights = self._targets(batch)
-    loss, metrics = losses.cross_entropy_with_logits(
-        logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+    loss, metrics = losses.cross_entropy(
+        outputs, targets, weights, chunk_size=self.loss_chunk_size,
+        label_smoothing=self.label_smoothing, z_loss=self.z_loss)
     return layers.add_sown(loss, metrics, sown)
 
   # -- inference --------------------------------------------------------------------------------
@@ -315,8 +325,9 @@ class DecoderOnlyModel(BaseModel):
   GENERATES = True
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
-               label_smoothing: float = 0.0, inputs_bidirectional_attention: bool = False):
-    super().__init__(config, z_loss, label_smoothing)
+               label_smoothing: float = 0.0, inputs_bidirectional_attention: bool = False,
+               loss_chunk_size: Optional[int] = losses.DEFAULT_CHUNK_SIZE):
+    super().__init__(config, z_loss, label_smoothing, loss_chunk_size)
     self.inputs_bidirectional_attention = inputs_bidirectional_attention
 
   @property

@@ -119,6 +119,37 @@ def test_z_loss_and_label_smoothing_reach_the_loss():
   assert float(m_plain["num_tokens"]) == batch["decoder_loss_weights"].sum()
 
 
+
+# bert_tiny: tied table plus the MLM bias; llama_tiny: untied lm_head; t5_tiny: encoder-decoder
+# (tied, rescaled). The chunked loss's own gradients are checked in losses_test.
+@pytest.mark.parametrize("preset", ["bert_tiny", "llama_tiny", "t5_tiny"])
+def test_output_head_projects_to_the_modules_logits(preset):
+  model = models.from_gin(preset)
+  batch = _random_batch(model, batch_size=2, inputs=12, targets=10)
+  params = _init(model, batch)
+  logits, head = jax.jit(lambda p: (model.logits(p, batch),
+                                    model.apply(p, batch, output_head=True)[0]))(params)
+  projected = jnp.einsum("bld,vd->blv" if head.vocab_first else "bld,dv->blv", head.features,
+                         head.kernel) + (0.0 if head.bias is None else head.bias)
+  np.testing.assert_allclose(projected, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_equals_the_loss_of_all_logits_with_its_gradients():
+  options = ["DecoderOnlyModel.label_smoothing = 0.1"]  # gpt2: the table is embedding and head
+  whole = models.from_gin("gpt2_tiny", options + ["DecoderOnlyModel.loss_chunk_size = None"])
+  chunked = models.from_gin("gpt2_tiny", options + ["DecoderOnlyModel.loss_chunk_size = 6"])
+  assert (whole.loss_chunk_size, chunked.loss_chunk_size) == (None, 6)
+  batch = _random_batch(whole, batch_size=2, targets=10)  # chunks of 3 positions, last padded
+  params = _init(whole, batch)
+  grads = jax.jit(lambda p: [jax.value_and_grad(m.loss_fn, has_aux=True)(p, batch)
+                             for m in (whole, chunked)])(params)
+  ((loss, metrics), grad), ((chunk_loss, chunk_metrics), chunk_grad) = grads
+  np.testing.assert_allclose(chunk_loss, loss, rtol=1e-5)
+  np.testing.assert_allclose(chunk_metrics["accuracy"].total, metrics["accuracy"].total)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunk_grad,
+               grad)
+
+
 # ------------------------------------------------------------------------------------ inference
 def _prompts(model):
   """Two prompts of different lengths, right-padded, as seqio's converters lay them out."""
