@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5x_lite import attention as attention_kernels
 from t5x_lite.config import TransformerConfig
 from t5x_lite.metrics import Average
 
@@ -270,11 +271,15 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, q_positions: Array, k_positions: Array) -> Array:
-    """[b, l], [b, s] -> additive attention bias [b, h, l, s]."""
+    """[b, l], [b, s] -> additive attention bias [b, h, l, s]; for the blockwise kernel the
+    table and positions it computes its blocks from (attention.RelativeBias)."""
     cfg = self.config
     table = _param(self, "rel_embedding", default_embed_init,
                    (cfg.relative_num_buckets, cfg.num_heads), ("relpos_buckets", "heads"),
                    cfg.param_dtype)
+    if cfg.attention_implementation == "blockwise":
+      return attention_kernels.RelativeBias(table, q_positions, k_positions, self.bidirectional,
+                                            cfg.relative_max_distance)
     buckets = relative_position_bucket(k_positions[:, None, :] - q_positions[:, :, None],
                                        self.bidirectional, cfg.relative_num_buckets,
                                        cfg.relative_max_distance)
@@ -286,20 +291,18 @@ class RelativePositionBias(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def attention_mask(q_segment_ids: Array, k_segment_ids: Array, *, causal: bool = False,
                    q_positions: Optional[Array] = None, k_positions: Optional[Array] = None,
-                   q_prefix: Optional[Array] = None, k_prefix: Optional[Array] = None) -> Array:
+                   q_prefix: Optional[Array] = None,
+                   k_prefix: Optional[Array] = None) -> attention_kernels.Mask:
   """Boolean [b, 1, l, s]: True where query may attend to key.
 
   Tokens attend only within their own packed segment (segment id 0 is padding). Causality is
   by position, which is what makes packed rows and cached decoding agree. With a prefix (prefix
-  LM), tokens inside the prefix also see each other bidirectionally.
+  LM), tokens inside the prefix also see each other bidirectionally. Kept as the vectors it is
+  made of (attention.Mask: `.dense()` or indexing gives the array), so that the blockwise and
+  splash kernels never build the [b, 1, l, s] array.
   """
-  mask = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (k_segment_ids[:, None, :] > 0)
-  if causal:
-    allowed = k_positions[:, None, :] <= q_positions[:, :, None]
-    if q_prefix is not None:
-      allowed |= q_prefix[:, :, None].astype(bool) & k_prefix[:, None, :].astype(bool)
-    mask &= allowed
-  return mask[:, None, :, :]
+  return attention_kernels.Mask(q_segment_ids, k_segment_ids, q_positions, k_positions,
+                                q_prefix, k_prefix, causal)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optional[Array] = None,
@@ -311,8 +314,18 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   q [b, l, h, e], k/v [b, s, k, e] where k divides h (or [b, k, s, e] with `kv_heads_first`, the
   decoding cache's layout, which the einsums read without transposing); mask [b, 1, l, s];
   bias [b|1, h, l, s]. "xla" runs anywhere (and supports attention dropout); "cudnn" is the fused
-  flash kernel of `jax.nn.dot_product_attention` on NVIDIA GPUs.
+  flash kernel of `jax.nn.dot_product_attention` on NVIDIA GPUs; "blockwise" (any backend) and
+  "splash" (TPU) never hold the [b, h, l, s] logits (t5x_lite.attention). Decoding steps
+  (`kv_heads_first`: one query row per step) take the "xla" path whatever the choice.
   """
+  if implementation in ("blockwise", "splash") and not kv_heads_first:
+    if dropout_rate > 0.0 and dropout_rng is not None:
+      raise ValueError(f"attention_implementation={implementation!r} does not support attention "
+                       "dropout; set dropout_rate=0.0 or attention_implementation='xla'.")
+    if implementation == "splash":
+      return attention_kernels.splash_attention(q, k, v, mask, bias, scale=scale)
+    return attention_kernels.blockwise_attention(q, k, v, mask, bias, scale=scale)
+  mask, bias = attention_kernels.dense_mask(mask), attention_kernels.dense_bias(bias)
   if implementation == "cudnn":
     _check_cudnn(q.dtype)
     if dropout_rate > 0.0 and dropout_rng is not None:
@@ -423,7 +436,8 @@ class Attention(nn.Module):
         key = apply_rope(key, q_positions if cache is not None else k_positions, cfg.rope_theta)
     query = constrain(query, ("batch", "length", "heads", "kv"))
     if cache is not None:
-      key, value = self._update_cache(cache, cache_index, key, value)
+      cache = self._update_cache(cache, cache_index, key, value)
+      key, value = cached_kv(cache, cfg.dtype)
 
     use_dropout = cfg.dropout_rate > 0.0 and not self.deterministic
     out = dot_product_attention(
@@ -438,17 +452,44 @@ class Attention(nn.Module):
                        cfg.param_dtype, name="out")(out)
     if cache is None:
       return out
-    return out, {"key": key, "value": value}
+    return out, cache
 
   @staticmethod
   def _update_cache(cache, cache_index, key, value):
-    """The cache's keys and values [b, k, s, e] after this call (see the class docstring); `key`
-    and `value` [b, l, k, e] are this call's projections, None for cached cross-attention."""
+    """The cache after this call (see the class docstring; an int8 cache, see `int8_kv_cache`,
+    stores this call's keys and values quantized); `key` and `value` [b, l, k, e] are this
+    call's projections, None for cached cross-attention."""
     if key is None:
-      return cache["key"], cache["value"]
-    key, value = (x.transpose(0, 2, 1, 3).astype(cache["key"].dtype) for x in (key, value))
+      return cache
+    new = {"key": key.transpose(0, 2, 1, 3), "value": value.transpose(0, 2, 1, 3)}
+    new = quantize_kv(new) if "key_scale" in cache else {
+        name: x.astype(cache[name].dtype) for name, x in new.items()}
     if cache_index is not None:
-      key, value = (jax.lax.dynamic_update_slice_in_dim(cache[name], new, cache_index, axis=2)
-                    for name, new in (("key", key), ("value", value)))
-    return (constrain(key, ("batch", "kv_heads", "length", "kv")),
-            constrain(value, ("batch", "kv_heads", "length", "kv")))
+      new = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], x, cache_index, axis=2)
+             for name, x in new.items()}
+    return {name: constrain(x, ("batch", "kv_heads", "length", "kv")[:x.ndim])
+            for name, x in new.items()}
+
+
+# An int8 KV cache holds, for each of "key" and "value" [b, k, s, e], int8 values and
+# "<name>_scale" float32 [b, k, s]: one absmax scale per row, head and slot, so a token written
+# later never changes the scale of one written before. t5x_lite.quantization turns a decoding
+# cache into one (QuantizedModel(kv_cache="int8")).
+def quantize_kv(cache: dict) -> dict:
+  """An int8 cache of the float "key" / "value" arrays [b, k, s, e] of `cache`."""
+  out = {}
+  for name in ("key", "value"):
+    x = cache[name].astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    out[name] = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    out[f"{name}_scale"] = scale
+  return out
+
+
+def cached_kv(cache: dict, dtype) -> tuple[Array, Array]:
+  """The keys and values [b, k, s, e] a cache holds, dequantized (as `dtype`) if int8."""
+  if "key_scale" not in cache:
+    return cache["key"], cache["value"]
+  return tuple((cache[name].astype(jnp.float32) * cache[f"{name}_scale"][..., None]).astype(dtype)
+               for name in ("key", "value"))

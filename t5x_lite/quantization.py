@@ -1,0 +1,570 @@
+"""Quantized inference: int8 / int4 weights, int8 x int8 matmuls (w8a8), for every model family.
+
+    qmodel = quantization.QuantizedModel(model, mode="int4", group_size=128)
+    qparams = qmodel.quantize(params)                 # from float parameters
+    qmodel.predict_batch(qparams, batch)              # every method of the model, quantized
+    t5x_lite.load(ckpt, quantize="int8")              # the same from a checkpoint
+
+Modes (symmetric absmax, no zero point):
+  int8   weight-only: int8 kernels with one float32 scale per output channel; the matmul reads
+         the int8 kernel converted to the compute dtype and scales its output.
+  w8a8   the int8 parameters of "int8"; activations are quantized per token (absmax over the
+         contracted dims) when the layer runs, and the matmul is int8 x int8 -> int32
+         (`lax.dot_general(preferred_element_type=int32)`), rescaled by both scales.
+  int4   weight-only: int4 values in groups of `group_size` along the contracted (input) axis,
+         one float32 scale per group and output channel, two values packed per byte (uint8;
+         `jnp.int4` takes a whole byte per element on CPU, so it would save nothing).
+
+What is quantized: the kernel of every `layers.DenseGeneral` (attention q/k/v/out or fused qkv,
+MLP, BERT's head transform) and the experts of `moe.MoeMlp` (dequantized to the compute dtype
+when the layer runs, whatever the mode); with `embeddings=True` also the token / position /
+type tables (int8 per row, used by lookup and by the tied head) and an untied output head.
+Norms, biases, T5's relative-position tables and MoE routers stay float: they are small and
+their errors reach every token.
+
+How: like `t5x_lite.lora`, flax's `nn.intercept_methods` around DenseGeneral, Embed and
+MoeMlp, so no model file changes and every family, layout (scanned or unrolled layers, fused
+QKV, layer groups) and decoding path works. A quantized layer's parameters are named after what
+they hold: "kernel_int8" [in, out...] or "kernel_int4" [in / 2, out...] (the input axes
+flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for per-channel), stacked on
+the `layers` axis when scanned; each keeps its kernel's logical axis names, so it shards like
+the kernel did. A params checkpoint written by `save_checkpoint` holds exactly these integers
+and scales plus `quantization.json`; loading it never builds a float kernel.
+
+qwix 0.1.8 was tried first and not used: its PTQ provider fails on DenseGeneral's
+`kernel.astype` ("Unsupported type: QArray"), its sub-channel tiles follow one kernel axis (our
+attention output kernel's input is (heads, head_dim), so a 128-group over both cannot be
+asked for), its `quantize_params` tiles the stacked [layers, ...] kernels of scanned models on
+the wrong axis, and it stores int4 as `jnp.int4`, one byte per element on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import os
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite import checkpoints, layers, moe
+
+Array = jax.Array
+MODES = ("int8", "int4", "w8a8")
+GROUP_SIZES = (32, 64, 128)  # the int4 group sizes the docs and tools offer (any even divisor works)
+QUANTIZATION_JSON = "quantization.json"  # in a quantized params checkpoint: how it was made
+FORMAT = "t5x_lite.quantization/1"
+
+
+# ---------------------------------------------------------------------------- arrays
+
+def _grouped(shape: tuple, axis: int, group: int) -> tuple:
+  """`shape` with `axis` split into (groups, group)."""
+  return shape[:axis] + (shape[axis] // group, group) + shape[axis + 1:]
+
+
+def quantize_array(w: Array, axis: int, bits: int, group_size: Optional[int] = None):
+  """(q, scale): `w` rounded to signed `bits`-bit integers in groups of `group_size` along
+  `axis` (None: the whole axis, i.e. one scale per channel), symmetric absmax.
+
+  q is int8 (bits 8) or uint8 with two values per byte along `axis` (bits 4); scale is float32
+  with `axis` of length groups. Dequantized: q * scale, each scale repeated over its group.
+  """
+  size = w.shape[axis]
+  group = size if group_size is None else group_size
+  if size % group:
+    raise ValueError(f"group size {group} does not divide axis {axis} of length {size}.")
+  top = 2 ** (bits - 1) - 1  # 127 or 7: symmetric, so -128 / -8 are never used
+  grouped = w.astype(jnp.float32).reshape(_grouped(w.shape, axis, group))
+  scale = jnp.max(jnp.abs(grouped), axis=axis + 1, keepdims=True) / top
+  scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero group: any scale gives zeros
+  q = jnp.clip(jnp.round(grouped / scale), -top, top).astype(jnp.int8).reshape(w.shape)
+  scale = jnp.squeeze(scale, axis + 1)
+  return (pack_int4(q, axis) if bits == 4 else q), scale
+
+
+def pack_int4(q: Array, axis: int) -> Array:
+  """int8 values in [-8, 7] -> uint8, values 2i and 2i + 1 along `axis` in the low and high
+  nibble of byte i."""
+  pairs = q.astype(jnp.uint8).reshape(_grouped(q.shape, axis, 2))
+  low, high = jnp.split(pairs, 2, axis=axis + 1)
+  return jnp.squeeze((low & 0xF) | (high << 4), axis + 1)
+
+
+def unpack_int4(packed: Array, axis: int) -> Array:
+  """The inverse of `pack_int4`: int8 values, `axis` twice as long."""
+  signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
+  low = jnp.left_shift(signed, 4) >> 4  # arithmetic shifts sign-extend each nibble
+  high = signed >> 4
+  pairs = jnp.stack([low, high], axis=axis + 1)
+  shape = packed.shape[:axis] + (2 * packed.shape[axis],) + packed.shape[axis + 1:]
+  return pairs.reshape(shape)
+
+
+def dequantize_array(q: Array, scale: Array, axis: int, bits: int, dtype=jnp.float32) -> Array:
+  """q * scale as `dtype` (the inverse of `quantize_array`, up to rounding)."""
+  values = unpack_int4(q, axis) if bits == 4 else q
+  groups = scale.shape[axis]
+  grouped = values.reshape(_grouped(values.shape, axis, values.shape[axis] // groups))
+  w = grouped.astype(jnp.float32) * jnp.expand_dims(scale, axis + 1)
+  return w.reshape(values.shape).astype(dtype)
+
+
+def quantize_activations(x: Array, n_contracted: int) -> tuple[Array, Array]:
+  """Dynamic int8 of activations: (int8 x, float32 scale [..., 1...]), one scale per token
+  (absmax over the trailing `n_contracted` dims)."""
+  axes = tuple(range(x.ndim - n_contracted, x.ndim))
+  x32 = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / 127.0
+  scale = jnp.where(scale == 0, 1.0, scale)
+  return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+# ---------------------------------------------------------------------------- settings
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How a model is quantized (what `quantization.json` records)."""
+  mode: str = "int8"
+  group_size: int = 128  # int4 only; int8 / w8a8 kernels are per output channel
+  embeddings: bool = False
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"quantize={self.mode!r} is not a quantization mode; choose one of "
+                       f"{list(MODES)} (or None for float).")
+    if self.mode == "int4" and (not isinstance(self.group_size, int) or self.group_size < 2
+                                or self.group_size % 2):
+      raise ValueError(f"int4 group_size must be an even int (e.g. one of {list(GROUP_SIZES)}), "
+                       f"got {self.group_size!r}.")
+
+  @property
+  def bits(self) -> int:
+    return 4 if self.mode == "int4" else 8
+
+  @property
+  def storage(self) -> dict:
+    """What the parameters hold; modes with equal storage read each other's checkpoints."""
+    return {"bits": self.bits, "group_size": self.group_size if self.bits == 4 else None,
+            "embeddings": self.embeddings}
+
+  def kernel_group(self, size: int, where: str) -> Optional[int]:
+    """The group size for a contracted axis of `size` (None: per channel), checked."""
+    if self.bits == 8:
+      return None
+    if size % self.group_size:
+      divisors = [g for g in GROUP_SIZES if size % g == 0]
+      raise ValueError(
+          f"int4 group_size={self.group_size} does not divide the input dimension {size} of "
+          f"{where}; choose a group size that divides every kernel's input dimension"
+          + (f" (here {divisors} do)" if divisors else " (an even divisor of it)")
+          + ", e.g. --group_size 32, or quantize with int8.")
+    return self.group_size
+
+
+# ---------------------------------------------------------------------------- the interceptor
+
+def _param(module: nn.Module, name: str, shape, axes, dtype) -> Array:
+  """A quantized parameter; its initializer only runs to give `abstract_params` its shape."""
+  return layers.param(module, name, nn.initializers.zeros, shape, axes, dtype)
+
+
+def _kernel_params(module, prefix: str, in_size: int, in_axis, out_shape, out_axes,
+                   settings: Settings, where: str, lead: tuple = (), lead_axes: tuple = ()):
+  """(q, scale) of a kernel [lead..., in, out...] with its logical axes."""
+  group = settings.kernel_group(in_size, where)
+  bits = settings.bits
+  q = _param(module, f"{prefix}_int{bits}", lead + (in_size * bits // 8,) + out_shape,
+             lead_axes + (in_axis,) + out_axes, jnp.int8 if bits == 8 else jnp.uint8)
+  groups = 1 if group is None else in_size // group
+  scale = _param(module, f"{prefix}_scale", lead + (groups,) + out_shape,
+                 lead_axes + (None,) + out_axes, jnp.float32)
+  return q, scale
+
+
+def _is_head(module: layers.DenseGeneral) -> bool:
+  return "vocab" in tuple(module.out_axes)
+
+
+def _dense(module: layers.DenseGeneral, x: Array, settings: Settings) -> Array:
+  """What DenseGeneral computes, from quantized parameters."""
+  n_in = len(module.in_axes)
+  in_shape, out_shape = x.shape[-n_in:], tuple(module.features)
+  in_size = math.prod(in_shape)
+  where = "/".join(module.path) + "/kernel"
+  q, scale = _kernel_params(module, "kernel", in_size, module.in_axes[0], out_shape,
+                            tuple(module.out_axes), settings, f"{where} {in_shape + out_shape}")
+  dtype = module.dtype
+  x = x.reshape(x.shape[:-n_in] + (in_size,))
+  contract = (((x.ndim - 1,), (0,)), ((), ()))
+  if settings.mode == "w8a8":
+    xq, x_scale = quantize_activations(x, 1)
+    acc = jax.lax.dot_general(xq, q, contract, preferred_element_type=jnp.int32)
+    x_scale = x_scale.reshape(x_scale.shape[:-1] + (1,) * len(out_shape))
+    y = (acc.astype(jnp.float32) * x_scale * scale[0]).astype(dtype)
+  elif settings.bits == 8:  # per channel: scale the output, not every weight
+    y = jax.lax.dot_general(x.astype(dtype), q.astype(dtype), contract) * scale[0].astype(dtype)
+  else:
+    w = dequantize_array(q, scale, 0, 4, dtype)
+    y = jax.lax.dot_general(x.astype(dtype), w, contract)
+  if module.use_bias:
+    y = y + layers.param(module, "bias", nn.initializers.zeros, out_shape,
+                         tuple(module.out_axes), module.param_dtype).astype(dtype)
+  return y
+
+
+def _embedding_params(module: layers.Embed) -> None:
+  """The int8 table [v, d] and its per-row scales [v, 1] (Embed makes its table in setup)."""
+  shape = (module.num_embeddings, module.features)
+  _param(module, "embedding_int8", shape, tuple(module.axes), jnp.int8)
+  _param(module, "embedding_scale", (shape[0], 1), (module.axes[0], None), jnp.float32)
+
+
+def _embed_call(module: layers.Embed, method: str, x: Array) -> Array:
+  q, scale = (nn.meta.unbox(module.get_variable("params", f"embedding_{n}"))
+              for n in ("int8", "scale"))
+  dtype = module.dtype
+  if method == "__call__":  # rows, then their scales
+    return (jnp.take(q, x, axis=0).astype(jnp.float32) * jnp.take(scale, x, axis=0)).astype(dtype)
+  # attend: the tied head; a row's scale is its vocabulary entry's output channel
+  logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
+  return logits * scale[:, 0].astype(dtype)
+
+
+def _expert_kernels(module: moe.MoeMlp, settings: Settings) -> dict:
+  """What `MoeMlp._kernels` returns, dequantized from the experts' quantized kernels."""
+  cfg = module.config
+  e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+  names = ("wi_0", "wi_1") if cfg.gated_mlp else ("wi",)
+  shapes = {n: (d, f, ("embed", "mlp")) for n in names}
+  shapes["wo"] = (f, d, ("mlp", "embed"))
+  out = {}
+  for name, (n_in, n_out, (in_axis, out_axis)) in shapes.items():
+    where = f"{'/'.join(module.path)}/{name}_kernel {(e, n_in, n_out)}"
+    q, scale = _kernel_params(module, f"{name}_kernel", n_in, in_axis, (n_out,), (out_axis,),
+                              settings, where, lead=(e,), lead_axes=("expert",))
+    kernel = dequantize_array(q, scale, 1, settings.bits, cfg.dtype)
+    bias = None
+    if cfg.use_bias:
+      bias = layers.param(module, f"{name}_bias", nn.initializers.zeros, (e, n_out),
+                          ("expert", out_axis), cfg.param_dtype).astype(cfg.dtype)
+    out[name] = (kernel, bias)
+  return out
+
+
+_ATTENTION_ARGS = inspect.signature(layers.Attention.__call__)
+
+
+def _with_int8_cache(next_fun, module, args, kwargs):
+  """Attention called with its float decoding cache turned into an int8 one (the first call of
+  a decode: the prefill, or an encoder-decoder's first step); later calls get the int8 cache
+  back from the decoding loop."""
+  bound = _ATTENTION_ARGS.bind(module, *args, **kwargs)
+  cache = bound.arguments.get("cache")
+  if cache is not None and "key_scale" not in cache:
+    bound.arguments["cache"] = layers.quantize_kv(cache)
+  return next_fun(*bound.args[1:], **bound.kwargs)
+
+
+def _interceptor(settings: Optional[Settings], kv_cache: Optional[str], sites: dict):
+  """Runs quantized DenseGeneral / Embed / MoeMlp layers (no weights with `settings` None) and
+  int8 KV caches (`kv_cache` "int8"); records each layer it quantizes in `sites` (its path ->
+  (kind, number of input dims, number of output dims))."""
+  def intercept(next_fun, args, kwargs, context):
+    module, method = context.module, context.method_name
+    path = "/".join(module.path)
+    if kv_cache and isinstance(module, layers.Attention) and method == "__call__":
+      return _with_int8_cache(next_fun, module, args, kwargs)
+    if settings is None:
+      return next_fun(*args, **kwargs)
+    if isinstance(module, layers.DenseGeneral) and method == "__call__":
+      if _is_head(module) and not settings.embeddings:
+        return next_fun(*args, **kwargs)
+      sites[path] = ("dense", len(module.in_axes), len(module.features))
+      return _dense(module, args[0], settings)
+    if isinstance(module, layers.Embed) and settings.embeddings:
+      if method == "setup":  # instead of the float table
+        sites[path] = ("embed", 1, 1)
+        return _embedding_params(module)
+      if method in ("__call__", "attend"):
+        return _embed_call(module, method, args[0])
+    if isinstance(module, moe.MoeMlp) and method == "_kernels":
+      sites[path] = ("experts", 1, 1)
+      return _expert_kernels(module, settings)
+    return next_fun(*args, **kwargs)
+  return intercept
+
+
+# ---------------------------------------------------------------------------- the model
+
+class QuantizedModel:
+  """`model` running on quantized parameters (see the module docstring).
+
+  Every method of the base model (scoring, decoding, fill_mask, ...) runs quantized; attributes
+  that are not methods are the base's. Training is refused: there is no quantization-aware
+  training, so gradients of rounded integers would be meaningless.
+  """
+
+  def __init__(self, model: Any, mode: Optional[str] = "int8", group_size: int = 128,
+               embeddings: bool = False, kv_cache: Optional[str] = None):
+    if isinstance(model, QuantizedModel):
+      raise ValueError("This model is already quantized; wrap the float model once.")
+    if type(model).__name__ == "LoraModel":
+      raise ValueError("Quantize a model without LoRA adapters: merge them first "
+                       "(tools/lora.py merge), then quantize the merged checkpoint.")
+    if kv_cache not in (None, "int8"):
+      raise ValueError(f"kv_cache={kv_cache!r}: the KV cache is float (None) or 'int8'.")
+    if mode is None and kv_cache is None:
+      raise ValueError(f"Nothing to quantize: give a mode ({list(MODES)}) or kv_cache='int8'.")
+    self.base = _fresh_copy(model)  # its own compiled functions: the interceptor is traced in
+    self.settings = None if mode is None else Settings(mode, group_size, embeddings)
+    self.kv_cache = kv_cache
+    self._sites: dict = {}
+
+  @contextlib.contextmanager
+  def quantized(self):
+    """While active, every quantized layer of the base model reads quantized parameters."""
+    with nn.intercept_methods(_interceptor(self.settings, self.kv_cache, self._sites)):
+      yield
+
+  def __getattr__(self, name):
+    if name.startswith("__") or name in ("base", "settings", "kv_cache", "_sites"):
+      raise AttributeError(name)
+    value = getattr(self.base, name)
+    if not inspect.ismethod(value):
+      return value
+
+    @functools.wraps(value)
+    def quantized_method(*args, **kwargs):
+      with self.quantized():
+        return value(*args, **kwargs)
+    return quantized_method
+
+  def __repr__(self):
+    return (f"QuantizedModel({type(self.base).__name__}, {self.settings}, "
+            f"kv_cache={self.kv_cache})")
+
+  @property
+  def mode(self) -> Optional[str]:
+    return None if self.settings is None else self.settings.mode
+
+  def loss_fn(self, *args, **kwargs):
+    raise ValueError(
+        f"A quantized model ({self.mode or 'int8 KV cache'}) is for inference only: quantization-aware "
+        "training does not exist in t5x_lite yet. Train (or fine-tune) the float model, i.e. "
+        "without QUANTIZE / quantize=, and quantize its checkpoint afterwards "
+        "(tools/convert_checkpoint.py --from DIR --quantize int8 --to QDIR).")
+
+  # -- parameters ---------------------------------------------------------------------------------
+  def abstract_params(self, batch=None):
+    """(shapes, logical specs) of the quantized parameters; refuses bad group sizes."""
+    self._sites.clear()
+    with self.quantized():
+      shapes, specs = self.base.abstract_params(batch)
+    if self.settings is not None and not self._sites:
+      raise ValueError(f"{type(self.base).__name__} has no layer that {self.settings.mode} "
+                       "quantizes.")
+    return shapes, specs
+
+  def num_params(self, batch=None, active: bool = False) -> int:
+    return self.base.num_params(batch, active)  # the model's own count, not of stored arrays
+
+  def init(self, rng, batch):
+    return self.quantize(self.base.init(rng, batch))
+
+  def sites(self) -> dict:
+    """{layer path: (kind, input dims, output dims)} of the layers quantized."""
+    if not self._sites:
+      self.abstract_params()
+    return dict(self._sites)
+
+  def quantize(self, params, out_shardings=None):
+    """The quantized parameters of the base model's float `params` (any layout), jitted; with
+    `out_shardings` (a tree like `abstract_params`' shapes) laid out that way."""
+    if self.settings is None:
+      return params if out_shardings is None else jax.device_put(params, out_shardings)
+    sites = self.sites()
+    return jax.jit(functools.partial(_quantize_tree, sites, self.settings),
+                   out_shardings=out_shardings)(params)
+
+  def float_abstract(self, like=None):
+    """The base model's abstract parameters, on the mesh of `like` (quantized abstract
+    parameters with shardings) when they have one: what a float checkpoint is read into."""
+    shapes, specs = self.base.abstract_params()
+    sharding = next(iter(jax.tree.leaves(like)), None) if like is not None else None
+    mesh = getattr(getattr(sharding, "sharding", None), "mesh", None)
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          shapes)
+    from t5x_lite import partitioning  # pylint: disable=g-import-not-at-top
+    return checkpoints.abstract_with_shardings(
+        shapes, partitioning.tree_shardings(shapes, specs, mesh))
+
+
+def _fresh_copy(model):
+  """Another instance of `model`'s class with the same constructor arguments."""
+  names = list(inspect.signature(type(model).__init__).parameters)[1:]
+  try:
+    return type(model)(**{name: getattr(model, name) for name in names})
+  except (AttributeError, TypeError) as e:
+    raise ValueError(f"Cannot quantize a {type(model).__name__}: its constructor arguments "
+                     f"{names} are not all attributes of it ({e}).") from e
+
+
+def _quantize_tree(sites: dict, settings: Settings, params):
+  """Replaces each quantized layer's float parameters in `params` (nested dicts)."""
+  out = jax.tree.map(lambda x: x, params)  # a copy whose dicts may be edited
+  for path, (kind, n_in, n_out) in sites.items():
+    node = _node(out, path)
+    if node is None:
+      raise ValueError(f"The parameters have no layer {path!r}; were they made for this model?")
+    if kind == "embed":
+      table = node.pop("embedding")
+      node["embedding_int8"], node["embedding_scale"] = quantize_array(table, 1, 8)
+      continue
+    names = ["kernel"] if kind == "dense" else [k for k in list(node) if k.endswith("_kernel")
+                                                and k != "router"]
+    for name in names:
+      kernel = node.pop(name)
+      lead = kernel.ndim - n_in - n_out  # stacked layers (and experts)
+      in_size = math.prod(kernel.shape[lead:lead + n_in])
+      flat = kernel.reshape(kernel.shape[:lead] + (in_size,) + kernel.shape[lead + n_in:])
+      group = settings.kernel_group(in_size, f"{path}/{name} {tuple(kernel.shape)}")
+      q, scale = quantize_array(flat, lead, settings.bits, group)
+      node[f"{name}_int{settings.bits}"], node[f"{name}_scale"] = q, scale
+  return out
+
+
+def _node(tree: dict, path: str):
+  """The dict of `tree` at a module path, trying scanned layers' stacked names."""
+  for name in path.split("/"):
+    if not isinstance(tree, dict) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
+# ---------------------------------------------------------------------------- memory
+
+def param_bytes(params) -> int:
+  """Bytes the parameter arrays take (device arrays or checkpoint metadata)."""
+  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(params)))
+
+
+def directory_bytes(directory: str) -> int:
+  """Bytes of the files under `directory` (a checkpoint on disk)."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(directory) for name in names)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def read_settings(directory: str) -> Optional[Settings]:
+  """The settings a quantized params checkpoint was written with; None for a float one."""
+  path = os.path.join(directory, QUANTIZATION_JSON)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return Settings(record["mode"], record.get("group_size") or 128, record["embeddings"])
+
+
+def check_params_checkpoint(directory: str) -> None:
+  """Refuses what is not a params checkpoint (a train-state step, a run without its export)."""
+  if not os.path.isfile(os.path.join(directory, checkpoints.MODEL_GIN)):
+    from t5x_lite import loaded_model  # pylint: disable=g-import-not-at-top
+    raise FileNotFoundError("Quantization reads a params checkpoint. " +
+                            loaded_model._not_a_params_checkpoint(directory))  # pylint: disable=protected-access
+
+
+def for_checkpoint(model, directory: Optional[str], mode: Optional[str],
+                   group_size: int = 128, embeddings: bool = False,
+                   kv_cache: Optional[str] = None):
+  """The model to run a checkpoint with: `model` itself (float), or a QuantizedModel as `mode`
+  and `kv_cache` ask or as the checkpoint was quantized. A checkpoint quantized otherwise is
+  refused."""
+  stored = read_settings(directory) if directory else None
+  if stored is None:
+    if mode is None and kv_cache is None:
+      return model
+    return QuantizedModel(model, mode, group_size, embeddings, kv_cache)
+  if mode is None:
+    return QuantizedModel(model, stored.mode, stored.group_size, stored.embeddings, kv_cache)
+  wanted = Settings(mode, group_size, stored.embeddings)
+  if wanted.storage != stored.storage:
+    raise ValueError(
+        f"{directory!r} is already quantized ({stored.mode}"
+        + (f", group size {stored.group_size}" if stored.bits == 4 else "")
+        + f"), which cannot be read as {mode}"
+        + (f" with group size {group_size}" if wanted.bits == 4 else "")
+        + ". Load it with quantize=None (as stored)"
+        + (" or 'w8a8'/'int8'" if stored.bits == 8 else "")
+        + ", or quantize the float checkpoint it came from.")
+  return QuantizedModel(model, mode, stored.group_size, stored.embeddings, kv_cache)
+
+
+def loader(model, load_float: Callable[[Any], Any],
+           directory: Optional[str] = None) -> Callable[[Any], Any]:
+  """`load(abstract params) -> params` for `predict.restore_params`: `load_float` itself for a
+  float model; for a QuantizedModel the stored integers of a quantized checkpoint in
+  `directory`, or the float parameters `load_float` reads, quantized into the same layout."""
+  if not isinstance(model, QuantizedModel) or model.settings is None:
+    return load_float
+
+  def load(abstract):
+    if directory and read_settings(directory) is not None:
+      return checkpoints.load_params(directory, abstract)
+    shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract)
+    return model.quantize(load_float(model.float_abstract(abstract)), shardings)
+  return load
+
+
+def save_checkpoint(directory: str, qmodel: QuantizedModel, params,
+                    model_gin: str, source: Optional[str] = None) -> str:
+  """A quantized params checkpoint: params/ (integers and scales), the base's model.gin and
+  quantization.json (mode, group size, embeddings, source, bytes)."""
+  checkpoints.save_params(directory, params, model_gin)
+  record = {"format": FORMAT, "mode": qmodel.settings.mode,
+            "group_size": qmodel.settings.group_size if qmodel.settings.bits == 4 else None,
+            "embeddings": qmodel.settings.embeddings, "source": source,
+            "param_bytes": param_bytes(params)}
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, QUANTIZATION_JSON), "w") as f:
+      json.dump(record, f, indent=1)
+  return directory
+
+
+def quantize_checkpoint(source: str, out: str, mode: str, group_size: int = 128,
+                        embeddings: bool = False) -> tuple[QuantizedModel, dict]:
+  """Reads the float params checkpoint `source`, writes its quantized copy to `out`; returns
+  the model and {"float_bytes", "quantized_bytes"} of the arrays."""
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  check_params_checkpoint(source)
+  if read_settings(source) is not None:
+    raise ValueError(f"{source!r} is already quantized ({read_settings(source).mode}); "
+                     "quantize the float checkpoint it came from.")
+  if os.path.abspath(source) == os.path.abspath(out):
+    raise ValueError("--to must be another directory than --from: the float checkpoint is kept.")
+  gin_path = os.path.join(source, checkpoints.MODEL_GIN)
+  qmodel = QuantizedModel(models.from_gin(gin_path), mode, group_size, embeddings)
+  qmodel.abstract_params()  # group sizes checked before anything is read
+  float_params = checkpoints.load_params(source, qmodel.float_abstract())
+  params = qmodel.quantize(float_params)
+  with open(gin_path) as f:
+    model_gin = f.read()
+  save_checkpoint(out, qmodel, params, model_gin, os.path.abspath(source))
+  for name in os.listdir(source):  # the tokenizer and ids travel with the weights
+    if name.startswith(("tokenizer", "special_tokens", "vocab", "hf_config", "spiece",
+                        "sentencepiece", "config.gin")) and os.path.isfile(
+                            os.path.join(source, name)):
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.copy(os.path.join(source, name), os.path.join(out, name))
+  return qmodel, {"float_bytes": param_bytes(float_params), "quantized_bytes": param_bytes(params)}
