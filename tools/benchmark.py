@@ -143,6 +143,11 @@ SHAPES = {
                        8, {"targets": 256}),
 }
 
+def _loss_chunk_bindings(chunk_size: Optional[int]) -> tuple[str, ...]:
+  return tuple(f"{cls}.loss_chunk_size = {chunk_size}"
+               for cls in ("EncoderOnlyModel", "DecoderOnlyModel", "EncoderDecoderModel"))
+
+
 # Speed switches: gin bindings and Trainer arguments, applied on top of a shape.
 VARIANTS = {
     "default": ((), {}),
@@ -165,6 +170,10 @@ VARIANTS = {
     "moe-einsum": (("TransformerConfig.moe_dispatch = 'einsum'",), {}),
     "moe-capacity-1.25": (("TransformerConfig.moe_dispatch = 'einsum'",
                            "TransformerConfig.expert_capacity_factor = 1.25"), {}),
+    # The output projection + loss all at once ([b, l, v] float32 logits), or chunked by tokens
+    # (losses.cross_entropy_with_head; the models' default chunk is losses.DEFAULT_CHUNK_SIZE).
+    "loss-unchunked": (_loss_chunk_bindings(None), {}),
+    **{f"loss-chunk-{n}": (_loss_chunk_bindings(n), {}) for n in (256, 512, 1024, 2048)},
 }
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
 
@@ -244,6 +253,11 @@ def train_command(args) -> list[dict]:
       times, cpu = alternate(workers, args.rounds, args.steps,
                              lambda: peaks.append(first.call("peak_flops")))
       rows = _train_rows(shape_name, args.variants, first.info, workers, times, cpu, peaks)
+      for row, worker in zip(rows, workers.values()):
+        if row["impl"] == "t5x_lite":
+          row.update(worker.call("compiled_memory"))
+      if args.alone:
+        _add_alone(rows, workers, args.rounds, args.steps)
       if args.profile:
         for row, variant in zip(rows, args.variants):
           row["profile"] = workers[variant].call(
@@ -253,6 +267,11 @@ def train_command(args) -> list[dict]:
         worker.close()
     for row in rows:
       print(_format_train(row), flush=True)
+      if "alone_step_s" in row:
+        spread = np.percentile(row["alone_step_s_per_round"], [25, 75]) / row["alone_step_s"]
+        print(f"  alone: step {row['alone_step_s']:.3f} s (rounds' interquartile range "
+              f"{spread[0]:.2f}-{spread[1]:.2f}x of it); alternating / alone = "
+              f"{row['alternating_over_alone']:.2f}", flush=True)
       if "profile" in row:
         p = row["profile"]
         print(f"  profile of one step ({p['trace']}): {p['matmul_share']:.0%} of op time in "
@@ -260,6 +279,17 @@ def train_command(args) -> list[dict]:
               flush=True)
     results += rows
   return results
+
+
+def _add_alone(rows: list[dict], workers: dict, rounds: int, steps: int) -> None:
+  """The calibration of --alone: each implementation's rounds back to back, after the
+  alternating ones, so a row's alternating and alone step times can be compared. (While one
+  runs the others are stopped, see benchmark_runners.Worker.)"""
+  for row, worker in zip(rows, workers.values()):
+    alone = [float(np.median(worker.call("run", steps))) for _ in range(rounds)]
+    worker.call("cpu_times")  # not this row's CPU figures
+    row["alone_step_s"], row["alone_step_s_per_round"] = float(np.median(alone)), alone
+    row["alternating_over_alone"] = row["step_s"] / row["alone_step_s"]
 
 
 def _train_rows(shape_name, variants, info, workers, times, cpu, peaks) -> list[dict]:
@@ -292,7 +322,7 @@ def _train_rows(shape_name, variants, info, workers, times, cpu, peaks) -> list[
 TRAIN_HEADER = (f"{'shape':<12}{'impl':<12}{'variant':<16}{'1st step s':>11}{'step s':>9}"
                 f"{'CPU s':>8}"
                 f"{'tok/s':>9}{'tgt tok/s':>10}{'GFLOP':>8}{'XLA GFLOP':>10}{'GFLOP/s':>9}"
-                f"{'MFU':>7}{'RSS GiB':>8}  speed vs")
+                f"{'MFU':>7}{'RSS GiB':>8}{'XLA GiB':>8}  speed vs")
 
 
 def _vs(row) -> str:
@@ -307,7 +337,11 @@ def _format_train(r: dict) -> str:
   return (f"{r['shape']:<12}{r['impl']:<12}{r['variant']:<16}{r['first_step_s']:>11.1f}"
           f"{r['step_s']:>9.3f}{r['cpu_s']:>8.2f}{r['tokens_per_s']:>9.0f}{r['target_tokens_per_s']:>10.0f}"
           f"{r['gflop_per_step']:>8.1f}{xla:>10}{r['gflop_per_s']:>9.1f}{r['mfu']:>7.1%}"
-          f"{r['rss_gib']:>8.2f}  {_vs(r)}")
+          f"{r['rss_gib']:>8.2f}{_gib(r.get('xla_peak_gib')):>8}  {_vs(r)}")
+
+
+def _gib(value: Optional[float]) -> str:
+  return "-" if value is None else f"{value:.2f}"
 
 
 def decode_command(args) -> list[dict]:
@@ -400,18 +434,19 @@ def markdown(command: str, rows: list[dict], args) -> str:
            f"{_machine(args)}", ""]
   if command == "train":
     lines += ["| shape | impl | variant | 1st step s | step s | CPU s | tokens/s | GFLOP/step (XLA) "
-              "| GFLOP/s | MFU | RSS GiB | speed vs |", "|" + "---|" * 12]
+              "| GFLOP/s | MFU | RSS GiB | XLA peak GiB | speed vs |", "|" + "---|" * 13]
     for r in rows:
       xla = f" ({r['xla_gflop_per_step']:.1f})" if r["xla_gflop_per_step"] else ""
       lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['first_step_s']:.1f} | "
                    f"{r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['tokens_per_s']:.0f} | "
                    f"{r['gflop_per_step']:.1f}"
                    f"{xla} | {r['gflop_per_s']:.1f} | {r['mfu']:.0%} | {r['rss_gib']:.2f} | "
-                   f"{_vs(r)} |")
+                   f"{_gib(r.get('xla_peak_gib'))} | {_vs(r)} |")
     lines += ["", "MFU = model FLOP/s over the matmul peak measured beside each round "
               f"(median {np.median([r['matmul_gflop_per_s'] for r in rows]):.0f} GFLOP/s); "
               "tokens/s counts all input tokens; CPU s = CPU seconds per step of the process (all "
-              "threads); speed vs = median over rounds of the speed ratio against each HF run "
+              "threads); XLA peak GiB = the compiled step's peak memory on one device by XLA's "
+              "memory analysis (params, optimizer state, batch and temporaries); speed vs = median over rounds of the speed ratio against each HF run "
               "(and against the first variant), in wall and in CPU time."]
   else:
     lines += ["| shape | impl | batch | new tokens | 1st call s | call s | CPU s | tokens/s "
@@ -474,6 +509,9 @@ def main(argv: Sequence[str] | None = None):
   train.add_argument("--profile", default=None, metavar="DIR",
                      help="also trace one step of each run with jax.profiler into DIR and "
                           "print the time per XLA op")
+  train.add_argument("--alone", action="store_true",
+                     help="calibration: after the alternating rounds, time each implementation's "
+                          "rounds back to back and print how its alternating step time compares")
   train.add_argument("--no_xla_flops", action="store_true",
                      help="skip the cross-check of the FLOP count with XLA's cost analysis")
   train.set_defaults(func=train_command)

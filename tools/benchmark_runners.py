@@ -9,6 +9,11 @@ JAX. Children are spawned and import this module by name (`benchmark_runners`) t
   runners     Runner (timing, wall and CPU), JaxTrain, TorchTrain, JaxDecode, TorchDecode;
               xla_train_flops (XLA's FLOP count, to check the analytic one), _hf_config
   processes   _serve (the child's loop) and Worker (the parent's handle on it)
+
+Only the process being timed runs: a Worker stops its child (SIGSTOP) between calls and
+continues it (SIGCONT) for each call, so a waiting child cannot spin its threads (PyTorch's
+OpenMP threads keep spinning after a parallel region, and XLA's pool can too) and steal cycles
+from the one being timed, while the timed one keeps its libraries' default wait policies.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import json
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -191,6 +197,23 @@ class JaxTrain(Runner):
     return {"trace": path, "op_seconds": total, "matmul_share": matmul / max(total, 1e-9),
             "top_ops": ops.most_common(12)}
 
+  def compiled_memory(self) -> dict:
+    """XLA's memory analysis of the compiled train step on one device (from its buffer
+    assignment, not the allocator): peak bytes, and the temporaries (activations, logits,
+    gradients) within it. Compiles the step once more (a few seconds; not timed)."""
+    trainer = self.trainer
+    trainable, frozen = self.trainer_lib.partition(self.state.params, trainer.mask)
+    # pylint: disable-next=protected-access  # the step Trainer.train_step runs, to lower it
+    lowered = trainer._train_step.lower(self.state.replace(params=trainable), frozen,
+                                        self.batch, trainer.frozen_trees)
+    stats = lowered.compile().memory_analysis()
+    if stats is None:  # a backend without the analysis
+      return {"xla_peak_gib": None, "xla_temp_gib": None}
+    peak = getattr(stats, "peak_memory_in_bytes", 0) or (
+        stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes)
+    return {"xla_peak_gib": peak / 2 ** 30, "xla_temp_gib": stats.temp_size_in_bytes / 2 ** 30}
+
   def peak_flops(self) -> dict:
     """Measured matmul FLOP/s in the compute dtype; on accelerators also the data-sheet peak."""
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -360,7 +383,8 @@ def _serve(conn, runner: str, args: tuple, threads: Optional[int] = None):
 
 class Worker:
   """A runner in its own process (spawned: no state inherited from the parent's JAX), limited
-  to `threads` CPU threads if given."""
+  to `threads` CPU threads if given. Between calls the child is stopped (see the module
+  docstring); it runs only while it builds and while it answers a call."""
 
   def __init__(self, runner: str, *args, threads: Optional[int] = None):
     context = multiprocessing.get_context("spawn")
@@ -369,6 +393,11 @@ class Worker:
                                     daemon=True)
     self._process.start()
     self.info = self._receive(runner)
+    self._signal(signal.SIGSTOP)
+
+  def _signal(self, sig) -> None:
+    if self._process.is_alive():
+      os.kill(self._process.pid, sig)
 
   def _receive(self, what: str):
     status, value = self._conn.recv()
@@ -378,10 +407,15 @@ class Worker:
     return value
 
   def call(self, method: str, *args):
-    self._conn.send((method, args))
-    return self._receive(method)
+    self._signal(signal.SIGCONT)
+    try:
+      self._conn.send((method, args))
+      return self._receive(method)
+    finally:
+      self._signal(signal.SIGSTOP)
 
   def close(self):
+    self._signal(signal.SIGCONT)  # a stopped child would not read the request to stop
     if self._process.is_alive():
       try:
         self._conn.send((None, ()))
