@@ -9,8 +9,11 @@ checkpoint for inference and for fine-tuning.
 
 A *train-state checkpoint* (`CheckpointManager`) lives in MODEL_DIR/checkpoints/<step>/ and holds
   state/   the whole TrainState: step, params, optimizer state, dropout RNG;
-  data/    the data-iterator position: how many batches the run has consumed, so a resumed run
-           fast-forwards its (seeded, deterministic) input pipeline to exactly where it stopped.
+  data/    the data position: how many batches (and, for a packed cache, rows) the run has
+           consumed, and what they were read from (task, feature lengths, seed, vocabulary
+           fingerprint, data shards: see t5x_lite/data/resume.py);
+  data_iterator/  each process's input-iterator state (process_<i>-of-<n>.*), when the run reads
+           an on-the-fly pipeline: a resumed run restores it instead of replaying the stream.
 Orbax writes each step into a temporary directory and renames it only once complete, so a
 crash (or a full disk) mid-save never leaves a checkpoint that a later resume would pick up, and
 the previous one stays usable. A finished checkpoint damaged later (truncated by a copy, a disk
@@ -146,14 +149,47 @@ def params_metadata(directory: str) -> Any:
     return checkpointer.metadata(target).item_metadata.tree
 
 
+class _StagedFilesHandler(ocp.CheckpointHandler):
+  """A checkpoint item made of the files each process wrote (staged) before the save began: its
+  input iterator's state. They are moved into the step's item directory, so they are committed
+  with the step, or discarded with an unfinished one, and deleted with it."""
+
+  def save(self, directory, args: "StagedFilesSave"):
+    directory = str(directory)
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(args.staging):
+      shutil.move(os.path.join(args.staging, name), os.path.join(directory, name))
+    os.rmdir(args.staging)
+
+  def restore(self, directory, args=None):
+    return str(directory)  # the data stream reads its own files
+
+  def metadata(self, directory):
+    return None
+
+
+@ocp.args.register_with_handler(_StagedFilesHandler, for_save=True)
+@dataclasses.dataclass
+class StagedFilesSave(ocp.args.CheckpointArgs):
+  staging: str
+
+
+@ocp.args.register_with_handler(_StagedFilesHandler, for_restore=True)
+@dataclasses.dataclass
+class StagedFilesRestore(ocp.args.CheckpointArgs):
+  pass
+
+
 class CheckpointManager:
   """Train-state checkpoints of one run in `model_dir/checkpoints`.
 
   Saves every `save_interval_steps` steps (and whenever `force`d: at the end), asynchronously:
   `save` returns once the arrays are copied off the devices and writes in the background.
-  Keeps the newest `max_to_keep`.
+  Keeps the newest `max_to_keep`. With `data_stream` set (the train job's, see
+  data/resume.py), each save records its position and the input iterator's state.
   """
   SUBDIR = "checkpoints"
+  ITERATOR_ITEM = "data_iterator"
 
   def __init__(self, model_dir: str, save_interval_steps: int = 1000, max_to_keep: int = 3,
                async_save: bool = True):
@@ -164,6 +200,12 @@ class CheckpointManager:
     self.save_interval_steps = save_interval_steps
     self.restored_step: Optional[int] = None  # the step `restore` read (after any fallback)
     self.restored_position: dict = {}  # its data position: batches_consumed (and batch_size)
+    self.data_stream = None  # position(consumed) -> dict; stage_state(directory, consumed)
+    # Where this process writes its iterator state before a save hands it to Orbax; what a
+    # killed run left there is stale.
+    self._staging = os.path.join(os.path.abspath(model_dir), "data_iterator_staging",
+                                 f"process_{jax.process_index()}")
+    shutil.rmtree(self._staging, ignore_errors=True)
     self._saving: Optional[int] = None  # the step whose asynchronous write may be under way
     # The interval is applied in `save` (Orbax alone would also save the very first step).
     # Temporary directories of saves cut short (a kill, a full disk) are removed on start-up.
@@ -172,7 +214,8 @@ class CheckpointManager:
         enable_async_checkpointing=async_save, create=True),
         # Named handlers let a fresh manager read metadata of existing steps before any save.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": ocp.JsonCheckpointHandler()})
+                       "data": ocp.JsonCheckpointHandler(),
+                       self.ITERATOR_ITEM: _StagedFilesHandler()})
     # Orbax removes those temporary directories in a background thread that only its first
     # save waits for: wait now, so that no removal is still under way while this run reads or
     # lists its checkpoints, or after it closed.
@@ -196,11 +239,25 @@ class CheckpointManager:
     position = {"batches_consumed": int(batches_consumed)}
     if batch_size is not None:
       position["batch_size"] = int(batch_size)
+    items = {}
+    if self.data_stream is not None:
+      position.update(self.data_stream.position(batches_consumed))
+      # Written now, before the iterator moves on; Orbax only moves the files into the step.
+      staged = self.data_stream.stage_state(os.path.join(self._staging, str(step)),
+                                            batches_consumed)
+      if staged:
+        items[self.ITERATOR_ITEM] = StagedFilesSave(staged)
     with self._explain_save_errors():
       started = self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position)), force=force)
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position), **items),
+          force=force)
+    if not started and items:
+      shutil.rmtree(items[self.ITERATOR_ITEM].staging, ignore_errors=True)
     self._saving = step if started else self._saving
     return started
+
+  def step_directory(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   @contextlib.contextmanager
   def _explain_save_errors(self):

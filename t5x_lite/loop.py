@@ -395,6 +395,24 @@ class Forgetting(Hook):
     os.replace(self.path + ".tmp", self.path)  # a reader never sees half a file
 
 
+class MixProportions(Hook):
+  """The realised mix of a mixture: each task's share of the examples in the batches trained on
+  since the last log (this process's rows), as mix/<task> in TensorBoard and in the log.
+  `take(upto)` returns (and forgets) the example counts of the batches before index `upto`."""
+
+  def __init__(self, take: Callable[[int], dict], writer: metrics_lib.MetricsWriter, every: int):
+    self.take, self.writer, self.every = take, writer, every
+
+  def __call__(self, loop):
+    counts = self.take(loop.consumed)
+    total = sum(counts.values())
+    if not total:
+      return
+    self.writer.write(loop.step, {f"mix/{task}": n / total for task, n in counts.items()})
+    metrics_lib.log(f"step {loop.step}: mix of {total} examples: " + ", ".join(
+        f"{task} {n / total:.1%}" for task, n in counts.items()))
+
+
 class AtEnd(Hook):
   """Calls `fn(loop)` once, after training (exporting parameters, printing samples)."""
 

@@ -54,7 +54,8 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
           allow_changes: Sequence[str] = (), sample_prompts: Sequence[str] = (),
           sample_length: int = 64, sample_temperature: float = 0.0,
           forgetting_eval_task: Optional[str] = None,
-          forgetting_feature_lengths: Optional[Mapping[str, int]] = None) -> dict[str, float]:
+          forgetting_feature_lengths: Optional[Mapping[str, int]] = None,
+          data_cache: Optional[str] = None) -> dict[str, float]:
   """Trains `model` for `train_steps` optimizer steps on global batches of `batch_size`.
 
   Resumes from the newest checkpoint in `model_dir` if there is one; otherwise starts from
@@ -78,6 +79,11 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
   `forgetting_feature_lengths` (default: TASK_FEATURE_LENGTHS' lengths of its features) are
   measured before the first update and after the last, and written with their change to
   MODEL_DIR/forgetting.json and TensorBoard (see loop.Forgetting).
+
+  Data (see t5x_lite/data/resume.py): `data_cache` (a packed cache from tools/cache_task.py)
+  is read instead of the on-the-fly pipeline: a resume starts at its row cursor in O(1), with
+  any number of processes. Otherwise each checkpoint holds the input iterators' state, which a
+  resume restores (replaying the consumed batches only where it cannot, saying why).
 
   After training, `sample_prompts` are continued for `sample_length` tokens with the model's
   `predict_batch` (greedy, or sampled at `sample_temperature`) and printed.
@@ -106,15 +112,19 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       metrics_lib.log(pipeline)
     manager = checkpoints.CheckpointManager(model_dir, checkpoint_every, keep_checkpoints)
     with manager:  # on an error too: Orbax's threads stop before the job reports it
+      vocabulary = run_dir.vocabulary_record(data.get_vocabulary())
       run = functools.partial(_record_run, model_dir, manager, allow_changes, run_dir.manifest(
           task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=batch_size, seed=seed, data_shards=shard[1],
-          vocabulary=run_dir.vocabulary_record(data.get_vocabulary()),
+          batch_size=batch_size, seed=seed,
+          # A packed cache's rows do not depend on the readers: any process count resumes it.
+          data_shards="any (packed cache)" if data_cache else shard[1], vocabulary=vocabulary,
           model_config=model.config, corpus=run_dir.corpus_bindings()))
       run(write=False)  # a resume that changes the data is refused before any work
-      stream = functools.partial(data.train_batches, mixture_or_task_name, task_feature_lengths,
-                                 per_host_batch, model.feature_converter(), seed, shard)
-      first_batches = stream(skip=0)
+      stream = data.TrainStream(mixture_or_task_name, task_feature_lengths, per_host_batch,
+                                batch_size, model.feature_converter(), seed, shard,
+                                vocabulary["sha256"], data_cache, allow_changes)
+      manager.data_stream = stream  # checkpoints record its position and iterator state
+      first_batches = stream.open()
       first = next(first_batches)  # its shapes are those the trainer compiles for
       batch_shapes = {k: (batch_size,) + v.shape[1:] for k, v in first.items()}
       # A model that reads frozen trees (DPO's reference) says which, laid out on the mesh.
@@ -138,8 +148,10 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
       with loop.sigterm_received() as sigterm:
         hooks = _hooks(trainer, manager, guard, evaluate, sigterm, model_dir, log_every,
                        batch_size, (sample_prompts, sample_length, sample_temperature))
+        mix = [loop.MixProportions(lambda upto: stream.current.mix.take(upto), hooks[0].writer,
+                                   log_every)] if stream.mixture_tasks else []
         loop.TrainLoop(trainer, state, (partitioning.host_to_global(b, mesh) for b in batches),
-                       train_steps, consumed).add(*hooks, *forgetting).run()
+                       train_steps, consumed).add(*hooks, *forgetting, *mix).run()
   return evaluate.last
 
 
@@ -248,7 +260,9 @@ def _start(trainer, manager, initial_checkpoint_path, seed, stream, fresh_batche
     consumed = _at_batch_size(consumed, manager.restored_position.get("batch_size"), batch_size)
     metrics_lib.log(f"Resumed from {manager.directory}/{manager.restored_step} ({consumed} "
                     "batches consumed).")
-    return state, consumed, stream(skip=consumed)
+    return state, consumed, stream.resume(manager.restored_position, consumed,
+                                          manager.step_directory(manager.restored_step),
+                                          metrics_lib.log)
   if not initial_checkpoint_path:
     return trainer.init_state(seed), 0, fresh_batches
   if not os.path.isdir(os.path.join(initial_checkpoint_path, checkpoints.PARAMS_DIR)):

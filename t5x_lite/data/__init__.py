@@ -16,6 +16,7 @@ from t5x_lite.data.feature_converters import CONVERTERS, MLMFeatureConverter, ma
 from t5x_lite.data.pipeline import BatchIterator, default_model_family, get_dataset, get_provider
 from t5x_lite.data.pipeline import get_tf_dataset, registered_names, train_batches
 from t5x_lite.data.pipeline import validation_batches
+from t5x_lite.data.resume import TrainStream
 from t5x_lite.data.sources import CorpusError
 from t5x_lite.data.vocabularies import DEFAULT_VOCABULARY, check_vocabulary_fits, get_vocabulary
 from t5x_lite.data.vocabularies import mask_id, special_ids

@@ -21,6 +21,7 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
+from t5x_lite.data import mixing
 from t5x_lite.data import packing
 from t5x_lite.data import vocabularies
 
@@ -31,7 +32,27 @@ plain = tf.autograph.experimental.do_not_convert
 
 
 class _FastPacking:
-  """Mixin: seqio's pack-or-pad step with the vectorised packer."""
+  """Mixin: seqio's pack-or-pad step with the vectorised packer; a mixture's per-example task
+  tags (mixing.TASK_FEATURE, one token per example) go through as a packed passthrough feature
+  so the realised mix can be counted. They never change which examples share a row: their room
+  (the sum of the feature lengths) is more than the examples any row can hold."""
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    if mixing.TASK_FEATURE not in ds.element_spec:
+      return super().__call__(ds, task_feature_lengths)
+    if not self.pack:  # unpacked rows (evaluation) are not counted
+      ds = ds.map(plain(lambda ex: {k: v for k, v in ex.items() if k != mixing.TASK_FEATURE}))
+      return super().__call__(ds, task_feature_lengths)
+    # seqio checks the features exactly: the tags are a passthrough feature for this call (the
+    # dataset functions are traced within it).
+    saved = self._passthrough_features
+    self._passthrough_features = dict(
+        saved, **{mixing.TASK_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)})
+    room = sum(task_feature_lengths.values())
+    try:
+      return super().__call__(ds, dict(task_feature_lengths, **{mixing.TASK_FEATURE: room}))
+    finally:
+      self._passthrough_features = saved
 
   def _pack_or_pad(self, ds: tf.data.Dataset, packed_lengths: Mapping[str, int]):
     if not self.pack:
@@ -90,6 +111,8 @@ class MLMFeatureConverter(_FastPacking, seqio.EncoderFeatureConverter):
       if self.pack:
         out["encoder_segment_ids"] = ex["inputs_segment_ids"]
         out["encoder_positions"] = ex["inputs_positions"]
+      if mixing.TASK_FEATURE in ex:
+        out[mixing.TASK_FEATURE] = ex[mixing.TASK_FEATURE]
       return out
 
     return ds.map(plain(convert), num_parallel_calls=AUTOTUNE)

@@ -9,6 +9,7 @@ task does not have, or a converter that does not fit the task's features.
 from __future__ import annotations
 
 import atexit
+import collections
 import difflib
 import gc
 import weakref
@@ -20,6 +21,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_lite.data import feature_converters
+from t5x_lite.data import mixing
 from t5x_lite.data import sources
 from t5x_lite.data import tasks as tasks_lib  # registers the tasks
 
@@ -79,15 +81,31 @@ class BatchIterator:
   """Iterator of numpy batches (dicts of [batch, length] int32 arrays).
 
   `dataset` is the underlying tf.data.Dataset. `save`/`restore` write and read the iterator's
-  position with tf.train.Checkpoint, so training can resume mid-epoch. `close()` stops the
-  background threads (done automatically at exit).
+  position with tf.train.Checkpoint, so training can resume mid-epoch without replaying it;
+  `write_state`/`read_state` do so for a train job, whose loop has read `produced - consumed`
+  batches ahead of the last one it trained on: those are saved with the position and returned
+  first after a restore. `skip` is how many batches the pipeline skipped before its first
+  (part of its graph, so a restore rebuilds it with the same). A mixture's task tags are taken
+  out of each batch and counted (`mix`). `close()` stops the background threads (done
+  automatically at exit).
   """
+  AHEAD_KEPT = 2  # the loop reads one batch ahead of the step it trains
 
-  def __init__(self, dataset: tf.data.Dataset, description: str):
-    self.dataset = dataset
+  def __init__(self, dataset: tf.data.Dataset, description: str, skip: int = 0,
+               mixture_tasks: tuple[str, ...] = ()):
+    options = tf.data.Options()
+    # The JSON Lines and code_to_docstring readers are py_functions, which tf.data takes for
+    # external state and refuses to checkpoint by default; they are pure functions of their
+    # input, so the iterator's own state is the whole position (WARN: saved without them).
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.WARN
+    self.dataset = dataset.with_options(options)
     self._description = description
-    self._iterator = iter(dataset)
+    self._iterator = iter(self.dataset)
     self._started = False
+    self.skip = self.produced = skip  # produced: batches returned so far, in stream order
+    self._recent: collections.deque = collections.deque(maxlen=self.AHEAD_KEPT)
+    self._ahead: collections.deque = collections.deque()  # restored, not yet returned
+    self.mix = mixing.MixCounter(mixture_tasks)
     _LIVE_ITERATORS.add(self)
 
   def close(self):
@@ -98,6 +116,12 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    raw = self._ahead.popleft() if self._ahead else self._read()
+    self._recent.append(raw)
+    self.produced += 1
+    return self.mix.add(self.produced - 1, dict(raw))
+
+  def _read(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
       raise StopIteration
     try:
@@ -132,6 +156,32 @@ class BatchIterator:
 
   def restore(self, path: str) -> None:
     tf.train.Checkpoint(iterator=self._iterator).read(path).assert_consumed()
+
+  def write_state(self, prefix: str, consumed: int) -> None:
+    """Writes the position after batch `consumed` - 1 to `prefix`.* (the TF iterator's state,
+    and the batches read past it, `prefix`.ahead.npz)."""
+    behind = self.produced - consumed  # read by the loop, not trained on yet
+    if not 0 <= behind <= len(self._recent):
+      raise ValueError(f"The train loop consumed {consumed} batches of {self.produced} read; "
+                       f"at most {self.AHEAD_KEPT} may be read ahead.")
+    ahead = list(self._recent)[len(self._recent) - behind:] + list(self._ahead)
+    self.save(prefix)
+    np.savez(prefix + ".ahead.npz", **{f"{i}/{k}": v for i, batch in enumerate(ahead)
+                                       for k, v in batch.items()})
+
+  def read_state(self, prefix: str, consumed: int) -> None:
+    """Restores what `write_state(prefix, consumed)` wrote; the next batch is batch `consumed`."""
+    self.restore(prefix)
+    with np.load(prefix + ".ahead.npz") as saved:
+      ahead: dict[int, dict] = {}
+      for key in saved.files:
+        index, name = key.split("/", 1)
+        ahead.setdefault(int(index), {})[name] = saved[key]
+    self._ahead = collections.deque(ahead[i] for i in sorted(ahead))
+    self._recent.clear()
+    self.produced = consumed
+    self.mix = mixing.MixCounter(self.mix.task_names)  # batches read before the restore
+    self._started = True
 
 
 @gin.configurable
@@ -200,7 +250,8 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
                       shuffle=shuffle, seed=seed, shard_info=shard_info, pack=pack,
                       num_epochs=num_epochs, drop_remainder=drop_remainder,
                       use_cached=use_cached)
-  return BatchIterator(ds, f"{mixture_or_task_name!r} split {split!r}")
+  return BatchIterator(ds, f"{mixture_or_task_name!r} split {split!r}", mixture_tasks=tuple(
+      mixing.mixture_task_names(get_provider(mixture_or_task_name), split)))
 
 
 def train_batches(name: str, lengths: Mapping[str, int], per_host_batch: int,
@@ -213,7 +264,8 @@ def train_batches(name: str, lengths: Mapping[str, int], per_host_batch: int,
   ds = get_tf_dataset(name, lengths, split="train", batch_size=per_host_batch,
                       feature_converter=feature_converter, shuffle=True, seed=seed,
                       shard_info=shard)
-  return BatchIterator(ds.skip(skip), f"{name!r} split 'train'")
+  return BatchIterator(ds.skip(skip), f"{name!r} split 'train'", skip,
+                       tuple(mixing.mixture_task_names(get_provider(name), "train")))
 
 
 def validation_batches(name: str, lengths: Mapping[str, int], per_host_batch: int,

@@ -14,15 +14,20 @@ Text-to-text tasks (inputs, targets -> encoder_decoder or decoder PrefixLM), wit
 Mixtures:
   stdlib_span_corruption_prefix_lm, local_span_corruption_prefix_lm  80% / 20%
   code_to_docstring_and_addition                                   50% / 50%
+Mixtures by size: `register_mixture(name, tasks, by="examples"|"tokens", temperature, maximum)`.
 
 All tasks use `vocabularies.DEFAULT_VOCABULARY`, i.e. whatever `get_vocabulary` is bound to in gin.
 Call `register_corpus_tasks` to add the four objectives over any other source.
 """
 from __future__ import annotations
 
+import functools
+from typing import Mapping, Optional, Sequence
+
 import seqio
 
 from t5x_lite.data import finetune_tasks
+from t5x_lite.data import mixing
 from t5x_lite.data import preprocessors
 from t5x_lite.data import sources
 from t5x_lite.data import vocabularies
@@ -68,9 +73,36 @@ def _add_task(name, families, **kwargs) -> str:
 def _add_mixture(name, tasks_and_rates, families) -> str:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, tasks_and_rates)
+  # Sampling as seqio's default, with each example tagged by its task (the realised mix).
+  seqio.MixtureRegistry.add(name, tasks_and_rates, sample_fn=mixing.tagged_sample_fn)
   MODEL_FAMILIES[name] = families
   return name
+
+
+def register_mixture(name: str, task_names: Sequence[str], by: str = "examples",
+                     temperature: float = 1.0, maximum: Optional[float] = None,
+                     families: Optional[Sequence[str]] = None,
+                     sizes: Optional[Mapping[str, float]] = None) -> str:
+  """Registers a mixture of `task_names` whose rates follow their sizes: rate_i ∝
+  min(n_i, maximum) ** (1 / temperature), n_i the task's number of `by` ("examples" or
+  "tokens") in its train split, counted once when the mixture is first read (or given as
+  `sizes`). T=1 mixes in proportion to size; larger T flattens towards uniform (mT5: 3.33).
+
+      register_mixture("my_mix", ["local_clm", "stdlib_clm"], by="tokens", temperature=2.0,
+                       maximum=2 ** 30)
+  """
+  unknown = [t for t in task_names if t not in seqio.TaskRegistry.names()]
+  if unknown:
+    raise ValueError(f"register_mixture({name!r}): no task named {unknown}; register them first.")
+  if by not in mixing.SIZE_KINDS or not temperature > 0:
+    raise ValueError(f"register_mixture({name!r}): by={by!r} must be one of "
+                     f"{mixing.SIZE_KINDS} and temperature={temperature!r} > 0.")
+  rates = functools.lru_cache(maxsize=1)(lambda: mixing.size_rates(
+      task_names, by, temperature, maximum, sizes=sizes))
+  families = families or MODEL_FAMILIES.get(task_names[0], ())
+  # A rate is a function of the task, evaluated when the mixture is read: no counting at import.
+  return _add_mixture(name, [(t, lambda task: rates()[task.name]) for t in task_names],
+                      tuple(families))
 
 
 def register_corpus_tasks(prefix: str, source: seqio.DataSource,
@@ -126,3 +158,4 @@ _add_mixture("local_span_corruption_prefix_lm",
              [("local_span_corruption", 0.8), ("local_prefix_lm", 0.2)], ("encoder_decoder",))
 _add_mixture("code_to_docstring_and_addition",
              [("code_to_docstring", 0.5), ("addition", 0.5)], ("encoder_decoder", "decoder"))
+
