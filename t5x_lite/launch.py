@@ -96,6 +96,30 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
     except ValueError as e:
       raise ValueError(f"--gin.{binding}: {e}") from None
   _check_model_given()
+  _use_the_checkpoints_vocabulary()
+
+
+# The macros through which a job reads a params checkpoint (infer/eval; fine-tuning).
+CHECKPOINT_MACROS = ("CHECKPOINT_PATH", "INITIAL_CHECKPOINT_PATH")
+
+
+def _use_the_checkpoints_vocabulary() -> None:
+  """A job that starts from a params checkpoint and binds no vocabulary reads text with the
+  checkpoint's (a converted model's tokenizer.json, a run's SentencePiece model or its
+  config.gin's `get_vocabulary`), as `t5x_lite.load` does, instead of the byte default."""
+  if any(_bound(f"get_vocabulary.{arg}") is not None
+         for arg in ("kind", "spm_path", "tokenizer_path")):
+    return  # the run chose one; the jobs check it against the checkpoint's
+  from t5x_lite import loaded_model, metrics  # pylint: disable=g-import-not-at-top  # heavy
+  for macro in CHECKPOINT_MACROS:
+    path = _bound(macro)
+    bindings = loaded_model.checkpoint_vocabulary_bindings(path) if isinstance(
+        path, str) and os.path.isdir(path) else {}
+    if bindings:
+      for name, value in bindings.items():
+        gin.bind_parameter(f"get_vocabulary.{name}", value)
+      metrics.log(f"Vocabulary: the one {macro} was trained or converted with ({bindings}).")
+      return
 
 
 def _bound(name: str):

@@ -17,7 +17,9 @@ host's devices, as the infer job's `make_mesh.*`; data x fsdp must divide the ba
 
 What is scored, for both families (the same batches as `model.score_batch`):
 - loglikelihood: log p(continuation | context). A decoder-only model reads BOS + context +
-  continuation; an encoder-decoder model reads the context (+ EOS) and scores the continuation
+  continuation (a converted Hugging Face decoder reads them as lm_eval's HF model does: no BOS,
+  the context's first token in its place, and the tokenizer's BOS, else EOS, as the context of
+  an empty one); an encoder-decoder model reads the context (+ EOS) and scores the continuation
   as the start of its output (no EOS, as lm_eval's Hugging Face seq2seq models do). Contexts
   too long for max_length lose their oldest tokens.
 - loglikelihood_rolling: the sum over lm_eval's disjoint rolling windows: max_length - 1
@@ -84,6 +86,9 @@ class T5xLiteLM(LM):
                        "score and generate text left to right, which it does not do.")
     # What differs for lm_eval (truncation, EOS, the generation budget) is the decoder's case.
     self.decoder_only = isinstance(self.model, models.DecoderOnlyModel)
+    self.hf_layout = self.lm._hf_decoder()  # pylint: disable=protected-access
+    self.prefix_id = self.vocab.eos_id if self.hf_layout and self.vocab.bos_id is None else (
+        self.vocab.bos_id if self.hf_layout else BOS)
     self.seed = int(seed)
     self._calls = 0
     self._score_fn = jax.jit(self._token_scores)
@@ -125,9 +130,12 @@ class T5xLiteLM(LM):
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for start in range(0, len(order), self.batch_size):
       chunk = order[start:start + self.batch_size]
+      contexts = [pairs[i][0][self.hf_layout:] for i in chunk]  # HF: the first is BOS's stand-in
       batch = self.model.scoring_batch(
-          [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk], self.vocab.eos_id,
+          contexts, [pairs[i][1] for i in chunk], self.vocab.eos_id,
           rows=self.batch_size, round_width=loaded_model._bucket)  # pylint: disable=protected-access
+      if self.hf_layout:
+        batch["decoder_input_tokens"][:len(chunk), 0] = [pairs[i][0][0] for i in chunk]
       if not self.decoder_only:  # the continuation alone: EOS is not part of it
         batch["decoder_loss_weights"] = _without_last_target(batch["decoder_loss_weights"])
       logprobs, greedy = self._run(self._score_fn, batch)
@@ -146,10 +154,13 @@ class T5xLiteLM(LM):
     return jnp.sum(token * weights, axis=-1), jnp.all(hits, axis=-1)
 
   def _fit(self, context: list[int], continuation: list[int]):
-    """The pair cut to what the model holds: the oldest context tokens go first."""
+    """The pair cut to what the model holds: the oldest context tokens go first. In the HF
+    layout the context keeps at least its first token, which stands in BOS's place."""
+    if self.hf_layout and not context:
+      context = [self.prefix_id]
     limit = self.max_length - 1  # a decoder's BOS; an encoder-decoder's EOS on each side
     continuation = continuation[-limit:] if self.decoder_only else continuation[:limit]
-    room = limit - len(continuation) if self.decoder_only else limit
+    room = limit - len(continuation) + self.hf_layout if self.decoder_only else limit
     return context[len(context) - room:] if len(context) > room else context, continuation
 
   # -- generation -------------------------------------------------------------------------------
@@ -165,14 +176,18 @@ class T5xLiteLM(LM):
                    temperature=float(kwargs.get("temperature", 1.0)) if sampling else 0.0,
                    top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0))
     room = self.max_length - new_tokens - 1 if self.decoder_only else self.max_length - 1
-    prompts = [self._encode(text)[-room:] for text in contexts]
+    room += self.hf_layout  # the prompt's first token stands in BOS's place
+    prompts = [self._encode(text)[-room:] or [self.prefix_id] * self.hf_layout
+               for text in contexts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
     for start in range(0, len(order), self.batch_size):
       chunk = order[start:start + self.batch_size]
       batch = self.model.generation_batch(
-          [prompts[i] for i in chunk], self.vocab.eos_id, new_tokens, rows=self.batch_size,
-          round_width=loaded_model._bucket)  # pylint: disable=protected-access
+          [prompts[i][self.hf_layout:] for i in chunk], self.vocab.eos_id, new_tokens,
+          rows=self.batch_size, round_width=loaded_model._bucket)  # pylint: disable=protected-access
+      if self.hf_layout:
+        batch["decoder_input_tokens"][:len(chunk), 0] = [prompts[i][0] for i in chunk]
       self._calls += 1
       rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), self._calls)
       tokens, _ = self._run(lambda params, b: self.model.predict_batch(params, b, rng=rng,

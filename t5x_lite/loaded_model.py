@@ -115,24 +115,31 @@ def _vocabulary(checkpoint_dir: str, vocabulary):
   return vocabulary or checkpoint_vocabulary(checkpoint_dir) or vocab_lib.build("byte")
 
 
-def checkpoint_vocabulary(checkpoint_dir: str):
-  """The vocabulary a checkpoint directory records, or None: its Hugging Face `tokenizer.json`,
-  its SentencePiece `vocab.model`, else the `get_vocabulary.NAME = VALUE` lines of the config.gin
-  a training run writes."""
+def checkpoint_vocabulary_bindings(checkpoint_dir: str) -> dict:
+  """The `get_vocabulary` arguments of the vocabulary a checkpoint directory records ({} if
+  none): its Hugging Face `tokenizer.json`, its SentencePiece `vocab.model`, else the
+  `get_vocabulary.NAME = VALUE` lines of the config.gin a training run writes."""
   if os.path.exists(os.path.join(checkpoint_dir, hf_tokenizer.TOKENIZER_JSON)):
-    return vocab_lib.build("hf_tokenizer", tokenizer_path=checkpoint_dir)
+    return {"kind": "hf_tokenizer", "tokenizer_path": os.path.abspath(checkpoint_dir)}
   spm_path = os.path.join(checkpoint_dir, SPM_FILE)
   if os.path.exists(spm_path):
-    return vocab_lib.build("sentencepiece", spm_path)
+    return {"kind": "sentencepiece", "spm_path": os.path.abspath(spm_path)}
   path = os.path.join(checkpoint_dir, TRAIN_CONFIG)
   if not os.path.exists(path):
-    return None
+    return {}
   with open(path) as f:
     found = re.findall(r"^get_vocabulary\.(\w+)\s*=\s*(.+?)\s*$", f.read(), re.MULTILINE)
-  if not found:
+  return {name: ast.literal_eval(value) for name, value in found}
+
+
+def checkpoint_vocabulary(checkpoint_dir: str):
+  """The vocabulary a checkpoint directory records (see `checkpoint_vocabulary_bindings`), or
+  None."""
+  bindings = checkpoint_vocabulary_bindings(checkpoint_dir)
+  if not bindings:
     return None
   try:
-    return vocab_lib.build(**{name: ast.literal_eval(value) for name, value in found})
+    return vocab_lib.build(**bindings)
   except FileNotFoundError as e:
     copy = os.path.join(checkpoint_dir, SPM_COPY)
     if not os.path.exists(copy):

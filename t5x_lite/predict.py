@@ -100,7 +100,8 @@ def predict_task(model, params, mesh, task, lengths: Mapping[str, int], split: s
                  decode_params: Optional[Mapping[str, Any]] = None,
                  seed: int = 0) -> list[dict]:
   """One record per example of the split: texts, prediction and scores (see module docstring)."""
-  overrides = decode_options(model, lengths, decode_params)
+  # Decoding stops at the vocabulary's EOS (a converted model's own) unless told otherwise.
+  overrides = {"eos_id": vocab.eos_id, **decode_options(model, lengths, decode_params)}
   examples = task_examples(task, lengths, split, max_examples)
   records = []
   with partitioning.activation_sharding(mesh):

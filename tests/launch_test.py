@@ -57,6 +57,23 @@ def test_fitting_flag_values_pass():
   assert gin.query_parameter("create_schedule.peak_value") == 1
 
 
+def test_a_job_from_a_checkpoint_reads_text_with_the_checkpoints_vocabulary(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  from t5x_lite import data  # pylint: disable=g-import-not-at-top
+  ckpt = tmp_path / "ckpt"
+  os.makedirs(ckpt)
+  shutil.copyfile(os.path.join(launch.GIN_CONFIGS, "vocab", "stdlib_2k.model"), ckpt / "vocab.model")
+  job = ["models/gpt2_tiny.gin", "runs/infer.gin"]
+  launch.configure(job, [f"CHECKPOINT_PATH='{ckpt}'"])
+  assert gin.query_parameter("get_vocabulary.kind") == "sentencepiece"
+  assert data.get_vocabulary().vocab_size == 2048 + 100  # the model's pieces and the sentinels
+  launch.configure(job, [f"CHECKPOINT_PATH='{ckpt}'", "get_vocabulary.kind='byte'"])
+  assert gin.query_parameter("get_vocabulary.kind") == "byte"  # a run's own choice stands
+  launch.configure(["models/gpt2_tiny.gin", "runs/finetune.gin"],
+                   [f"INITIAL_CHECKPOINT_PATH='{ckpt}'", "MODEL_DIR='/unused'"])
+  assert gin.query_parameter("get_vocabulary.spm_path") == str(ckpt / "vocab.model")
+
+
 def test_a_run_gin_without_a_model_gin_says_to_give_one_first():
   with pytest.raises(ValueError, match=r"No model: give a model gin first.*"
                                        r"--gin_file=models/gpt2_tiny.gin"):

@@ -174,6 +174,37 @@ def test_an_encoder_decoder_scores_the_continuation_without_eos(tmp_path):
   np.testing.assert_allclose(got, lm.model.score_batch(lm.lm.params, batch), rtol=1e-5)
 
 
+def test_a_converted_hf_decoder_scores_and_generates_as_lm_evals_hf_model(tmp_path):
+  """lm_eval's own HF model on the original (a random GPT-2 with a locally trained tokenizer,
+  no BOS before the context) and ours on the conversion give the same answers."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from lm_eval.models.huggingface import HFLM  # pylint: disable=g-import-not-at-top
+  from hf_tokenizer_test import gpt2_tokenizer  # pylint: disable=g-import-not-at-top
+  from t5x_lite.interop import hf  # pylint: disable=g-import-not-at-top
+  hf_dir = gpt2_tokenizer(tmp_path / "hf")
+  config = transformers.GPT2Config(vocab_size=401, n_positions=64, n_embd=32, n_layer=2,
+                                   n_head=4, bos_token_id=400, eos_token_id=400)
+  torch.manual_seed(0)
+  transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+  ckpt = str(tmp_path / "ckpt")
+  hf.convert_from_hf(hf_dir, ckpt)
+  ours = lm_eval_adapter.T5xLiteLM(ckpt, batch_size=8)
+  theirs = HFLM(pretrained=hf_dir, device="cpu", batch_size=4, max_length=64)
+  # (A context too long for the model keeps one token fewer here than lm_eval's HF model keeps.)
+  pairs = [("The capital of France is", " Paris"), ("", "def f(x):"), ("a b c", " d e")]
+  requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+  np.testing.assert_allclose([s for s, _ in ours.loglikelihood(requests)],
+                             [s for s, _ in theirs.loglikelihood(requests)], rtol=1e-4, atol=1e-4)
+  rolling = [Instance("loglikelihood_rolling", {}, ("import os\nprint(os.sep)",), 0)]
+  np.testing.assert_allclose(ours.loglikelihood_rolling(rolling),
+                             theirs.loglikelihood_rolling(rolling), rtol=1e-4)
+  kwargs = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+  generate = [Instance("generate_until", {}, (p, kwargs), i)
+              for i, p in enumerate(["The capital of France is", "def f(x):"])]
+  assert ours.generate_until(generate) == theirs.generate_until(generate)
+
+
 def test_bad_model_arguments_say_what_to_pass(tmp_path):
   with pytest.raises(ValueError, match="needs a checkpoint: --model_args checkpoint=DIR"):
     lm_eval_adapter.T5xLiteLM()
