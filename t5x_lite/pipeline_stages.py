@@ -127,13 +127,25 @@ def _stage_axis_name():
   return axes
 
 
+# Fields of the layers' arguments that are lookup tables shared by all rows, even where their
+# leading size happens to equal the rows' (attention.RelativeBias.table: [buckets, h]).
+SHARED_FIELDS = ("table",)
+
+
+def _is_per_row(path, leaf, rows: int) -> bool:
+  """Whether an argument leaf has one entry per row of the batch (and is split with it)."""
+  shared = bool(path) and getattr(path[-1], "name", None) in SHARED_FIELDS
+  return not shared and getattr(leaf, "ndim", 0) > 0 and leaf.shape[0] == rows
+
+
 def run(layer_fn: LayerFn, params, x: Array, args: tuple, microbatches: int,
         stages: Optional[int] = None, what: str = "stack") -> Array:
   """The stack's output [b, l, d] for input `x` [b, l, d]: `params` (stacked [L, ...]) split
   into `stages` (default: the mesh's) and run on the GPipe schedule over `microbatches`.
 
-  `args` are the layers' other inputs; an array whose leading dim is b has one row per row of
-  `x` (masks, positions, encoder outputs) and is split with it, anything else is passed whole.
+  `args` are the layers' other inputs (pytrees): a leaf whose leading dim is b has one row per
+  row of `x` (masks, positions, encoder outputs) and is split with it; anything else (and the
+  `SHARED_FIELDS`) is passed whole to every stage.
   """
   stages = mesh_stages() if stages is None else stages
   num_layers = jax.tree.leaves(params)[0].shape[0]
@@ -142,15 +154,17 @@ def run(layer_fn: LayerFn, params, x: Array, args: tuple, microbatches: int,
   per_layer = num_layers // stages
   stage_params = jax.tree.map(
       lambda p: _constrain(p.reshape((stages, per_layer) + p.shape[1:]), ("stage",)), params)
-  per_row = tuple(a is not None and a.ndim > 0 and a.shape[0] == rows for a in args)
-  micro_args = tuple(split_rows(a, microbatches) if split else None
-                     for a, split in zip(args, per_row))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(args)
+  per_row = [_is_per_row(path, leaf, rows) for path, leaf in leaves]
+  micro_args = [split_rows(leaf, microbatches) if split else None
+                for (_, leaf), split in zip(leaves, per_row)]
   micro_x = split_rows(x, microbatches)
   stage_ids = jnp.arange(stages)
 
   def stage(params_s, x_s, args_s, micro_id, stage_id):
     """One stage's K layers on its microbatch."""
-    full_args = tuple(a_s if split else a for a, a_s, split in zip(args, args_s, per_row))
+    full_args = treedef.unflatten([mine if split else leaf for (_, leaf), mine, split
+                                   in zip(leaves, args_s, per_row)])
     def layer(y, inputs):
       layer_params, k = inputs
       return layer_fn(layer_params, y, full_args, stage_id * per_layer + k, micro_id), None
@@ -167,8 +181,8 @@ def run(layer_fn: LayerFn, params, x: Array, args: tuple, microbatches: int,
     first = (stage_ids == 0).reshape((stages,) + (1,) * fresh.ndim)
     state = _constrain(jnp.where(first, fresh[None], shifted), activation)
     micro_ids = jnp.clip(t - stage_ids, 0, microbatches - 1)
-    stage_args = tuple(None if a is None else _constrain(a[micro_ids], activation)
-                       for a in micro_args)
+    stage_args = [None if a is None else _constrain(a[micro_ids], activation)
+                  for a in micro_args]
     state = _constrain(run_stages(stage_params, state, stage_args, micro_ids, stage_ids),
                        activation)
     return state, state[stages - 1]
