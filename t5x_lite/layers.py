@@ -8,6 +8,7 @@ head, e head width, f MLP width, v vocabulary.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -46,6 +47,58 @@ def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
       x, tuple(None if axis is None else "activation_" + axis for axis in axes))
 
 
+def mixed_einsum(equation: str, a: Array, b: Array, dtype, out_dtype=None) -> Array:
+  """einsum of a and b cast to `dtype`, accumulated in float32, returned in `out_dtype` (default
+  `dtype`): bf16/fp16 mixed precision's fast path, in the backward pass too.
+
+  Differentiated as is, an einsum with `preferred_element_type=float32` and a cast back gets a
+  float32 cotangent, and JAX then runs both gradient matmuls in float32 on upcast copies of the
+  bf16 operands (the converts and the slower matmuls cost more than bf16 saves). Here the
+  cotangent is cast to `dtype` and the gradient matmuls take bf16 operands with float32
+  accumulation as well. Equations are "A,B->C" where every index of A and of B appears in one
+  of the other two terms (no index summed within one operand), so dA = C,B->A and dB = A,C->B.
+  In float32 it is the plain einsum.
+  """
+  out_dtype = jnp.dtype(dtype if out_dtype is None else out_dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(equation, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
+  return _low_precision_einsum(equation, jnp.dtype(dtype), out_dtype, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _low_precision_einsum(equation, dtype, out_dtype, a, b):
+  return jnp.einsum(equation, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _low_precision_einsum_forward(equation, dtype, out_dtype, a, b):
+  a_low, b_low = a.astype(dtype), b.astype(dtype)
+  out = jnp.einsum(equation, a_low, b_low, preferred_element_type=jnp.float32)
+  # Residuals in the compute dtype; the primal dtypes (zero-size) say what the gradients are.
+  return out.astype(out_dtype), (a_low, b_low, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _low_precision_einsum_backward(equation, dtype, out_dtype, residuals, g):
+  del out_dtype
+  a_low, b_low, a_like, b_like = residuals
+  inputs, out = equation.split("->")
+  ea, eb = inputs.split(",")
+  g = g.astype(dtype)
+  da = jnp.einsum(f"{out},{eb}->{ea}", g, b_low, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f"{ea},{out}->{eb}", a_low, g, preferred_element_type=jnp.float32)
+  return da.astype(a_like.dtype), db.astype(b_like.dtype)
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_forward, _low_precision_einsum_backward)
+
+
+def _dense_equation(ndim: int, n_in: int, n_out: int) -> str:
+  """DenseGeneral's contraction as an einsum: x's trailing n_in dims with the kernel's leading."""
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  lead, contracted, out = letters[:ndim - n_in], letters[ndim - n_in:ndim], letters[ndim:][:n_out]
+  return f"{lead}{contracted},{contracted}{out}->{lead}{out}"
+
+
 class DenseGeneral(nn.Module):
   """Contracts the trailing `len(in_axes)` dims of the input with a kernel [in..., out...]."""
   features: tuple[int, ...]
@@ -69,8 +122,7 @@ class DenseGeneral(nn.Module):
 
     kernel = _param(self, "kernel", init, in_shape + tuple(self.features),
                     self.in_axes + self.out_axes, self.param_dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = mixed_einsum(_dense_equation(x.ndim, n_in, len(self.features)), x, kernel, self.dtype)
     if self.use_bias:
       bias = _param(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
                     self.param_dtype)
@@ -94,7 +146,8 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
-    return jnp.einsum("bld,vd->blv", x.astype(self.dtype), self.embedding.astype(self.dtype))
+    # float32 logits straight from the accumulator (the models' logits are float32).
+    return mixed_einsum("bld,vd->blv", x, self.embedding, self.dtype, jnp.float32)
 
 
 class Norm(nn.Module):
@@ -344,7 +397,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   kv = "bkse" if kv_heads_first else "bske"
   kv_heads = k.shape[kv.index("k")]
   q = q.reshape(b, l, kv_heads, h // kv_heads, e)
-  logits = jnp.einsum(f"blkge,{kv}->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+  logits = mixed_einsum(f"blkge,{kv}->bkgls", q, k, q.dtype, jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.reshape(bias.shape[0], kv_heads, h // kv_heads, l, -1)
   logits = jnp.where(mask[:, :, None], logits, NEG_INF)
@@ -352,7 +405,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum(f"bkgls,{kv}->blkge", probs.astype(v.dtype), v)
+  out = mixed_einsum(f"bkgls,{kv}->blkge", probs, v, v.dtype)
   return out.reshape(b, l, h, e)
 
 
