@@ -16,7 +16,9 @@ POSITION_TYPES = ("learned", "sinusoidal", "rope", "relative")
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# "blockwise" (any backend) and "splash" (TPU) never hold the [b, h, l, s] logits
+# (t5x_lite.attention).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "blockwise", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 DTYPES = ("float32", "bfloat16", "float16")
 # How a mixture-of-experts layer sends tokens to its experts (t5x_lite.moe): "ragged" sorts them

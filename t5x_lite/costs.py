@@ -90,7 +90,7 @@ def stack_activation_bytes(config: TransformerConfig, stack: StackShape,
   """
   b, l = stack.batch, stack.length
   if config.remat_policy == "none":
-    maps = 0 if config.attention_implementation == "cudnn" else 2
+    maps = 0 if config.attention_implementation in ("cudnn", "blockwise", "splash") else 2
     per_layer = b * l * (16 * config.d_model + 3 * config.d_ff / tensor_shards) + (
         maps * b * config.num_heads / tensor_shards * l * l)
   else:

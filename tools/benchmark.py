@@ -16,6 +16,9 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           python tools/benchmark.py decode --shapes gpt-small --compare hf --threads 1
   data    packed tokens/s of the input pipeline for each task, as the trainer would receive them
           python tools/benchmark.py data --tasks stdlib_clm stdlib_span_corruption --batches 50
+  attention  memory (XLA's analysis) and time of attention's forward + backward, "xla" against
+          "blockwise", same run (runner: tools/benchmark_attention.py)
+          python tools/benchmark.py attention --lengths 512 2048 8192
 
 Every implementation runs in its own child process (its own memory peak and thread pool; the
 runners are in tools/benchmark_runners.py) and they take turns: each round times a few steps of
@@ -45,6 +48,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchmark_runners import Shape, Worker  # pylint: disable=wrong-import-position
+import benchmark_attention  # pylint: disable=wrong-import-position
 
 PRESET_DIR = os.path.join(ROOT, "gin_configs", "models")
 
@@ -534,6 +538,7 @@ def main(argv: Sequence[str] | None = None):
   data.add_argument("--batches", type=int, default=50)
   data.add_argument("--warmup", type=int, default=5)
   data.set_defaults(func=data_command)
+  benchmark_attention.add_command(commands)
   args = parser.parse_args(argv)
   args.argv = argv
   results = args.func(args)
