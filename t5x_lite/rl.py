@@ -253,6 +253,10 @@ class RolloutTrainer(trainer_lib.Trainer):
 
   def __init__(self, model: GrpoModel, optimizer, mesh, batch_shapes: Mapping[str, Sequence[int]],
                num_microbatches: int = 1, vocabulary=None, **kwargs):
+    if jax.process_count() > 1:
+      raise NotImplementedError("GRPO runs in one process for now (the rollout gathers the "
+                                "prompt batch and scores the responses on the host): run it on "
+                                "one host's devices.")
     if vocabulary is None:  # the run's (gin-selected) vocabulary turns ids into texts
       from t5x_lite import data  # pylint: disable=g-import-not-at-top  # TensorFlow
       vocabulary = data.get_vocabulary()
@@ -274,8 +278,9 @@ class RolloutTrainer(trainer_lib.Trainer):
             for ids in rows]
 
   def sample(self, params, batch, rng, **decode):
-    """(prompt texts [b], target texts [b], prompt ids [b], responses [b * g] as
-    (ids without EOS, ended at EOS)) of a global prompt batch."""
+    """(prompt ids [b] as the policy's scoring_batch takes them, reference answer ids [b],
+    responses [b * g] as (ids before EOS, whether it ended at EOS)) of a global prompt batch,
+    sampled with the KV-cache decoder and `decode`'s options."""
     with partitioning.activation_sharding(self.mesh):
       tokens, _ = self.model.model.predict_batch(params, batch, rng=rng, **decode)
     host = jax.device_get(batch)
