@@ -237,6 +237,36 @@ def test_the_data_position_records_its_batch_size(tmp_path):
     assert manager.restored_position == {"batches_consumed": 7, "batch_size": 16}
 
 
+class FakeStream:
+  """A data stream as the train job's (data/resume.py): a position and staged state files."""
+
+  def position(self, consumed):
+    return {"task": "t", "tier": "iterator"}
+
+  def stage_state(self, directory, consumed):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "process_0-of-1.index"), "w") as f:
+      f.write(f"consumed {consumed}")
+    return directory
+
+
+def test_each_save_carries_the_data_position_and_the_iterator_state(tmp_path):
+  with checkpoints.CheckpointManager(str(tmp_path), save_interval_steps=2,
+                                     max_to_keep=1) as manager:
+    manager.data_stream = FakeStream()
+    for step in (2, 4):
+      manager.save(step, small_state(step), batches_consumed=step + 1, batch_size=8)
+    manager.wait_until_finished()
+    manager.restore(ABSTRACT)
+    assert manager.restored_position == {"batches_consumed": 5, "batch_size": 8, "task": "t",
+                                         "tier": "iterator"}
+    iterator_dir = os.path.join(manager.step_directory(4), checkpoints.CheckpointManager.ITERATOR_ITEM)
+  with open(os.path.join(iterator_dir, "process_0-of-1.index")) as f:
+    assert f.read() == "consumed 5"  # moved into the step, deleted with it (max_to_keep=1)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  assert not os.listdir(tmp_path / "data_iterator_staging" / "process_0")  # nothing left staged
+
+
 @pytest.mark.parametrize("damage", ["junk files", "truncated arrays"])
 def test_a_damaged_params_checkpoint_is_named_with_the_fix(tmp_path, damage):
   checkpoints.save_params(str(tmp_path), small_state(1))

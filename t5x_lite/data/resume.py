@@ -109,8 +109,9 @@ class TrainStream:
     this run's batch size), refusing a position of other data (see module docstring)."""
     changed = self._check(saved, step_dir, consumed)
     if self.cache:
-      rows = saved.get("rows_consumed",
-                       saved["batches_consumed"] * saved.get("batch_size", self.batch_size))
+      rows = saved.get("rows_consumed")
+      if rows is None:  # written by the iterator tier: the rows its batches held
+        rows = consumed * self.batch_size
       log(f"Data: packed cache {self.cache.directory}, from row {rows:,} (epoch "
           f"{rows // self.cache.rows}; {self.shard[1]} data shard(s)).")
       return self.open(start_row=rows, consumed=consumed)
