@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, launch, optimizers, partitioning, predict
+from t5x_lite import checkpoints, launch, optimizers, partitioning, predict, quantization
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
 
@@ -88,9 +88,15 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
              checkpoint_step: int = 0, output_dir: Optional[str] = None,
              split: str = "validation", batch_size: int = 16, max_examples: Optional[int] = None,
              decode_params: Optional[Mapping[str, Any]] = None,
-             mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> dict[int, dict]:
-  """Evaluates each checkpoint (see module docstring); returns {step: {"task/metric": value}}."""
+             mesh_fn: Callable = partitioning.make_mesh, seed: int = 0,
+             quantize: Optional[str] = None, quantize_group_size: int = 128,
+             kv_cache: Optional[str] = None) -> dict[int, dict]:
+  """Evaluates each checkpoint (see module docstring); returns {step: {"task/metric": value}}.
+  `quantize` / `kv_cache` (QUANTIZE in runs/eval_metrics.gin) evaluate the checkpoints
+  quantized as they are read, as runs/infer.gin does."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
+  model = quantization.for_checkpoint(model, checkpoint_path, quantize, quantize_group_size,
+                                      kv_cache=kv_cache)
   to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step)
   output_dir = output_dir or model_dir or checkpoint_path
   vocab_source = checkpoint_path or model_dir
@@ -100,7 +106,7 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
   writer = metrics_lib.MetricsWriter(output_dir, f"eval_{split}")
   results = {}
   for step, load in to_evaluate:
-    params = predict.restore_params(model, mesh, load)
+    params = predict.restore_params(model, mesh, quantization.loader(model, load, checkpoint_path))
     results[step] = {}
     for task, vocab in zip(tasks, vocabs):
       records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,

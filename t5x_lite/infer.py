@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, launch, partitioning, predict
+from t5x_lite import checkpoints, launch, partitioning, predict, quantization
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> str:
@@ -48,15 +48,22 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
           output_dir: Optional[str] = None, split: str = "validation", batch_size: int = 16,
           max_examples: Optional[int] = None,
           decode_params: Optional[Mapping[str, Any]] = None,
-          mesh_fn: Callable = partitioning.make_mesh, seed: int = 0) -> list[str]:
+          mesh_fn: Callable = partitioning.make_mesh, seed: int = 0,
+          quantize: Optional[str] = None, quantize_group_size: int = 128,
+          kv_cache: Optional[str] = None) -> list[str]:
   """Decodes every example of `split` (or the first `max_examples`) of each task of
-  `mixture_or_task_name` and returns the JSON Lines files written."""
+  `mixture_or_task_name` and returns the JSON Lines files written. `quantize` ('int8', 'int4',
+  'w8a8'; QUANTIZE in runs/infer.gin) and `kv_cache` ('int8') run the model quantized (see
+  t5x_lite.quantization); a checkpoint written quantized runs quantized without them."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
+  model = quantization.for_checkpoint(model, checkpoint_path, quantize, quantize_group_size,
+                                      kv_cache=kv_cache)
   tasks = predict.tasks_of(mixture_or_task_name)
   vocabs = [predict.check_vocabulary(model, checkpoint_path, task) for task in tasks]
   mesh = mesh_fn()
-  params = predict.restore_params(model, mesh, lambda abstract: checkpoints.load_params(
-      checkpoint_path, abstract))
+  params = predict.restore_params(model, mesh, quantization.loader(
+      model, lambda abstract: checkpoints.load_params(checkpoint_path, abstract),
+      checkpoint_path))
   paths = []
   for task, vocab in zip(tasks, vocabs):
     records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,

@@ -41,7 +41,8 @@ HF_CONFIG_COPY = "hf_config.json"  # = interop.hf.HF_CONFIG_COPY: what a convers
 MASK = "[MASK]"
 
 
-def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
+def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str] = None,
+         group_size: int = 128, kv_cache: Optional[str] = None) -> "LoadedModel":
   """A model and its parameters from a params checkpoint (params/ + model.gin), ready to use.
 
   Args:
@@ -51,11 +52,17 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
       tokenizer.json path; default: see module docstring.
     mesh: a `partitioning.make_mesh(...)` mesh to restore the parameters onto, laid out by the
       logical-axis rules as the infer job does; default: this process's first device.
+    quantize: "int8", "int4" (in groups of `group_size`) or "w8a8" quantizes a float
+      checkpoint as it is read (see t5x_lite.quantization); a checkpoint written quantized
+      (tools/convert_checkpoint.py --quantize) loads quantized without it.
+    kv_cache: "int8" decodes over an int8 KV cache.
   """
+  from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
   gin_path = os.path.join(checkpoint_dir, checkpoints.MODEL_GIN)
   if not os.path.exists(gin_path):
     raise FileNotFoundError(_not_a_params_checkpoint(checkpoint_dir))
-  model = models.from_gin(gin_path)
+  model = quantization.for_checkpoint(models.from_gin(gin_path), checkpoint_dir, quantize,
+                                      group_size, kv_cache=kv_cache)
   vocab = _vocabulary(checkpoint_dir, vocabulary)
   ids = hf_tokenizer.checkpoint_ids(checkpoint_dir)
   # Converted by tools/convert_checkpoint.py: the model.gin ids, or (converted before they were
@@ -75,12 +82,22 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None) -> "LoadedModel":
         f"{os.path.join(checkpoint_dir, SPM_FILE)} (or its Hugging Face tokenizer.json next to "
         "params/).")
   options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=converted)
+  load_params = quantization.loader(
+      model, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract), checkpoint_dir)
   if mesh is None:
-    return LoadedModel(model, checkpoints.load_params(checkpoint_dir), vocab, **options)
+    return LoadedModel(model, load_params(_abstract_on_first_device(model)), vocab, **options)
   from t5x_lite import predict  # pylint: disable=g-import-not-at-top  # predict imports this module
-  return LoadedModel(model, predict.restore_params(
-      model, mesh, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract)), vocab,
-                     **options)
+  return LoadedModel(model, predict.restore_params(model, mesh, load_params), vocab, **options)
+
+
+def _abstract_on_first_device(model):
+  """The model's parameter shapes on this process's first device (None for a float model:
+  the checkpoint's own shapes are read)."""
+  if not hasattr(model, "quantized"):
+    return None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                      model.abstract_params()[0])
 
 
 def _not_a_params_checkpoint(directory: str) -> str:

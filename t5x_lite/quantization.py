@@ -18,7 +18,8 @@ Modes (symmetric absmax, no zero point):
 What is quantized: the kernel of every `layers.DenseGeneral` (attention q/k/v/out or fused qkv,
 MLP, BERT's head transform) and the experts of `moe.MoeMlp` (dequantized to the compute dtype
 when the layer runs, whatever the mode); with `embeddings=True` also the token / position /
-type tables (int8 per row, used by lookup and by the tied head) and an untied output head.
+type tables (as the kernels: int8 per row, or int4 in groups along the row; used by lookup and
+by the tied head) and an untied output head.
 Norms, biases, T5's relative-position tables and MoE routers stay float: they are small and
 their errors reach every token.
 
@@ -219,22 +220,29 @@ def _dense(module: layers.DenseGeneral, x: Array, settings: Settings) -> Array:
   return y
 
 
-def _embedding_params(module: layers.Embed) -> None:
-  """The int8 table [v, d] and its per-row scales [v, 1] (Embed makes its table in setup)."""
-  shape = (module.num_embeddings, module.features)
-  _param(module, "embedding_int8", shape, tuple(module.axes), jnp.int8)
-  _param(module, "embedding_scale", (shape[0], 1), (module.axes[0], None), jnp.float32)
+def _embedding_params(module: layers.Embed, settings: Settings) -> None:
+  """The quantized table [v, d] (int4: [v, d / 2]) and its scales [v, groups] along d: one per
+  row (int8) or per group of a row (int4). Embed makes its table in setup, so these too."""
+  v, d = module.num_embeddings, module.features
+  group = settings.kernel_group(d, f"{'/'.join(module.path)}/embedding {(v, d)}") or d
+  bits = settings.bits
+  _param(module, f"embedding_int{bits}", (v, d * bits // 8), tuple(module.axes),
+         jnp.int8 if bits == 8 else jnp.uint8)
+  _param(module, "embedding_scale", (v, d // group), (module.axes[0], None), jnp.float32)
 
 
-def _embed_call(module: layers.Embed, method: str, x: Array) -> Array:
+def _embed_call(module: layers.Embed, method: str, x: Array, settings: Settings) -> Array:
   q, scale = (nn.meta.unbox(module.get_variable("params", f"embedding_{n}"))
-              for n in ("int8", "scale"))
+              for n in (f"int{settings.bits}", "scale"))
   dtype = module.dtype
-  if method == "__call__":  # rows, then their scales
-    return (jnp.take(q, x, axis=0).astype(jnp.float32) * jnp.take(scale, x, axis=0)).astype(dtype)
-  # attend: the tied head; a row's scale is its vocabulary entry's output channel
-  logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
-  return logits * scale[:, 0].astype(dtype)
+  if method == "__call__":  # the rows, then dequantized
+    return dequantize_array(jnp.take(q, x, axis=0), jnp.take(scale, x, axis=0), x.ndim,
+                            settings.bits, dtype)
+  if settings.bits == 8:  # attend, the tied head: a row's scale is its logit's
+    logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
+    return logits * scale[:, 0].astype(dtype)
+  table = dequantize_array(q, scale, 1, 4, dtype)
+  return jnp.einsum("bld,vd->blv", x.astype(dtype), table)
 
 
 def _expert_kernels(module: moe.MoeMlp, settings: Settings) -> dict:
@@ -261,14 +269,25 @@ def _expert_kernels(module: moe.MoeMlp, settings: Settings) -> dict:
 _ATTENTION_ARGS = inspect.signature(layers.Attention.__call__)
 
 
+def _empty_int8_cache(cache: dict) -> dict:
+  """The int8 cache (`layers.quantize_kv`'s layout) of an empty float one (`init_cache` makes
+  zeros), made as zeros: quantizing the zeros would be exact too, but XLA would spend minutes
+  constant-folding the absmax of large zero arrays."""
+  out = {}
+  for name in ("key", "value"):
+    out[name] = jnp.zeros(cache[name].shape, jnp.int8)
+    out[f"{name}_scale"] = jnp.ones(cache[name].shape[:-1], jnp.float32)
+  return out
+
+
 def _with_int8_cache(next_fun, module, args, kwargs):
-  """Attention called with its float decoding cache turned into an int8 one (the first call of
-  a decode: the prefill, or an encoder-decoder's first step); later calls get the int8 cache
-  back from the decoding loop."""
+  """Attention called with its (empty) float decoding cache replaced by an int8 one: on the
+  first call of a decode (the prefill, or an encoder-decoder's first step); later calls get
+  the int8 cache back from the decoding loop."""
   bound = _ATTENTION_ARGS.bind(module, *args, **kwargs)
   cache = bound.arguments.get("cache")
   if cache is not None and "key_scale" not in cache:
-    bound.arguments["cache"] = layers.quantize_kv(cache)
+    bound.arguments["cache"] = _empty_int8_cache(cache)
   return next_fun(*bound.args[1:], **bound.kwargs)
 
 
@@ -291,9 +310,9 @@ def _interceptor(settings: Optional[Settings], kv_cache: Optional[str], sites: d
     if isinstance(module, layers.Embed) and settings.embeddings:
       if method == "setup":  # instead of the float table
         sites[path] = ("embed", 1, 1)
-        return _embedding_params(module)
+        return _embedding_params(module, settings)
       if method in ("__call__", "attend"):
-        return _embed_call(module, method, args[0])
+        return _embed_call(module, method, args[0], settings)
     if isinstance(module, moe.MoeMlp) and method == "_kernels":
       sites[path] = ("experts", 1, 1)
       return _expert_kernels(module, settings)
@@ -354,6 +373,11 @@ class QuantizedModel:
   def mode(self) -> Optional[str]:
     return None if self.settings is None else self.settings.mode
 
+  @property
+  def uses_dropout(self) -> bool:
+    """Asked by the trainer alone, as it builds a train step: refused, as `loss_fn` is."""
+    return self.loss_fn()
+
   def loss_fn(self, *args, **kwargs):
     raise ValueError(
         f"A quantized model ({self.mode or 'int8 KV cache'}) is for inference only: quantization-aware "
@@ -408,6 +432,31 @@ class QuantizedModel:
         shapes, partitioning.tree_shardings(shapes, specs, mesh))
 
 
+def cached_score(model, params, batch) -> Array:
+  """A decoder-only model's teacher-forced log-likelihood of each row's targets [b], as
+  `score_batch`, but computed by prefilling a decoding cache with the whole row, so attention
+  reads its keys and values from the cache as generation does (an int8 one for a
+  QuantizedModel with kv_cache='int8'): what the KV cache costs in perplexity."""
+  base = model.base if isinstance(model, QuantizedModel) else model
+  if not hasattr(base, "generation_batch") or "encoder_input_tokens" in base.REQUIRED_FEATURES:
+    raise ValueError(f"cached_score needs a decoder-only model, not {type(base).__name__}.")
+  context = model.quantized() if isinstance(model, QuantizedModel) else contextlib.nullcontext()
+  with context:
+    return jax.jit(functools.partial(_cached_score, base))(params, dict(batch))
+
+
+def _cached_score(base, params, batch):
+  from t5x_lite import transformer  # pylint: disable=g-import-not-at-top
+  tokens = batch["decoder_input_tokens"]
+  _, apply = base._decoder(params)  # pylint: disable=protected-access  # decoding's own layout
+  cache = transformer.init_cache(base.config, tokens.shape[0], tokens.shape[1])
+  logits, _ = apply(tokens, batch.get("decoder_segment_ids"), batch.get("decoder_positions"),
+                    None, cache=cache)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  scores = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+  return jnp.sum(scores * batch["decoder_loss_weights"], axis=-1)
+
+
 def _fresh_copy(model):
   """Another instance of `model`'s class with the same constructor arguments."""
   names = list(inspect.signature(type(model).__init__).parameters)[1:]
@@ -427,7 +476,9 @@ def _quantize_tree(sites: dict, settings: Settings, params):
       raise ValueError(f"The parameters have no layer {path!r}; were they made for this model?")
     if kind == "embed":
       table = node.pop("embedding")
-      node["embedding_int8"], node["embedding_scale"] = quantize_array(table, 1, 8)
+      group = settings.kernel_group(table.shape[1], f"{path}/embedding {tuple(table.shape)}")
+      node[f"embedding_int{settings.bits}"], node["embedding_scale"] = quantize_array(
+          table, 1, settings.bits, group)
       continue
     names = ["kernel"] if kind == "dense" else [k for k in list(node) if k.endswith("_kernel")
                                                 and k != "router"]

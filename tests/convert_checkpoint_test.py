@@ -75,6 +75,8 @@ def test_export_of_a_checkpoint_without_the_import_copy_takes_hf_config(tmp_path
     (["--from_hf", "a", "--to_hf", "b"], "either --from_hf DIR --to DIR"),
     (["--from", "a", "--to_hf", "b", "--dtype", "bfloat16"], "--dtype apply to import"),
     (["--from_hf", "a", "--to", "b", "--hf_config", "c"], "--hf_config applies to export"),
+    (["--from", "a", "--to_hf", "b", "--quantize", "int8"], "--quantize writes --to DIR"),
+    (["--from", "a", "--to_hf", "b", "--group_size", "64"], "apply with --quantize"),
 ])
 def test_bad_command_lines_say_what_to_give(argv, message, capsys):
   with pytest.raises(SystemExit):

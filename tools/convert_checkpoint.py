@@ -7,6 +7,9 @@
   # after fine-tuning, keep the original's special token ids:
   python tools/convert_checkpoint.py --from runs/finetuned --to_hf ~/hf/finetuned \
       --hf_config ~/hf/TinyLlama-1.1B/config.json
+  # a quantized params checkpoint (integers + scales; t5x_lite.load reads it quantized):
+  python tools/convert_checkpoint.py --from ckpt/tinyllama --to ckpt/tinyllama_int4 \
+      --quantize int4 --group_size 128       # or --quantize int8 / w8a8; --from_hf works too
 
 Supports GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration (v1.0 and v1.1),
 LlamaForCausalLM and MixtralForCausalLM (per-expert tensors as save_pretrained writes them, or
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +47,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="Parameter dtype of the import (default: the checkpoint's own).")
   parser.add_argument("--dtype", choices=DTYPES,
                       help="Compute dtype written to model.gin (default: --param_dtype).")
+  parser.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
+                      help="Write --to as a quantized params checkpoint of --from (or of the "
+                           "--from_hf import): int8 per output channel, int4 in groups.")
+  parser.add_argument("--group_size", type=int, default=128,
+                      help="int4: values per scale along each kernel's input (32, 64, 128).")
+  parser.add_argument("--quantize_embeddings", action="store_true",
+                      help="Also quantize embedding tables and an untied output head (int8).")
   args = parser.parse_args(argv)
+  if args.quantize:
+    if not (args.to and (args.from_dir or args.from_hf)) or args.to_hf or (
+        args.from_dir and args.from_hf):
+      parser.error("--quantize writes --to DIR from --from DIR (a t5x_lite params checkpoint) "
+                   "or from --from_hf DIR.")
+    return args
+  if args.group_size != 128 or args.quantize_embeddings:
+    parser.error("--group_size / --quantize_embeddings apply with --quantize.")
   importing, exporting = bool(args.from_hf or args.to), bool(args.from_dir or args.to_hf)
   if importing == exporting or (importing and not (args.from_hf and args.to)) or (
       exporting and not (args.from_dir and args.to_hf)):
@@ -56,8 +75,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return args
 
 
+def quantize(args: argparse.Namespace) -> str:
+  """--quantize: the quantized copy of a params checkpoint (imported first with --from_hf)."""
+  from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    source = args.from_dir
+    if args.from_hf:
+      source = os.path.join(tmp, "float")
+      hf.convert_from_hf(args.from_hf, source, scan_layers=args.scan_layers,
+                         param_dtype=args.param_dtype, dtype=args.dtype)
+    model, sizes = quantization.quantize_checkpoint(source, args.to, args.quantize,
+                                                    args.group_size, args.quantize_embeddings)
+  ratio = sizes["float_bytes"] / sizes["quantized_bytes"]
+  print(f"Wrote {args.to} ({type(model.base).__name__}, {args.quantize}"
+        + (f" in groups of {args.group_size}" if args.quantize == "int4" else "")
+        + f", {len(model.sites())} layers quantized): parameters {sizes['quantized_bytes']:,} "
+        f"bytes, {ratio:.2f}x smaller than {sizes['float_bytes']:,}.")
+  return args.to
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
   args = parse_args(argv)
+  if args.quantize:
+    return quantize(args)
   if args.from_hf:
     model = hf.convert_from_hf(args.from_hf, args.to, scan_layers=args.scan_layers,
                                param_dtype=args.param_dtype, dtype=args.dtype)
