@@ -16,6 +16,8 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           python tools/benchmark.py decode --shapes gpt-small --compare hf --threads 1
   data    packed tokens/s of the input pipeline for each task, as the trainer would receive them
           python tools/benchmark.py data --tasks stdlib_clm stdlib_span_corruption --batches 50
+          --resume-at STEP...: seconds from a resume to its first batch, per resume tier
+          python tools/benchmark.py data --resume-at 0 10000 1000000
   attention  memory (XLA's analysis) and time of attention's forward + backward, "xla" against
           "blockwise", same run (runner: tools/benchmark_attention.py)
           python tools/benchmark.py attention --lengths 512 2048 8192
@@ -106,6 +108,9 @@ def bench_data(name: str, lengths: dict[str, int], batch_size: int, batches: int
 
 
 def data_command(args) -> list[dict]:
+  if args.resume_at:
+    from benchmark_resume import resume_command  # pylint: disable=g-import-not-at-top
+    return resume_command(args)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   print(f"tf.data on {os.cpu_count()} CPU cores, batch {args.batch_size}, {args.batches} batches "
         f"after {args.warmup} warm-up batches (TensorFlow {tf.__version__})", flush=True)
@@ -537,10 +542,18 @@ def main(argv: Sequence[str] | None = None):
   data.add_argument("--batch_size", type=int, default=32)
   data.add_argument("--batches", type=int, default=50)
   data.add_argument("--warmup", type=int, default=5)
+  data.add_argument("--resume-at", type=int, nargs="+", default=None, metavar="STEP",
+                    help="instead: seconds from a resume at each STEP to its first batch, per "
+                         "resume tier (tools/benchmark_resume.py)")
+  data.add_argument("--max-replay-s", type=float, default=120.0,
+                    help="with --resume-at: the longest replay measured (longer: estimated)")
+  data.add_argument("--cache-rows", type=int, default=4096,
+                    help="with --resume-at: rows of the packed cache written for the cache tier")
   data.set_defaults(func=data_command)
   benchmark_attention.add_command(commands)
   args = parser.parse_args(argv)
   args.argv = argv
+  args.tasks_given = "--tasks" in argv
   results = args.func(args)
   if args.command in ("train", "decode"):
     print("\n" + markdown(args.command, results, args))
