@@ -260,7 +260,8 @@ def test_each_save_carries_the_data_position_and_the_iterator_state(tmp_path):
     manager.restore(ABSTRACT)
     assert manager.restored_position == {"batches_consumed": 5, "batch_size": 8, "task": "t",
                                          "tier": "iterator"}
-    iterator_dir = os.path.join(manager.step_directory(4), checkpoints.CheckpointManager.ITERATOR_ITEM)
+    iterator_dir = os.path.join(manager.step_directory(4),
+                                checkpoints.CheckpointManager.ITERATOR_ITEM)
   with open(os.path.join(iterator_dir, "process_0-of-1.index")) as f:
     assert f.read() == "consumed 5"  # moved into the step, deleted with it (max_to_keep=1)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]

@@ -9,8 +9,9 @@ Layout: meta.json (task, feature lengths, model family, vocabulary fingerprint, 
 features, a fingerprint of all of it) and, per shard, one fixed-shape .npy file per model
 feature (`<feature>-<shard>.npy`, int32 [rows_in_shard, length]), memory-mapped on read.
 
-Order: epoch e reads the rows in the order of a permutation seeded by (seed, e); global row g of
-the stream is row perm_{g // rows}[g % rows]. Global batch j is the global rows
+Order: epoch e reads the rows in the order of a permutation keyed by (seed, e) and computed
+per position (`permute`: no table, so O(1) at any cache size); global row g of the stream is row
+perm_{g // rows}(g % rows). Global batch j is the global rows
 [start + j * B, start + (j + 1) * B) (start: the rows consumed before a resume), and data shard i
 of n reads its contiguous B / n of them, which is the block of the global batch its devices hold
 (partitioning.data_shard_info). So the position is one number, the rows consumed; any batch is
@@ -91,6 +92,39 @@ class PackedCache:
     return out
 
 
+_ROUNDS = 6
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+  """splitmix64's finaliser of x ^ key (uint64, wrapping)."""
+  x = x ^ key
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+  """Row perm(position) of a pseudo-random permutation of range(n) keyed by (seed, epoch),
+  computed per position (no table: O(1) whatever n): a Feistel network over the next power of 4
+  at or above n, cycle-walking the values that fall outside range(n) (as grain's index_shuffle)."""
+  half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+  mask = np.uint64((1 << half) - 1)
+  keys = np.random.default_rng([seed, epoch]).integers(0, 2 ** 63, _ROUNDS, dtype=np.uint64)
+
+  def network(x):
+    left, right = x >> np.uint64(half), x & mask
+    for key in keys:
+      left, right = right, left ^ (_mix(right, key) & mask)
+    return (left << np.uint64(half)) | right
+
+  out = network(np.asarray(positions, np.uint64))
+  outside = out >= n
+  while outside.any():  # a permutation of [0, 4**half) leads back into range(n)
+    out[outside] = network(out[outside])
+    outside = out >= n
+  return out.astype(np.int64)
+
+
 class CachedBatches:
   """This data shard's batches of the global stream from global row `start_row` on."""
 
@@ -107,18 +141,9 @@ class CachedBatches:
     self.skip = 0
     self.mix = mixing.MixCounter(cache.mixture_tasks)
     self.produced = first_index  # batch index in the run's stream (what the mix counter keys)
-    self._permutations: dict[int, np.ndarray] = {}
 
   def __iter__(self):
     return self
-
-  def permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      if len(self._permutations) > 1:  # a batch spans at most two epochs
-        self._permutations.pop(min(self._permutations))
-      rng = np.random.default_rng([self.seed, epoch])
-      self._permutations[epoch] = rng.permutation(self.cache.rows)
-    return self._permutations[epoch]
 
   def row_indices(self, first: int, count: int) -> np.ndarray:
     """Cache rows of global stream rows [first, first + count)."""
@@ -127,7 +152,7 @@ class CachedBatches:
     out = np.empty(count, np.int64)
     for epoch in np.unique(epochs):
       where = epochs == epoch
-      out[where] = self.permutation(int(epoch))[positions[where]]
+      out[where] = permute(positions[where], self.cache.rows, self.seed, int(epoch))
     return out
 
   def __next__(self) -> dict[str, np.ndarray]:
