@@ -138,15 +138,15 @@ class Stack(nn.Module):
     return x if cache is None else (x, cache)
 
   def _scan(self, block, x, args, deterministic):
-    # Scanned, JAX would stack every elementwise intermediate of the MLP's activation for each
-    # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
-    # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
     cfg = self.config
     # Pipelined only on a mesh with a stage axis: elsewhere (inference, evaluation on another
     # mesh) the same parameters run as one scan.
     if (cfg.pipeline_microbatches and pipeline_stages.mesh_stages() > 1
         and not self.is_initializing()):
       return self._pipeline(block, x, args, deterministic)
+    # Scanned, JAX would stack every elementwise intermediate of the MLP's activation for each
+    # layer as a residual of the backward pass; rematerialised, only the matmul outputs are
+    # kept and the cheap elementwise part is recomputed, as XLA does by itself when unrolled.
     interval = cfg.moe_layer_interval if cfg.mlp == "moe" else 1
     stacked = {name: 0 for name in ("params",) + layers.SOWN_COLLECTIONS}
     unit, extra = (block, {}) if interval == 1 else (LayerGroup, {"block": block})
