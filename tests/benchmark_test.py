@@ -83,12 +83,14 @@ def one_device(monkeypatch):
 def test_train_runs_a_tiny_preset_beside_hf(tmp_path, one_device):
   path = str(tmp_path / "train.json")
   rows = benchmark.main(["train", "--shapes", "t5_tiny", "--compare", "hf", "--rounds", "1",
-                         "--steps", "1", "--warmup", "0", "--json", path])
+                         "--steps", "1", "--warmup", "0", "--alone", "--json", path])
   assert [(r["shape"], r["impl"]) for r in rows] == [("t5_tiny", "t5x_lite"), ("t5_tiny", "hf")]
   for row in rows:
     assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0
     assert row["rss_gib"] > 0
+    assert row["alternating_over_alone"] == pytest.approx(row["step_s"] / row["alone_step_s"])
   ours = rows[0]
+  assert 0 < ours["xla_temp_gib"] < ours["xla_peak_gib"]  # XLA's analysis of the compiled step
   assert abs(ours["gflop_per_step"] - ours["xla_gflop_per_step"]) < 0.1 * ours["xla_gflop_per_step"]
   assert ours["vs"]["hf"] > 0
   # 8 rows x 64 encoder + 8 x 64 decoder tokens; the loss is on the 8 x 64 targets.

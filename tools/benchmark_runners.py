@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import glob
 import gzip
+import importlib
 import json
 import multiprocessing
 import os
@@ -199,8 +200,8 @@ class JaxTrain(Runner):
 
   def compiled_memory(self) -> dict:
     """XLA's memory analysis of the compiled train step on one device (from its buffer
-    assignment, not the allocator): peak bytes, and the temporaries (activations, logits,
-    gradients) within it. Compiles the step once more (a few seconds; not timed)."""
+    assignment, not the allocator): all its buffers, and the temporaries (activations, logits,
+    gradients) among them. Compiles the step once more (a few seconds; not timed)."""
     trainer = self.trainer
     trainable, frozen = self.trainer_lib.partition(self.state.params, trainer.mask)
     # pylint: disable-next=protected-access  # the step Trainer.train_step runs, to lower it
@@ -209,9 +210,10 @@ class JaxTrain(Runner):
     stats = lowered.compile().memory_analysis()
     if stats is None:  # a backend without the analysis
       return {"xla_peak_gib": None, "xla_temp_gib": None}
-    peak = getattr(stats, "peak_memory_in_bytes", 0) or (
-        stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-        + stats.temp_size_in_bytes)
+    # Arguments (state, batch) + outputs not aliased to them (donated state) + temporaries: the
+    # whole step's buffers. (The CPU client's peak_memory_in_bytes is below temp_size alone.)
+    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)
     return {"xla_peak_gib": peak / 2 ** 30, "xla_temp_gib": stats.temp_size_in_bytes / 2 ** 30}
 
   def peak_flops(self) -> dict:
@@ -370,7 +372,11 @@ def _serve(conn, runner: str, args: tuple, threads: Optional[int] = None):
   """Child process: build the runner, then answer (method, args) calls until told to stop."""
   try:
     _limit_threads(threads)
-    obj = RUNNERS[runner](*args)
+    if ":" in runner:  # "module:Class", a runner defined in another tools/ module
+      module, name = runner.split(":")
+      obj = getattr(importlib.import_module(module), name)(*args)
+    else:
+      obj = RUNNERS[runner](*args)
     conn.send(("ok", obj.info))
     while True:
       method, call_args = conn.recv()
