@@ -64,7 +64,8 @@ def load_teacher(checkpoint: str, dtype: Optional[str]):
   if not checkpoint:
     raise ValueError("DistillationModel.teacher_checkpoint is not set: point it "
                      "(--gin.TEACHER_CHECKPOINT='/path') to the teacher's params checkpoint "
-                     "(the MODEL_DIR of its finished run, or tools/convert_checkpoint.py's output).")
+                     "(the MODEL_DIR of its finished run, or tools/convert_checkpoint.py's "
+                     "output).")
   checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
   gin_file = os.path.join(checkpoint, checkpoints.MODEL_GIN)
   if not (os.path.isdir(os.path.join(checkpoint, checkpoints.PARAMS_DIR))
@@ -192,8 +193,8 @@ class DistillationModel:
   def activation_bytes(self, batch_shapes, tensor_shards: int = 1) -> float:
     """The student's, and the teacher's logits, which the KL term keeps for the backward."""
     from t5x_lite import costs  # pylint: disable=g-import-not-at-top
-    teacher_logits = costs.logits_bytes(
-        self.teacher.config, self.teacher._head_tokens(batch_shapes), tensor_shards)  # pylint: disable=protected-access
+    head_tokens = self.teacher._head_tokens(batch_shapes)  # pylint: disable=protected-access
+    teacher_logits = costs.logits_bytes(self.teacher.config, head_tokens, tensor_shards)
     return self.model.activation_bytes(batch_shapes, tensor_shards) + teacher_logits
 
   def save_params(self, directory: str, params) -> str:

@@ -262,8 +262,8 @@ class RolloutTrainer(trainer_lib.Trainer):
       vocabulary = data.get_vocabulary()
     self.prompt_shapes = {k: tuple(v) for k, v in batch_shapes.items()}
     self.vocab, self.eos_id = vocabulary, model.model.decode_params.eos_id
-    self._layout = _RolloutLayout(model, self.prompt_shapes, self.eos_id)
-    super().__init__(model, optimizer, mesh, self._layout.shapes, num_microbatches, **kwargs)
+    self.layout = RolloutLayout(model, self.prompt_shapes, self.eos_id)
+    super().__init__(model, optimizer, mesh, self.layout.shapes, num_microbatches, **kwargs)
     policy = model.model
     scoring = {k: v for k, v in self.batch_shardings.items() if k not in ROLLOUT_FEATURES}
     self._log_probs = partitioning.jit(
@@ -284,7 +284,7 @@ class RolloutTrainer(trainer_lib.Trainer):
     with partitioning.activation_sharding(self.mesh):
       tokens, _ = self.model.model.predict_batch(params, batch, rng=rng, **decode)
     host = jax.device_get(batch)
-    prompts, targets = self._layout.prompts_and_targets(host)
+    prompts, targets = self.layout.prompts_and_targets(host)
     responses = [_cut(row, self.eos_id) for row in np.asarray(tokens).reshape(
         -1, tokens.shape[-1])]
     return prompts, targets, responses
@@ -307,7 +307,7 @@ class RolloutTrainer(trainer_lib.Trainer):
     else:
       advantages = group_advantages(rewards.reshape(-1, g), model.scale_rewards).reshape(-1)
     rows = partitioning.host_to_global(
-        self._layout.rows([p for p in prompts for _ in range(g)], responses), self.mesh)
+        self.layout.rows([p for p in prompts for _ in range(g)], responses), self.mesh)
     old_log_probs = self._log_probs(state.params, rows)  # recomputed, as the update computes
     rows = dict(rows, old_log_probs=old_log_probs, **partitioning.host_to_global(
         {"advantages": advantages.astype(np.float32)}, self.mesh))
@@ -362,7 +362,7 @@ def _reward_metrics(rewards: Optional[np.ndarray], responses) -> dict:
           "response/length": metrics_lib.Average(jnp.float32(lengths.sum()), jnp.float32(n))}
 
 
-class _RolloutLayout:
+class RolloutLayout:
   """How prompts and sampled responses become the policy's scoring rows (its own
   `scoring_batch`), padded to fixed shapes so that one compiled step serves every rollout."""
 

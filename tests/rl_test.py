@@ -61,7 +61,7 @@ def test_loss_is_the_clipped_surrogate_with_the_k3_kl(setup):
   prompts = [VOCAB.encode("add: 1 + 2") + [1]] * (PROMPTS * SAMPLES)
   responses = [(list(r.randint(3, 200, r.randint(1, NEW))), bool(i % 2))
                for i in range(PROMPTS * SAMPLES)]
-  rows = trainer._layout.rows(prompts, responses)  # pylint: disable=protected-access
+  rows = trainer.layout.rows(prompts, responses)
   reference = jax.tree.map(lambda x: x + 0.05 * np.float32(r.randn()), params)
   logits = jax.jit(policy.logits)
   lp, lr = (log_softmax(np.asarray(logits(p, rows), np.float64)) for p in (params, reference))
@@ -126,7 +126,7 @@ def test_rollout_rows_weight_what_was_sampled():
     grpo = rl.GrpoModel(model, num_samples=2, max_new_tokens=4, reference_checkpoint="unused")
     batch = prompt_batch(model) if preset == "gpt2_tiny" else model.scoring_batch(
         [VOCAB.encode("add: 1 + 2")] * PROMPTS, [VOCAB.encode("3")] * PROMPTS, eos)
-    layout = rl._RolloutLayout(grpo, {k: v.shape for k, v in batch.items()}, eos)  # pylint: disable=protected-access
+    layout = rl.RolloutLayout(grpo, {k: v.shape for k, v in batch.items()}, eos)
     prompts, targets = layout.prompts_and_targets(batch)
     assert VOCAB.decode([t for t in prompts[0] if t != eos]).startswith("add: ")
     assert all(eos not in t for t in targets)
@@ -162,9 +162,10 @@ def test_bad_input_is_refused(tmp_path):
     rl.GrpoModel(models.from_gin("bert_tiny", TINY), **ok)
   grpo = rl.GrpoModel(model, **ok)
   with pytest.raises(ValueError, match="needs prompts"):  # a CLM task: targets only
-    rl._RolloutLayout(grpo, {k: (8, 16) for k in model.REQUIRED_FEATURES}, 1)  # pylint: disable=protected-access
+    rl.RolloutLayout(grpo, {k: (8, 16) for k in model.REQUIRED_FEATURES}, 1)
   with pytest.raises(ValueError, match="do not fit the model"):
-    rl._RolloutLayout(grpo, {"decoder_input_tokens": (8, 60), "decoder_causal_attention": (8, 60)}, 1)  # pylint: disable=protected-access
+    rl.RolloutLayout(grpo, dict.fromkeys(("decoder_input_tokens", "decoder_causal_attention"),
+                                         (8, 60)), 1)
   with pytest.raises(ValueError, match="rollout batches"):
     grpo.check_batch({k: (8, 16) for k in model.REQUIRED_FEATURES})
   # runs/grpo.gin builds the GRPO model around the model gin's model.
