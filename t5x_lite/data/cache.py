@@ -165,6 +165,38 @@ class CachedBatches:
     pass
 
 
+def _rows(batch: Mapping[str, np.ndarray]) -> int:
+  return len(next(iter(batch.values())))
+
+
+class _ShardWriter:
+  """Writes rows, as they come, into shards of `rows_per_shard` rows (the last may be short)."""
+
+  def __init__(self, directory: str, rows_per_shard: int):
+    self.directory, self.rows_per_shard = directory, rows_per_shard
+    self.buffer, self.buffered, self.shards = [], 0, 0
+
+  def add(self, batch: Mapping[str, np.ndarray]) -> None:
+    self.buffer.append(batch)
+    self.buffered += _rows(batch)
+    while self.buffered >= self.rows_per_shard:
+      self._write(self.rows_per_shard)
+
+  def finish(self) -> None:
+    if self.buffered:
+      self._write(self.buffered)
+
+  def _write(self, count: int) -> None:
+    whole = {k: np.concatenate([b[k] for b in self.buffer]) for k in self.buffer[0]}
+    for name, rows in whole.items():
+      np.save(os.path.join(self.directory, f"{name}-{self.shards:05d}.npy"),
+              rows[:count].astype(np.int32))
+    rest = {k: v[count:] for k, v in whole.items()}
+    self.buffer = [rest] if _rows(rest) else []
+    self.buffered -= count
+    self.shards += 1
+
+
 def write_cache(output_dir: str, task: str, lengths: Mapping[str, int], family: str,
                 seed: int = 0, max_rows: Optional[int] = None, rows_per_shard: int = 65536,
                 vocabulary_sha: str = "", log: Callable[[str], None] = print) -> dict:
@@ -183,44 +215,29 @@ def write_cache(output_dir: str, task: str, lengths: Mapping[str, int], family: 
                                 drop_remainder=False)
   mixture_tasks = stream.mix.task_names
   stream.mix = mixing.MixCounter(())  # the task tags are kept as a feature of the rows
-  buffered, rows, shards, start = [], 0, 0, time.perf_counter()
-
-  def flush():
-    nonlocal shards, buffered
-    for name in buffered[0]:
-      np.save(os.path.join(tmp, f"{name}-{shards:05d}.npy"),
-              np.concatenate([b[name] for b in buffered]).astype(np.int32))
-    shards, buffered = shards + 1, []
-
+  writer, rows, start = _ShardWriter(tmp, rows_per_shard), 0, time.perf_counter()
   for batch in stream:
     if max_rows is not None:
       batch = {k: v[:max_rows - rows] for k, v in batch.items()}
-    buffered.append(batch)
-    rows += len(next(iter(batch.values())))
-    while sum(len(next(iter(b.values()))) for b in buffered) >= rows_per_shard:
-      whole = {k: np.concatenate([b[k] for b in buffered]) for k in buffered[0]}
-      buffered = [{k: v[:rows_per_shard] for k, v in whole.items()}]
-      rest = {k: v[rows_per_shard:] for k, v in whole.items()}
-      flush()
-      buffered = [rest] if len(next(iter(rest.values()))) else []
+    writer.add(batch)
+    rows += _rows(batch)
     if max_rows is not None and rows >= max_rows:
       break
   stream.close()
-  if buffered:
-    flush()
+  writer.finish()
   if not rows:
     raise sources.CorpusError(f"{task!r} produced no rows to cache.")
   features = {name: list(np.load(os.path.join(tmp, f"{name}-00000.npy"), mmap_mode="r").shape[1:])
               for name in sorted({f.rsplit("-", 1)[0] for f in os.listdir(tmp)})}
   meta = {"format": FORMAT, "task": task, "feature_lengths": dict(lengths), "family": family,
           "vocabulary": vocabulary_sha, "writer_seed": seed, "rows": rows,
-          "rows_per_shard": rows_per_shard, "shards": shards, "features": features,
+          "rows_per_shard": rows_per_shard, "shards": writer.shards, "features": features,
           "mixture_tasks": list(mixture_tasks), "data_faults": sources.data_faults()}
   meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
   with open(os.path.join(tmp, META), "w") as f:
     json.dump(meta, f, indent=1)
   shutil.rmtree(output_dir, ignore_errors=True)
   os.replace(tmp, output_dir)
-  log(f"Wrote {rows:,} packed rows of {task!r} in {shards} shard(s) to {output_dir} "
+  log(f"Wrote {rows:,} packed rows of {task!r} in {writer.shards} shard(s) to {output_dir} "
       f"({time.perf_counter() - start:.1f}s).")
   return meta
