@@ -39,7 +39,8 @@ def add_command(commands) -> None:
 
 
 def _step(implementation: str, args, length: int):
-  """(jitted fwd+bwd step, its arguments): gradients of sum(attention * w) w.r.t. q, k, v."""
+  """(jitted fwd+bwd step, its arguments): gradients of sum(attention * w) w.r.t. q, k, v
+  (w an argument too, so XLA cannot fold it into the program as a constant)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from t5x_lite import attention, layers  # pylint: disable=g-import-not-at-top
@@ -57,14 +58,14 @@ def _step(implementation: str, args, length: int):
   else:
     kernel = functools.partial(layers.dot_product_attention, implementation="xla")
 
-  def loss(q, k, v, segments, positions):
+  def loss(q, k, v, weights, segments, positions):
     mask = layers.attention_mask(segments, segments, causal=True, q_positions=positions,
                                  k_positions=positions)
     out = kernel(q, k, v, mask, scale=e ** -0.5)
     return jnp.sum(out.astype(jnp.float32) * weights)
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return step, (q, *kv, segments, positions)
+  return step, (q, *kv, weights, segments, positions)
 
 
 def _available_bytes() -> float:
