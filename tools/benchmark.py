@@ -14,6 +14,8 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           CPU seconds per call; --threads N gives both frameworks the same N CPU threads
           python tools/benchmark.py decode --shapes gpt-small t5-small --batch_sizes 1 8 --compare hf
           python tools/benchmark.py decode --shapes gpt-small --compare hf --threads 1
+          python tools/benchmark.py decode --shapes gpt-small --variants fp32 int8 w8a8 int4 \
+              int8-kv --compare hf-int8     # quantized (runners: tools/benchmark_quant.py)
   data    packed tokens/s of the input pipeline for each task, as the trainer would receive them
           python tools/benchmark.py data --tasks stdlib_clm stdlib_span_corruption --batches 50
           --resume-at STEP...: seconds from a resume to its first batch, per resume tier
@@ -51,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchmark_runners import Shape, Worker  # pylint: disable=wrong-import-position
 import benchmark_attention  # pylint: disable=wrong-import-position
+import benchmark_quant  # pylint: disable=wrong-import-position
 
 PRESET_DIR = os.path.join(ROOT, "gin_configs", "models")
 
@@ -368,12 +371,18 @@ def decode_command(args) -> list[dict]:
         workers["jax"] = Worker("JaxDecode", shape, tuple(args.gin), batch_size, args.prompt,
                                 args.new_tokens, args.warmup, threads=args.threads)
         info = workers["jax"].info
+        for variant in [v for v in args.variants if v != "fp32"]:  # tools/benchmark_quant.py
+          workers[f"jax-{variant}"] = Worker(
+              "benchmark_quant:JaxQuantDecode", shape, tuple(args.gin), batch_size, args.prompt,
+              args.new_tokens, args.warmup, variant, threads=args.threads)
         for impl in args.compare:
           if info["hf_config"] is None:
             raise ValueError(f"--compare {impl}: no HF architecture holds {shape_name}.")
           workers[impl] = Worker("TorchDecode", info["hf_config"], info["hf_inputs"],
                                  args.new_tokens, impl == "hf-compile", args.warmup,
-                                 threads=args.threads)
+                                 threads=args.threads) if impl != "hf-int8" else Worker(
+              "benchmark_quant:TorchInt8Decode", info["hf_config"], info["hf_inputs"],
+              args.new_tokens, args.warmup, threads=args.threads)
         times, cpu = alternate(workers, args.rounds, args.steps)
         rows = _decode_rows(shape_name, batch_size, info["steps"], workers, times, cpu, args)
       finally:
@@ -392,23 +401,24 @@ def decode_command(args) -> list[dict]:
 def _decode_rows(shape_name, batch_size, jax_steps, workers, times, cpu, args) -> list[dict]:
   """One row per implementation; t5x_lite's ratios are per generated token, in wall and CPU
   time, since its rows may stop at EOS before --new_tokens (HF's never do)."""
-  steps = {name: jax_steps if name == "jax" else args.new_tokens for name in workers}
+  steps = {name: jax_steps if name == "jax" else worker.info.get("steps", args.new_tokens)
+           for name, worker in workers.items()}  # quantized variants may stop elsewhere
   rows = []
   for name, worker in workers.items():
     seconds = float(np.median(times[name]))
-    row = {"shape": shape_name, "impl": name if name != "jax" else "t5x_lite",
+    row = {"shape": shape_name, "impl": name.replace("jax", "t5x_lite", 1),
            "batch_size": batch_size, "prompt": args.prompt, "new_tokens": steps[name],
            "threads": args.threads, "first_call_s": worker.info["first_step_s"],
            "call_s": seconds, "call_s_per_round": times[name],
            "cpu_s": float(np.median(cpu[name])), "cpu_s_per_round": cpu[name],
            "tokens_per_s": batch_size * steps[name] / seconds, **worker.call("memory")}
-    if name == "jax":
+    if name.startswith("jax"):
       def per_token(figures, o):
         return [t / steps[o] for t in figures[o]]
       row["vs"] = {o: _median_ratio(per_token(times, name), per_token(times, o))
-                   for o in workers if o != "jax"}
+                   for o in workers if o != name}
       row["vs_cpu"] = {o: _median_ratio(per_token(cpu, name), per_token(cpu, o))
-                       for o in workers if o != "jax"}
+                       for o in workers if o != name}
     rows.append(row)
   return rows
 
@@ -486,11 +496,13 @@ def _write_json(path: str, command: str, rows: list, args) -> None:
     json.dump(report, f, indent=1, default=float)
 
 
-def _add_common(parser, shapes):
+def _add_common(parser, shapes, peers=HF_IMPLEMENTATIONS):
   parser.add_argument("--shapes", nargs="+", default=list(shapes),
                       help=f"{sorted(SHAPES)} or any model preset (e.g. gpt2_tiny)")
-  parser.add_argument("--compare", nargs="*", default=[], choices=HF_IMPLEMENTATIONS,
-                      help="also run HF transformers on PyTorch, eager and/or torch.compile")
+  parser.add_argument("--compare", nargs="*", default=[], choices=peers,
+                      help="also run HF transformers on PyTorch, eager and/or torch.compile"
+                           + (" (hf-int8: torch's quantize_dynamic int8)" if
+                              "hf-int8" in peers else ""))
   parser.add_argument("--gin", nargs="*", default=[],
                       help="extra gin bindings for every run, e.g. \"TransformerConfig.dtype = "
                            "'bfloat16'\"")
@@ -525,7 +537,11 @@ def main(argv: Sequence[str] | None = None):
                      help="skip the cross-check of the FLOP count with XLA's cost analysis")
   train.set_defaults(func=train_command)
   decode = commands.add_parser("decode", help="generation speed, optionally against HF generate")
-  _add_common(decode, ("gpt-small", "t5-small"))
+  _add_common(decode, ("gpt-small", "t5-small"), HF_IMPLEMENTATIONS + ("hf-int8",))
+  decode.add_argument("--variants", nargs="+", default=["fp32"],
+                      type=benchmark_quant.checked_variant,
+                      help="t5x_lite runs: fp32, int8, w8a8, int4, int8-kv (a+b combines; "
+                           "tools/benchmark_quant.py)")
   decode.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
   decode.add_argument("--prompt", type=int, default=128, help="prompt (encoder input) length")
   decode.add_argument("--new_tokens", type=int, default=64)
