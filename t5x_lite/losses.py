@@ -26,8 +26,8 @@ from t5x_lite.metrics import Average, Sum
 
 Array = jax.Array
 # Tokens per chunk of `cross_entropy_with_head` that the models default to (their
-# `loss_chunk_size`): measured with tools/benchmark.py train --variants (see the README).
-DEFAULT_CHUNK_SIZE = 1024
+# `loss_chunk_size`): by XLA's memory analysis of the gpt-small step (see the README).
+DEFAULT_CHUNK_SIZE = 512
 
 
 class TokenStatistics(NamedTuple):
@@ -235,22 +235,24 @@ def _head_statistics_backward(vocab_first, positions, logit_sum, residuals, cota
     d_logits = glz_c * jnp.exp(logits - lz_c) + jnp.where(one_hot, gt_c, 0.0) + gs_c
     d_logits = _constrain_logits(d_logits)
     d_low = d_logits.astype(features.dtype)
-    dx_eq, dw_eq = (("bpv,vd->bpd", "bpv,bpd->vd") if vocab_first else
-                    ("bpv,dv->bpd", "bpd,bpv->dv"))
+    dx_eq = "bpv,vd->bpd" if vocab_first else "bpv,dv->bpd"
     dx_c = jnp.einsum(dx_eq, d_low, w, preferred_element_type=jnp.float32).astype(dx.dtype)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_c, start, axis=1)
-    dw_c = (jnp.einsum(dw_eq, d_low, x_c, preferred_element_type=jnp.float32) if vocab_first
-            else jnp.einsum(dw_eq, x_c, d_low, preferred_element_type=jnp.float32))
+    # dW as [d, v] for either layout: the [b, p, v] gradient is read as it lies (contracting
+    # its leading dims), where [v, d] made XLA copy it transposed, a third chunk-sized buffer.
+    dw_c = jnp.einsum("bpd,bpv->dv", x_c, d_low, preferred_element_type=jnp.float32)
     db = None if db is None else db + jnp.sum(d_logits, axis=(0, 1))
     return (dx, dw + dw_c, db), None
 
-  init = (jnp.zeros(x.shape, features.dtype), jnp.zeros(kernel.shape, jnp.float32),
+  d, v = (kernel.shape[1], kernel.shape[0]) if vocab_first else kernel.shape
+  init = (jnp.zeros(x.shape, features.dtype), jnp.zeros((d, v), jnp.float32),
           None if bias is None else jnp.zeros((vocab,), jnp.float32))
   if count == 1:
     (dx, dw, db), _ = chunk(init, 0)
   else:
     (dx, dw, db), _ = jax.lax.scan(chunk, init, jnp.arange(count))
   db = None if bias is None else db.astype(bias.dtype)
+  dw = dw.T if vocab_first else dw
   return dx[:, :l], dw.astype(kernel.dtype), db, None
 
 
