@@ -58,7 +58,7 @@ from t5x_lite import checkpoints, layers, moe
 
 Array = jax.Array
 MODES = ("int8", "int4", "w8a8")
-GROUP_SIZES = (32, 64, 128)  # the int4 group sizes the docs and tools offer (any even divisor works)
+GROUP_SIZES = (32, 64, 128)  # the int4 group sizes offered (any even divisor works)
 QUANTIZATION_JSON = "quantization.json"  # in a quantized params checkpoint: how it was made
 FORMAT = "t5x_lite.quantization/1"
 
@@ -238,7 +238,11 @@ def _embed_call(module: layers.Embed, method: str, x: Array, settings: Settings)
   if method == "__call__":  # the rows, then dequantized
     return dequantize_array(jnp.take(q, x, axis=0), jnp.take(scale, x, axis=0), x.ndim,
                             settings.bits, dtype)
-  if settings.bits == 8:  # attend, the tied head: a row's scale is its logit's
+  if settings.mode == "w8a8":  # attend, the tied head: int8 x int8 as the kernels
+    xq, x_scale = quantize_activations(x, 1)
+    acc = jnp.einsum("bld,vd->blv", xq, q, preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale * scale[:, 0]).astype(dtype)
+  if settings.bits == 8:  # a row's scale is its logit's
     logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
     return logits * scale[:, 0].astype(dtype)
   table = dequantize_array(q, scale, 1, 4, dtype)
@@ -380,9 +384,9 @@ class QuantizedModel:
 
   def loss_fn(self, *args, **kwargs):
     raise ValueError(
-        f"A quantized model ({self.mode or 'int8 KV cache'}) is for inference only: quantization-aware "
-        "training does not exist in t5x_lite yet. Train (or fine-tune) the float model, i.e. "
-        "without QUANTIZE / quantize=, and quantize its checkpoint afterwards "
+        f"A quantized model ({self.mode or 'int8 KV cache'}) is for inference only: "
+        "quantization-aware training does not exist in t5x_lite yet. Train (or fine-tune) the "
+        "float model, i.e. without QUANTIZE / quantize=, and quantize its checkpoint afterwards "
         "(tools/convert_checkpoint.py --from DIR --quantize int8 --to QDIR).")
 
   # -- parameters ---------------------------------------------------------------------------------
@@ -532,8 +536,8 @@ def check_params_checkpoint(directory: str) -> None:
   """Refuses what is not a params checkpoint (a train-state step, a run without its export)."""
   if not os.path.isfile(os.path.join(directory, checkpoints.MODEL_GIN)):
     from t5x_lite import loaded_model  # pylint: disable=g-import-not-at-top
-    raise FileNotFoundError("Quantization reads a params checkpoint. " +
-                            loaded_model._not_a_params_checkpoint(directory))  # pylint: disable=protected-access
+    why = loaded_model._not_a_params_checkpoint(directory)  # pylint: disable=protected-access
+    raise FileNotFoundError("Quantization reads a params checkpoint. " + why)
 
 
 def for_checkpoint(model, directory: Optional[str], mode: Optional[str],
