@@ -387,6 +387,14 @@ def _serve(conn, runner: str, args: tuple, threads: Optional[int] = None):
     conn.send(("error", traceback.format_exc()))
 
 
+def _exit_on_sigterm() -> None:
+  """A parent ended by SIGTERM (e.g. `timeout`) exits through its `finally` blocks, whose
+  Worker.close continues the stopped children: by default it would die at once and leave them
+  stopped forever (a stopped process does not act on SIGTERM until continued)."""
+  if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 class Worker:
   """A runner in its own process (spawned: no state inherited from the parent's JAX), limited
   to `threads` CPU threads if given. Between calls the child is stopped (see the module
@@ -398,6 +406,7 @@ class Worker:
     self._process = context.Process(target=_serve, args=(child, runner, args, threads),
                                     daemon=True)
     self._process.start()
+    _exit_on_sigterm()
     self.info = self._receive(runner)
     self._signal(signal.SIGSTOP)
 
