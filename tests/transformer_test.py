@@ -31,7 +31,9 @@ class _Runner:
            "encoder_decoder": transformer.EncoderDecoder}[family]
     self.module = cls(_config(family, position_type, **changes))
     example = self._args(_tokens(0, (1, 8)), _tokens(1, (1, 8)))
-    self.params = self.module.init(jax.random.PRNGKey(2), *example)["params"]
+    # Compiled once per call shape: eagerly, flax would dispatch (and compile) op by op.
+    self.params = jax.jit(self.module.init)(jax.random.PRNGKey(2), *example)["params"]
+    self._apply = jax.jit(lambda params, *args: self.module.apply({"params": params}, *args))
 
   def _args(self, enc, dec, enc_seg=None, dec_seg=None, enc_pos=None, dec_pos=None, prefix=None):
     if self.family == "encoder":
@@ -41,7 +43,7 @@ class _Runner:
     return (enc, dec, enc_seg, dec_seg, enc_pos, dec_pos)
 
   def __call__(self, enc=None, dec=None, **kw):
-    return self.module.apply({"params": self.params}, *self._args(enc, dec, **kw))
+    return self._apply(self.params, *self._args(enc, dec, **kw))
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
@@ -226,8 +228,8 @@ def test_fused_qkv_computes_the_same_function_as_separate_projections(family, po
   separate, fused = cls(config), cls(config.replace(fused_qkv=True))
   enc, dec = _tokens(3, (2, 8)), _tokens(4, (2, 8))
   args = (dec,) if family == "decoder" else (enc, dec)
-  params = nn.meta.unbox(separate.init(jax.random.PRNGKey(2), *args)["params"])
-  fused_init = fused.init(jax.random.PRNGKey(2), *args)["params"]
+  params = nn.meta.unbox(jax.jit(separate.init)(jax.random.PRNGKey(2), *args)["params"])
+  fused_init = jax.jit(fused.init)(jax.random.PRNGKey(2), *args)["params"]
   rearranged = _fuse_qkv(params)
   assert (jax.tree.map(jnp.shape, rearranged)
           == jax.tree.map(jnp.shape, nn.meta.unbox(fused_init)))
@@ -237,8 +239,9 @@ def test_fused_qkv_computes_the_same_function_as_separate_projections(family, po
   assert qkv.value.shape[-4:] == (32, 3, 4, 8)  # [d, 3, h, e]
   if family == "encoder_decoder":
     assert set(stack["cross_attention"]) == {"query", "key", "value", "out"}
-  np.testing.assert_allclose(fused.apply({"params": rearranged}, *args),
-                             separate.apply({"params": params}, *args), atol=1e-5)
+  apply = jax.jit(lambda module, params: module.apply({"params": params}, *args),
+                  static_argnums=0)
+  np.testing.assert_allclose(apply(fused, rearranged), apply(separate, params), atol=1e-5)
 
 
 def test_decoding_cache_is_laid_out_like_the_activations():
