@@ -71,10 +71,9 @@ def references():
 @pytest.mark.parametrize("preset, mesh_sizes, changes, accumulation", [
     ("llama_tiny", {"data": 2, "stage": 4}, {"remat_policy": "full"}, 2),
     ("llama_tiny", {"data": 1, "fsdp": 2, "tensor": 2, "stage": 2}, {}, 1),
-    ("t5_tiny", {"data": 2, "stage": 4}, {}, 1),
     ("t5_tiny", {"data": 1, "fsdp": 2, "tensor": 2, "stage": 2}, {"remat_policy": "dots"}, 1),
 ], ids=["decoder-data2_stage4-remat-accumulate", "decoder-fsdp2_tensor2_stage2",
-        "encdec-data2_stage4", "encdec-fsdp2_tensor2_stage2-remat"])
+        "encdec-fsdp2_tensor2_stage2-remat"])  # data 2 x stage 4 is the decoder's: a compile less
 def test_pipelined_loss_and_gradients_equal_one_devices(references, preset, mesh_sizes,
                                                         changes, accumulation, monkeypatch):
   model, params, batch, want_loss, want_grads = references(preset)
