@@ -50,6 +50,7 @@ def test_a_mixture_by_temperature_gets_its_rates_when_read():
     assert tasks.MODEL_FAMILIES[name] == tasks.MODEL_FAMILIES["stdlib_span_corruption"]
   finally:
     seqio.MixtureRegistry.remove(name)
+    tasks.MODEL_FAMILIES.pop(name, None)  # the registry and the family table go together
   with pytest.raises(ValueError, match=r"no task named \['nope'\]"):
     tasks.register_mixture("t5x_lite_mixing_test", ["nope"])
 
