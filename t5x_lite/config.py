@@ -210,6 +210,13 @@ class TransformerConfig:
   def resolved_num_decoder_layers(self) -> int:
     return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
 
+  @property
+  def stack_depths(self) -> dict[str, int]:
+    """The depth of each layer stack: {"stack": n}, or an encoder-decoder's two."""
+    if self.family == "encoder_decoder":
+      return {"encoder": self.num_layers, "decoder": self.resolved_num_decoder_layers}
+    return {"stack": self.num_layers}
+
   def replace(self, **changes) -> "TransformerConfig":
     """A copy with `changes`. Unrolling the layers (scan_layers=False, what decoding does)
     also turns pipelining off unless `changes` says otherwise: stages split a scanned stack."""

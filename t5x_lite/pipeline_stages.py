@@ -84,9 +84,7 @@ def describe(config, mesh_shape: dict, batch_size: int, accumulation_steps: int 
     return ""
   # A batch the accumulation steps do not divide is the trainer's to refuse.
   rows = batch_size // accumulation_steps if batch_size % accumulation_steps == 0 else None
-  depths = {"stack": config.num_layers}
-  if config.family == "encoder_decoder":
-    depths = {"encoder": config.num_layers, "decoder": config.resolved_num_decoder_layers}
+  depths = config.stack_depths
   for what, depth in depths.items():
     check(depth, stages, microbatches, rows, what)
   per_stage = ", ".join(f"{what} {depth // stages}" for what, depth in depths.items())
