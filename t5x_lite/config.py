@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # How a mixture-of-experts layer sends tokens to its experts (t5x_lite.moe): "ragged" sorts them
 # by expert for one grouped matmul (jax.lax.ragged_dot), "einsum" scatters them into fixed
 # [experts, capacity] buffers with one-hot einsums; "auto" picks per backend (see moe.py).
-MOE_DISPATCHES = ("auto", "ragged", "einsum")
+MOE_DISPATCHES = ("auto", "ragged", "einsum", "gather")
 
 
 @gin.configurable(module="t5x_lite.config")

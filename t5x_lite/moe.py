@@ -110,10 +110,11 @@ class MoeMlp(nn.Module):
     slots = capacity(cfg, l)
     routing = route(logits, token_mask, cfg.num_experts_per_token, slots)
     self._sow(logits, routing)
-    if dispatch_path(cfg) == "ragged":
+    path = dispatch_path(cfg)
+    if path == "ragged":
       y = self._ragged(x, routing)
     else:
-      y = self._einsum(x, routing, slots)
+      y = (self._gather if path == "gather" else self._einsum)(x, routing, slots)
     if cfg.num_shared_experts:
       shared = cfg.replace(d_ff=cfg.d_ff * cfg.num_shared_experts)
       y = y + layers.Mlp(shared, self.deterministic, self.remat_activation,
@@ -150,17 +151,10 @@ class MoeMlp(nn.Module):
     return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
   # -- dispatch paths ---------------------------------------------------------------------------
-  def _einsum(self, x: Array, routing: Routing, slots: int) -> Array:
-    """GShard dispatch: one-hot [b, l, e, c] masks scatter tokens into every expert's buffer and
-    gather them back weighted. The constraints turn the reshards into all-to-alls: buffers split
-    by expert for the expert matmuls, then by rows again for the combine."""
-    cfg = self.config
-    expert = jax.nn.one_hot(routing.expert, cfg.num_experts, dtype=cfg.dtype)
-    slot = jax.nn.one_hot(jnp.where(routing.kept, routing.slot, slots), slots, dtype=cfg.dtype)
-    dispatch = jnp.einsum("blke,blkc->blec", expert, slot)
-    combine = jnp.einsum("blke,blkc,blk->blec", expert.astype(jnp.float32),
-                         slot.astype(jnp.float32), routing.weight)
-    buffers = jnp.einsum("bld,blec->ebcd", x.astype(cfg.dtype), dispatch)
+  def _experts(self, buffers: Array) -> Array:
+    """Every expert's MLP over its own buffer: [e, b, c, d] -> [e, b, c, d]. The constraints
+    keep the buffers split by expert for the matmuls (under expert parallelism the reshards
+    around them become all-to-alls)."""
     buffers = layers.constrain(buffers, ("expert", "expert_group", None, "embed"))
     kernels = self._kernels()
     hidden_axes = ("expert", "expert_group", None, "mlp")
@@ -175,32 +169,62 @@ class MoeMlp(nn.Module):
     if bias is not None:
       out = out + bias[:, None, None]
     # Pinned by expert first, or XLA may move the all-to-all before this matmul and gather wo.
-    out = layers.constrain(out, ("expert", "expert_group", None, "embed"))
+    return layers.constrain(out, ("expert", "expert_group", None, "embed"))
+
+  def _einsum(self, x: Array, routing: Routing, slots: int) -> Array:
+    """GShard dispatch: one-hot [b, l, e, c] masks scatter tokens into every expert's buffer and
+    gather them back weighted, as matmuls (t e c d FLOPs each way: what partitions into
+    all-to-alls on an expert mesh)."""
+    cfg = self.config
+    expert = jax.nn.one_hot(routing.expert, cfg.num_experts, dtype=cfg.dtype)
+    slot = jax.nn.one_hot(jnp.where(routing.kept, routing.slot, slots), slots, dtype=cfg.dtype)
+    dispatch = jnp.einsum("blke,blkc->blec", expert, slot)
+    combine = jnp.einsum("blke,blkc,blk->blec", expert.astype(jnp.float32),
+                         slot.astype(jnp.float32), routing.weight)
+    out = self._experts(jnp.einsum("bld,blec->ebcd", x.astype(cfg.dtype), dispatch))
     out = layers.constrain(out, (None, "batch", None, "embed"))
     y = jnp.einsum("ebcd,blec->bld", out, combine.astype(out.dtype),
                    preferred_element_type=jnp.float32)
     return y.astype(cfg.dtype)
 
+  def _gather(self, x: Array, routing: Routing, slots: int) -> Array:
+    """The einsum path's buffers, filled and read by indexing instead of one-hot matmuls: the
+    same function (same slots, drops and weights) without the t e c d dispatch FLOPs."""
+    cfg = self.config
+    b, l, d = x.shape
+    rows = jnp.arange(b)[:, None, None]
+    # Which token fills each slot (l, a zero row, where none does); dropped slots fall outside.
+    token = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32)[None, :, None], routing.slot.shape)
+    source = jnp.full((b, cfg.num_experts, slots), l, jnp.int32)
+    source = source.at[rows, routing.expert, jnp.where(routing.kept, routing.slot, slots)].set(
+        token, mode="drop")
+    padded = jnp.concatenate([x.astype(cfg.dtype), jnp.zeros((b, 1, d), cfg.dtype)], axis=1)
+    out = self._experts(padded[rows, source].transpose(1, 0, 2, 3))  # [e, b, c, d]
+    picked = out[routing.expert, rows, jnp.minimum(routing.slot, slots - 1)]  # [b, l, k, d]
+    y = jnp.einsum("blkd,blk->bld", picked, routing.weight.astype(picked.dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(cfg.dtype)
+
   def _ragged(self, x: Array, routing: Routing) -> Array:
-    """Dropless grouped matmuls: the t k assignments sorted by expert, one ragged_dot per
-    kernel over contiguous runs of rows, unsorted and summed with their weights."""
+    """Dropless grouped matmuls: the t k assignments sorted by expert, one grouped matmul per
+    kernel over contiguous runs of rows (`Groups`), unsorted and summed with their weights."""
     cfg = self.config
     b, l, d = x.shape
     k, e = cfg.num_experts_per_token, cfg.num_experts
     expert = routing.expert.reshape(-1)  # [a], token-major
     order = jnp.argsort(expert, stable=True)
-    rows = x.reshape(b * l, d).astype(cfg.dtype)[order // k]  # [a, d] sorted by expert
     sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
-    sorted_expert = expert[order]
+    groups = Groups.of(sizes, expert.shape[0])
+    rows = groups.gather(x.reshape(b * l, d).astype(cfg.dtype)[order // k])  # sorted by expert
     kernels = self._kernels()
 
     def matmul(inputs, name):
       kernel, bias = kernels[name]
-      out = jax.lax.ragged_dot(inputs, kernel, sizes)
-      return out if bias is None else out + bias[sorted_expert]
+      out = groups.matmul(inputs, kernel)
+      return out if bias is None else out + groups.per_row(bias)
 
     h = self._activation({n: matmul(rows, n) for n in kernels if n != "wo"})
-    out = matmul(h, "wo")  # [a, d], sorted
+    out = groups.scatter(matmul(h, "wo"))  # [a, d], sorted
     out = jnp.zeros_like(out).at[order].set(out).reshape(b, l, k, d)
     y = jnp.einsum("blkd,blk->bld", out, routing.weight.astype(out.dtype),
                    preferred_element_type=jnp.float32)
@@ -223,6 +247,94 @@ class MoeMlp(nn.Module):
     self.sow(layers.SOWN_METRICS, "moe/max_expert_load", pair(e * jnp.max(stats["fraction"])))
     self.sow(layers.SOWN_METRICS, "moe/min_expert_load", pair(e * jnp.min(stats["fraction"])))
     self.sow(layers.SOWN_METRICS, "moe/load_balance", pair(stats["load_balance"]))
+
+
+class Groups(NamedTuple):
+  """Rows sorted into contiguous groups (one per expert), multiplied each by its group's kernel.
+
+  On GPU and TPU the rows stay as they are and `jax.lax.ragged_dot` does the grouped matmul. On
+  CPU, where ragged_dot was measured no faster than multiplying every row by every kernel, each
+  group is padded to whole blocks of `BLOCK_ROWS` rows and a scan multiplies every block by its
+  group's kernel: the FLOPs of the rows plus at most a block per group of zero padding."""
+  sizes: Array  # [e] rows per group
+  rows: int  # a, the sorted rows
+  dest: Optional[Array]  # [a] each sorted row's place in the blocked layout; None: unblocked
+  block_group: Optional[Array]  # [n] the group of each block
+
+  BLOCK_ROWS = 128
+
+  @classmethod
+  def of(cls, sizes: Array, rows: int, blocked: Optional[bool] = None) -> "Groups":
+    if not (jax.default_backend() == "cpu" if blocked is None else blocked):
+      return cls(sizes, rows, None, None)
+    e, block = sizes.shape[0], cls.BLOCK_ROWS
+    blocks = -(-rows // block) + e  # static bound: every group may end in a partial block
+    padded = (sizes + block - 1) // block * block
+    ends = jnp.cumsum(padded)
+    group = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows)
+    rank = jnp.arange(rows) - (jnp.cumsum(sizes) - sizes)[group]
+    dest = (ends - padded)[group] + rank
+    # Blocks past the last group hold zeros; they borrow the last kernel and are never read.
+    block_group = jnp.minimum(jnp.searchsorted(ends // block, jnp.arange(blocks), side="right"),
+                              e - 1)
+    return cls(sizes, rows, dest, block_group)
+
+  def gather(self, rows: Array) -> Array:
+    """[a, d] sorted rows -> this layout ([n, BLOCK_ROWS, d] when blocked)."""
+    if self.dest is None:
+      return rows
+    n, d = self.block_group.shape[0], rows.shape[-1]
+    blocked = jnp.zeros((n * self.BLOCK_ROWS, d), rows.dtype).at[self.dest].set(rows)
+    return blocked.reshape(n, self.BLOCK_ROWS, d)
+
+  def scatter(self, values: Array) -> Array:
+    """The inverse of `gather`: this layout -> [a, f] sorted rows."""
+    if self.dest is None:
+      return values
+    return values.reshape(-1, values.shape[-1])[self.dest]
+
+  def matmul(self, values: Array, kernel: Array) -> Array:
+    """values in this layout x kernel [e, d, f] -> [.., f], each row by its group's kernel."""
+    if self.dest is None:
+      return jax.lax.ragged_dot(values, kernel, self.sizes)
+    return _blocks_matmul(values, kernel, self.block_group)
+
+  def per_row(self, table: Array) -> Array:
+    """A [e, f] per-group table (a bias) broadcast to the rows of this layout."""
+    if self.dest is None:
+      return jnp.repeat(table, self.sizes, axis=0, total_repeat_length=self.rows)
+    return table[self.block_group][:, None]
+
+
+@jax.custom_vjp
+def _blocks_matmul(blocks: Array, kernel: Array, block_group: Array) -> Array:
+  """[n, r, d] x [e, d, f] -> [n, r, f]: block i times kernel[block_group[i]], one block a scan
+  step (the kernel is sliced, never copied per block)."""
+  def step(_, inputs):
+    block, group = inputs
+    return None, block @ kernel[group]
+  return jax.lax.scan(step, None, (blocks, block_group))[1]
+
+
+def _blocks_matmul_forward(blocks, kernel, block_group):
+  return _blocks_matmul(blocks, kernel, block_group), (blocks, kernel, block_group)
+
+
+def _blocks_matmul_backward(residuals, grad):
+  """The kernel's gradient accumulates slice by slice in the scan's carry (autodiff of the
+  forward scan would add a whole [e, d, f] cotangent at every block)."""
+  blocks, kernel, block_group = residuals
+
+  def step(kernel_grad, inputs):
+    block, block_grad, group = inputs
+    kernel_grad = kernel_grad.at[group].add(block.T @ block_grad)
+    return kernel_grad, block_grad @ kernel[group].T
+  kernel_grad, blocks_grad = jax.lax.scan(step, jnp.zeros_like(kernel),
+                                          (blocks, grad, block_group))
+  return blocks_grad, kernel_grad, None
+
+
+_blocks_matmul.defvjp(_blocks_matmul_forward, _blocks_matmul_backward)
 
 
 def router_statistics(logits: Array, routing: Routing) -> dict[str, Array]:

@@ -71,7 +71,7 @@ def test_batched_routing_equals_a_per_token_loop(changes):
     params = jax.tree.map(lambda p: p + 0.1, params)
   mask = np.ones(x.shape[:2], bool)
   mask[1, 4:] = False  # padding
-  for dispatch in ("einsum", "ragged"):
+  for dispatch in ("einsum", "ragged", "gather"):
     y, _ = _apply(cfg.replace(moe_dispatch=dispatch), params, x, jnp.asarray(mask))
     np.testing.assert_allclose(y, _per_token(cfg, params, x, mask), atol=1e-5)
 
@@ -79,14 +79,15 @@ def test_batched_routing_equals_a_per_token_loop(changes):
 def test_dropless_ragged_equals_einsum_and_capacity_drops_the_same_tokens_on_both_paths():
   cfg, params, x = _layer()
   outputs = {}
-  for dispatch, factor in [("einsum", None), ("ragged", None), ("einsum", 100.0),
-                           ("einsum", 0.5), ("ragged", 0.5)]:
+  for dispatch, factor in [("einsum", None), ("ragged", None), ("gather", None), ("einsum", 100.0),
+                           ("einsum", 0.5), ("ragged", 0.5), ("gather", 0.5)]:
     outputs[dispatch, factor] = _apply(
         cfg.replace(moe_dispatch=dispatch, expert_capacity_factor=factor), params, x)
   dropless = outputs["einsum", None][0]
-  for key in [("ragged", None), ("einsum", 100.0)]:
+  for key in [("ragged", None), ("gather", None), ("einsum", 100.0)]:
     np.testing.assert_allclose(outputs[key][0], dropless, atol=1e-5)
-  np.testing.assert_allclose(outputs["ragged", 0.5][0], outputs["einsum", 0.5][0], atol=1e-5)
+  for path in ("ragged", "gather"):
+    np.testing.assert_allclose(outputs[path, 0.5][0], outputs["einsum", 0.5][0], atol=1e-5)
   assert np.abs(outputs["einsum", 0.5][0] - dropless).max() > 1e-3  # some tokens were dropped
   dropped = lambda key: outputs[key][1][layers.SOWN_METRICS]["moe/dropped_token_fraction"][0]
   np.testing.assert_array_equal(dropped(("einsum", None)), [0.0, 24.0])  # [dropped, assigned]
@@ -330,7 +331,7 @@ def test_experts_must_divide_the_expert_axis():
                                  r"\[1, 2\]"),
     (dict(expert_capacity_factor=0.0), r"expert_capacity_factor=0.0 must be positive.*or None"),
     (dict(moe_dispatch="sorted"), r"moe_dispatch='sorted' is not supported; allowed values: "
-                                  r"\['auto', 'ragged', 'einsum'\]"),
+                                  r"\['auto', 'ragged', 'einsum', 'gather'\]"),
     (dict(router_z_loss_weight=-1.0), r"router_z_loss_weight must be >= 0"),
 ])
 def test_bad_moe_configs_are_refused_with_the_fix(changes, message):
@@ -343,3 +344,22 @@ def test_layer_kinds_and_the_default_dispatch():
   assert [cfg.layer_mlp(i) for i in range(4)] == ["dense", "moe", "dense", "moe"]
   assert moe.dispatch_path(cfg) == "einsum"  # CPU (and TPU); "ragged" on GPU
   assert moe.capacity(cfg, 100) == 100  # dropless: every assignment fits
+
+
+def test_blocked_grouped_matmul_equals_ragged_dot_in_values_and_gradients():
+  sizes = jnp.asarray([0, 200, 37, 63], jnp.int32)  # an empty group, one over a block
+  rows = jax.random.normal(jax.random.PRNGKey(0), (300, 16))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 8))
+  weights = jax.random.normal(jax.random.PRNGKey(2), (300, 8))
+
+  def loss(rows, kernel, blocked):
+    groups = moe.Groups.of(sizes, 300, blocked=blocked)
+    out = groups.scatter(groups.matmul(groups.gather(rows), kernel))
+    return jnp.sum(out * weights), out
+
+  (_, blocked), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(rows, kernel, True)
+  (_, ragged), ragged_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(rows, kernel, False)
+  np.testing.assert_allclose(blocked, ragged, atol=1e-4)
+  for got, want in zip(grads, ragged_grads):
+    np.testing.assert_allclose(got, want, atol=1e-4)
+  assert moe.Groups.of(sizes, 300, blocked=True).block_group.shape == (3 + 4,)

@@ -177,11 +177,15 @@ VARIANTS = {
     # cuDNN's fused attention: NVIDIA GPUs only, and bf16/fp16 compute (run it as cudnn+bf16).
     "cudnn": (("TransformerConfig.attention_implementation = 'cudnn'",), {}),
     # MoE dispatch (t5x_lite.moe): dropless grouped matmuls, dropless one-hot einsums (capacity
-    # = every token of a row), and einsums with a capacity factor that drops the overflow.
+    # = every token of a row), einsums with a capacity factor that drops the overflow, and the
+    # same buffers filled by indexing ("gather").
     "moe-ragged": (("TransformerConfig.moe_dispatch = 'ragged'",), {}),
     "moe-einsum": (("TransformerConfig.moe_dispatch = 'einsum'",), {}),
     "moe-capacity-1.25": (("TransformerConfig.moe_dispatch = 'einsum'",
                            "TransformerConfig.expert_capacity_factor = 1.25"), {}),
+    "moe-gather": (("TransformerConfig.moe_dispatch = 'gather'",), {}),
+    "moe-gather-capacity-1.25": (("TransformerConfig.moe_dispatch = 'gather'",
+                                  "TransformerConfig.expert_capacity_factor = 1.25"), {}),
     # The output projection + loss all at once ([b, l, v] float32 logits), or chunked by tokens
     # (losses.cross_entropy_with_head; the models' default chunk is losses.DEFAULT_CHUNK_SIZE).
     "loss-unchunked": (_loss_chunk_bindings(None), {}),
