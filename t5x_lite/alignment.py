@@ -83,7 +83,7 @@ class PairModel:
     """Pairs are padded, not packed, whatever `pack` says."""
     from t5x_lite.data import preferences  # pylint: disable=g-import-not-at-top  # TensorFlow
     del pack
-    return preferences.PairFeatureConverter(self.model.config.family)
+    return preferences.pair_feature_converter(self.model.config.family)
 
   def check_batch(self, batch) -> None:
     shapes = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in batch.items()}

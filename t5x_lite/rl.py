@@ -32,8 +32,11 @@ that step's loss NaN: the trainer skips the update (train.on_nonfinite, loop.Non
 and the failure is logged with the first offending response and counted (reward/failed_steps).
 
 The wrapper (`GrpoModel`) makes the trainer a `RolloutTrainer`: train.py builds
-`model.trainer_class` when the model names one. Single-process only for now (the rollout
-gathers the prompt batch on the host).
+`model.trainer_class` when the model names one. A rollout is one step of the run (the loop,
+checkpoints, resume and the non-finite guard count it once) whatever its number of updates.
+Single-process only for now (the rollout gathers the prompt batch on the host).
+`t5x_lite.ppo` builds PPO with a value head on the same rollout (`PpoModel(GrpoModel)`, its
+`PpoTrainer(RolloutTrainer)` overriding `rollout_features`).
 
 Letters in shapes: b prompts, g samples per prompt, n = b * g rollout rows, l length, N new
 tokens.
@@ -115,6 +118,8 @@ def _checked_rewards(reward_fn: Callable, prompts, responses, targets) -> tuple[
 @gin.configurable(module="t5x_lite.rl")
 class GrpoModel:
   """GRPO on a decoder-only or encoder-decoder `model` (see the module docstring)."""
+  ROLLOUT_FEATURES = ROLLOUT_FEATURES  # what train_step adds to the scoring rows
+  MIN_SAMPLES = 2  # a group needs two samples to have a mean to be relative to
 
   def __init__(self, model: Any = gin.REQUIRED, reward_fn: Callable = exact_match_reward,
                num_samples: int = 8, max_new_tokens: int = 8, temperature: float = 1.0,
@@ -122,19 +127,20 @@ class GrpoModel:
                updates_per_rollout: int = 1, scale_rewards: bool = True,
                reference_checkpoint: Optional[str] = None):
     if not getattr(model, "GENERATES", False):
-      raise ValueError(f"GRPO samples responses: it needs a decoder-only or encoder-decoder "
-                       f"model; got {type(model).__name__}.")
+      raise ValueError(f"{self.objective} samples responses: it needs a decoder-only or "
+                       f"encoder-decoder model; got {type(model).__name__}.")
     if not callable(reward_fn):
-      raise TypeError(f"GrpoModel.reward_fn must be callable (prompts, responses, targets) -> "
-                      f"floats, e.g. @exact_match_reward; got {reward_fn!r}.")
-    _check_positive(num_samples=(num_samples, 2), max_new_tokens=(max_new_tokens, 1),
+      raise TypeError(f"{type(self).__name__}.reward_fn must be callable (prompts, responses, "
+                      f"targets) -> floats, e.g. @exact_match_reward; got {reward_fn!r}.")
+    _check_positive(type(self).__name__, num_samples=(num_samples, self.MIN_SAMPLES),
+                    max_new_tokens=(max_new_tokens, 1),
                     updates_per_rollout=(updates_per_rollout, 1))
     for name, value, low in (("temperature", temperature, 0.0), ("clip_epsilon", clip_epsilon,
                              0.0), ("kl_coef", kl_coef, None)):
       if not (isinstance(value, (int, float)) and math.isfinite(value)
               and (value > low if low is not None else value >= 0)):
-        raise ValueError(f"GrpoModel.{name}={value!r}: it must be a finite number "
-                         f"{'> 0' if low is not None else '>= 0'}.")
+        raise ValueError(f"{type(self).__name__}.{name}={value!r}: it must be a finite "
+                         f"number {'> 0' if low is not None else '>= 0'}.")
     self.model, self.reward_fn = model, reward_fn
     self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
     self.temperature, self.top_k = float(temperature), top_k
@@ -143,13 +149,19 @@ class GrpoModel:
     self.reference_checkpoint = reference_checkpoint
     self._adapters_off = getattr(model, "base", None) if hasattr(model, "adapters") else None
     if self._adapters_off is None and not reference_checkpoint:
-      raise ValueError("GRPO's KL penalty needs a reference: set GrpoModel.reference_checkpoint "
-                       "to the params checkpoint the policy starts from (runs/grpo.gin sets it "
-                       "to %INITIAL_CHECKPOINT_PATH), or train LoRA adapters (the base without "
+      raise ValueError(f"{self.objective}'s KL penalty needs a reference: set "
+                       f"{type(self).__name__}.reference_checkpoint to the params checkpoint the "
+                       "policy starts from (runs/grpo.gin and runs/ppo.gin set it to "
+                       "%INITIAL_CHECKPOINT_PATH), or train LoRA adapters (the base without "
                        "them is the reference).")
     model.decode_params.replace(max_new_tokens=max_new_tokens, temperature=self.temperature,
                                 top_k=top_k, num_decodes=num_samples).validate(
                                     model.config.vocab_size)
+
+  @property
+  def objective(self) -> str:
+    """"GRPO" (or "PPO" for the subclass): what error messages call it."""
+    return type(self).__name__.removesuffix("Model").upper()
 
   def __getattr__(self, name):
     # Everything but the loss (config, decoding, scoring, export) is the policy's.
@@ -161,6 +173,14 @@ class GrpoModel:
   def trainer_class(self):
     return RolloutTrainer
 
+  def rollout_shapes(self, rows: int, width: int) -> dict:
+    """The shapes of the features a rollout adds to its [rows, width] scoring rows."""
+    return {"advantages": (rows,), "old_log_probs": (rows, width)}
+
+  def policy_params(self, params):
+    """The policy's own parameters within `params` (all of them: GRPO adds none)."""
+    return params
+
   def feature_converter(self, pack: bool = True):
     """Prompts are padded, not packed, whatever `pack` says: each row is one prompt."""
     del pack
@@ -168,11 +188,11 @@ class GrpoModel:
 
   def check_batch(self, batch) -> None:
     shapes = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in batch.items()}
-    missing = [k for k in ROLLOUT_FEATURES if k not in shapes]
+    missing = [k for k in self.ROLLOUT_FEATURES if k not in shapes]
     if missing:
-      raise ValueError(f"GrpoModel trains on rollout batches (its RolloutTrainer makes them from "
-                       f"the task's prompts); this batch lacks {missing}. Build the trainer as "
-                       "model.trainer_class(...), as train.py does.")
+      raise ValueError(f"{type(self).__name__} trains on rollout batches (its trainer makes them "
+                       f"from the task's prompts); this batch lacks {missing}. Build the trainer "
+                       "as model.trainer_class(...), as train.py does.")
     self.model.check_batch(shapes)
 
   def frozen_trees(self, mesh) -> dict:
@@ -182,7 +202,7 @@ class GrpoModel:
       return {}
     return {"reference": alignment.load_reference(
         self._adapters_off or self.model, self.reference_checkpoint, mesh,
-        "GrpoModel.reference_checkpoint")}
+        f"{type(self).__name__}.reference_checkpoint")}
 
   def token_log_probs(self, params, batch, dropout_rng=None, model=None):
     """(log p of each target token [n, l], the logits [n, l, v], what the layers sowed)."""
@@ -238,10 +258,10 @@ class GrpoModel:
     return checkpoints.save_params(directory, params, checkpoints.model_gin(self.model))
 
 
-def _check_positive(**counts: tuple[Any, int]) -> None:
+def _check_positive(owner: str, **counts: tuple[Any, int]) -> None:
   for name, (value, least) in counts.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-      raise ValueError(f"GrpoModel.{name}={value!r}: it must be a whole number >= {least}.")
+      raise ValueError(f"{owner}.{name}={value!r}: it must be a whole number >= {least}.")
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -254,9 +274,9 @@ class RolloutTrainer(trainer_lib.Trainer):
   def __init__(self, model: GrpoModel, optimizer, mesh, batch_shapes: Mapping[str, Sequence[int]],
                num_microbatches: int = 1, vocabulary=None, **kwargs):
     if jax.process_count() > 1:
-      raise NotImplementedError("GRPO runs in one process for now (the rollout gathers the "
-                                "prompt batch and scores the responses on the host): run it on "
-                                "one host's devices.")
+      raise NotImplementedError(f"{model.objective} runs in one process for now (the rollout "
+                                "gathers the prompt batch and scores the responses on the "
+                                "host): run it on one host's devices.")
     if vocabulary is None:  # the run's (gin-selected) vocabulary turns ids into texts
       from t5x_lite import data  # pylint: disable=g-import-not-at-top  # TensorFlow
       vocabulary = data.get_vocabulary()
@@ -265,12 +285,14 @@ class RolloutTrainer(trainer_lib.Trainer):
     self.layout = RolloutLayout(model, self.prompt_shapes, self.eos_id)
     super().__init__(model, optimizer, mesh, self.layout.shapes, num_microbatches, **kwargs)
     policy = model.model
-    scoring = {k: v for k, v in self.batch_shardings.items() if k not in ROLLOUT_FEATURES}
+    self.scoring_shardings = {k: v for k, v in self.batch_shardings.items()
+                              if k not in model.ROLLOUT_FEATURES}
     self._log_probs = partitioning.jit(
         lambda params, rows: model.token_log_probs(params, rows)[0], mesh,
-        in_shardings=(self.state_shardings.params, scoring),
+        in_shardings=(self.state_shardings.params, self.scoring_shardings),
         out_shardings=partitioning.batch_sharding(mesh, 2))
-    self._teacher_forced = jax.jit(lambda params, batch: policy.loss_fn(params, batch)[1])
+    self._teacher_forced = jax.jit(
+        lambda params, batch: policy.loss_fn(model.policy_params(params), batch)[1])
 
   def _texts(self, rows) -> list[str]:
     """Token rows as text, padding and EOS dropped."""
@@ -282,7 +304,8 @@ class RolloutTrainer(trainer_lib.Trainer):
     responses [b * g] as (ids before EOS, whether it ended at EOS)) of a global prompt batch,
     sampled with the KV-cache decoder and `decode`'s options."""
     with partitioning.activation_sharding(self.mesh):
-      tokens, _ = self.model.model.predict_batch(params, batch, rng=rng, **decode)
+      tokens, _ = self.model.model.predict_batch(self.model.policy_params(params), batch,
+                                                 rng=rng, **decode)
     host = jax.device_get(batch)
     prompts, targets = self.layout.prompts_and_targets(host)
     responses = [_cut(row, self.eos_id) for row in np.asarray(tokens).reshape(
@@ -303,21 +326,32 @@ class RolloutTrainer(trainer_lib.Trainer):
     if rewards is None:  # NaN advantages: the trainer skips the update and counts the step
       metrics_lib.log(f"Step {int(jax.device_get(state.step)) + 1}: skipped: the reward "
                       f"function {problem}.")
-      advantages = np.full(len(responses), np.nan, np.float32)
-    else:
-      advantages = group_advantages(rewards.reshape(-1, g), model.scale_rewards).reshape(-1)
+    scores = np.full(len(responses), np.nan) if rewards is None else rewards
     rows = partitioning.host_to_global(
         self.layout.rows([p for p in prompts for _ in range(g)], responses), self.mesh)
-    old_log_probs = self._log_probs(state.params, rows)  # recomputed, as the update computes
-    rows = dict(rows, old_log_probs=old_log_probs, **partitioning.host_to_global(
-        {"advantages": advantages.astype(np.float32)}, self.mesh))
+    rows, rollout_metrics = self.rollout_features(state.params, rows, scores)
     history = []
     for _ in range(model.updates_per_rollout):
       state, metrics = super().train_step(state, rows)
       history.append(metrics)
     metrics = metrics_lib.merge_all(history)
-    metrics.update(_reward_metrics(rewards, responses))
+    # One rollout is one step of the run (the loop, checkpoints and a resume count them so),
+    # whatever number of updates it made; a step with a skipped update counts once.
+    state = state.replace(step=state.step - (model.updates_per_rollout - 1))
+    metrics["nonfinite"] = metrics_lib.Sum(jnp.minimum(metrics["nonfinite"].total, 1.0))
+    metrics.update(_reward_metrics(rewards, responses), **rollout_metrics)
     return state, metrics
+
+  def rollout_features(self, params, rows, scores: np.ndarray) -> tuple[dict, dict]:
+    """(the scoring rows with the features the loss reads, rollout metrics) from the rewards
+    [n] of the responses (NaN where the reward function failed). GRPO: group-relative
+    advantages and the responses' token log-probabilities under the policy, recomputed as the
+    update computes them (the sampler's own scores are not reused)."""
+    g = self.model.num_samples
+    advantages = group_advantages(scores.reshape(-1, g), self.model.scale_rewards).reshape(-1)
+    old_log_probs = self._log_probs(params, rows)
+    return dict(rows, old_log_probs=old_log_probs, **partitioning.host_to_global(
+        {"advantages": advantages.astype(np.float32)}, self.mesh)), {}
 
   def eval_step(self, params, batch) -> dict:
     """The teacher-forced metrics of the reference answers and the reward of the greedy
@@ -372,22 +406,23 @@ class RolloutLayout:
                            else "decoder_input_tokens")
     if self.prompt_feature == "decoder_input_tokens" and (
         "decoder_causal_attention" not in prompt_shapes):
-      raise ValueError("GRPO needs prompts: a task with inputs (e.g. 'addition'), whose prefix-LM "
-                       "batches mark them with decoder_causal_attention; this task has targets "
-                       "only.")
+      raise ValueError(f"{model.objective} needs prompts: a task with inputs (e.g. 'addition'), "
+                       "whose prefix-LM batches mark them with decoder_causal_attention; this "
+                       "task has targets only.")
     b, width = prompt_shapes[self.prompt_feature][:2]
     source = width - (self.prompt_feature == "decoder_input_tokens")  # without BOS
     n, new = b * model.num_samples, model.max_new_tokens
     try:
       dummy = self.policy.scoring_batch([[2] * source], [[2] * new], eos_id)
     except ValueError as e:
-      raise ValueError(f"Prompts of {source} tokens and GrpoModel.max_new_tokens={new} do not fit "
-                       f"the model: {e} Lower TASK_FEATURE_LENGTHS or max_new_tokens.") from None
+      raise ValueError(f"Prompts of {source} tokens and {type(model).__name__}.max_new_tokens="
+                       f"{new} do not fit the model: {e} Lower TASK_FEATURE_LENGTHS or "
+                       "max_new_tokens.") from None
     # A family whose scoring rows end every target with EOS (encoder-decoder) gets responses
     # without theirs; one that does not (decoder-only) gets the sampled EOS itself.
     self.appends_eos = int(dummy["decoder_loss_weights"].sum()) > new
     self.shapes = {k: (n, v.shape[1]) for k, v in dummy.items()}
-    self.shapes.update(advantages=(n,), old_log_probs=(n, dummy["decoder_target_tokens"].shape[1]))
+    self.shapes.update(model.rollout_shapes(n, dummy["decoder_target_tokens"].shape[1]))
 
   def prompts_and_targets(self, host: Mapping[str, np.ndarray]):
     """(prompt ids as the policy's scoring_batch takes sources, reference answer ids) per row."""

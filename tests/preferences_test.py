@@ -21,7 +21,7 @@ def _no_faults():
 def batches(name, family, batch_size=4, split="train", lengths=LENGTHS, shuffle=True):
   return data.get_dataset(name, lengths, split=split, batch_size=batch_size, seed=0,
                           shuffle=shuffle and split == "train",
-                          feature_converter=preferences.PairFeatureConverter(family))
+                          feature_converter=preferences.pair_feature_converter(family))
 
 
 def text(ids):
@@ -38,6 +38,23 @@ def test_addition_pairs_prefer_the_right_sum_and_reject_a_near_miss():
     assert chosen == int(a) + int(b)
     assert abs(chosen - rejected) in (1, 10, 100) and rejected >= 0
     np.testing.assert_array_equal(prompt[0], prompt[1])  # one prompt, two answers
+
+
+def test_docstring_pairs_prefer_the_functions_own_docstring():
+  batch = next(batches("docstring_preferences", "encoder_decoder", batch_size=8,
+                       split="validation", lengths={"inputs": 96, "chosen": 24, "rejected": 24},
+                       shuffle=False))
+  assert batch["encoder_input_tokens"].shape == (8, 2, 96)
+  chosen = [text(r[0]) for r in batch["decoder_target_tokens"]]
+  rejected = [text(r[1]) for r in batch["decoder_target_tokens"]]
+  for row in range(8):
+    prompt = text(batch["encoder_input_tokens"][row, 0])
+    assert prompt.startswith("docstring: def ") or prompt.startswith("docstring: async def ")
+    np.testing.assert_array_equal(*batch["encoder_input_tokens"][row])  # one prompt, two answers
+    assert chosen[row] and rejected[row] and chosen[row] != rejected[row]
+  # In one file, each function's rejected answer is the docstring of the function before it.
+  assert any(rejected[i + 1] == chosen[i] for i in range(7)), (chosen, rejected)
+  assert tuple(preferences.CONVERTERS) == preferences.FAMILIES
 
 
 def test_decoder_rows_hold_prompt_then_response_with_loss_on_the_response_only():
@@ -101,7 +118,7 @@ def test_bad_configuration_is_refused_with_the_fix(tmp_path):
   with pytest.raises(ValueError, match="TASK_FEATURE_LENGTHS must have exactly"):
     batches("addition_preferences", "decoder", lengths={"inputs": 8, "targets": 8})
   with pytest.raises(ValueError, match="model family in"):
-    preferences.PairFeatureConverter("decoder_only")
+    preferences.pair_feature_converter("decoder_only")
   with pytest.raises(sources.CorpusError, match="preference_files.pattern"):
     next(batches("preference_jsonl", "decoder"))
   name = preferences.register_preference_task("test_no_files", str(tmp_path / "{split}.x"))

@@ -5,6 +5,10 @@ Tasks (features "inputs" = the prompt, "chosen", "rejected", each tokenized with
   addition_preferences  built in, no download: the prompt "add: 12 + 345" of the `addition`
                         task, chosen = the right sum, rejected = a near miss (the sum off by
                         1, 10 or 100), so which answer is preferred can be checked.
+  docstring_preferences built in, no download: the `code_to_docstring` prompt ("docstring: "
+                        + a standard-library function's code, its docstring removed), chosen
+                        = its docstring's first sentence, rejected = that of the function
+                        before it in the same file.
   preference_jsonl      JSON Lines {"prompt", "chosen", "rejected"} files:
                         `preference_files.pattern = '/data/prefs/{split}.jsonl'` in gin (the
                         keys are `preference_files.prompt_key` / `.chosen_key` / `.rejected_key`).
@@ -16,9 +20,10 @@ without a string at one of the keys, and a row whose chosen answer equals the re
 (nothing to prefer). A file where they are more than `max_bad_fraction` of the rows read stops
 the run naming the file (most likely the keys are wrong).
 
-`PairFeatureConverter(family)` turns each triple into model features with a leading pair axis
-of 2 (row 0 the chosen answer, row 1 the rejected one), so a batch is [b, 2, l] and one forward
-pass over its [2b, l] rows scores both answers:
+`pair_feature_converter(family)` (the family's `PairFeatureConverter` in `CONVERTERS`) turns
+each triple into model features with a leading pair axis of 2 (row 0 the chosen answer, row 1
+the rejected one), so a batch is [b, 2, l] and one forward pass over its [2b, l] rows scores
+both answers:
   decoder:          [BOS] prompt response, padded to inputs + response length; loss weights on
                     the response only; `decoder_causal_attention` marks BOS and the prompt (as
                     seqio's prefix-LM converter does).
@@ -49,7 +54,7 @@ FEATURES = {
     "chosen": seqio.Feature(tasks_lib.VOCAB, add_eos=True),
     "rejected": seqio.Feature(tasks_lib.VOCAB, add_eos=True),
 }
-FAMILIES = ("decoder", "encoder_decoder", "encoder")
+FAMILIES = ("decoder", "encoder_decoder", "encoder")  # those CONVERTERS (below) cover
 
 # The data-fault kinds of preference rows, reported with the pipeline's own (sources.FAULTS).
 jsonl_rows.register_fault_kind(
@@ -134,6 +139,51 @@ class AdditionPreferenceSource(seqio.DataSource):
     return ds.map(plain(to_pair), num_parallel_calls=AUTOTUNE)
 
 
+_functions_of_file = finetune_tasks._extract_file  # pylint: disable=protected-access  # (code, doc)
+
+
+class DocstringPreferenceSource(seqio.DataSource):
+  """The `code_to_docstring` task's functions (a standard-library function's source, its
+  docstring removed) with their own docstring's first sentence (chosen) and that of the
+  function before it in the same file (rejected; the first function takes the file's last):
+  a plausible answer about the same module, but not about this code. Files with one function,
+  and functions whose neighbour has the same first sentence, give no pair. Split by file, like
+  the corpus."""
+
+  def __init__(self, corpus=sources.stdlib_corpus):
+    self._functions = finetune_tasks.CodeToDocstringSource(corpus)
+    super().__init__(splits=sources.SPLITS)
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return False
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return self._functions.list_shards(split)
+
+  def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
+                  shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
+                  use_cached=False, num_epochs=1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs
+    files = self.list_shards(split)
+    if shard_info and shard_info.num_shards > 1:
+      files = files[shard_info.index::shard_info.num_shards]
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+    def pairs_of_file(path):
+      code, doc = tf.py_function(_functions_of_file, [path], [tf.string, tf.string])
+      code.set_shape([None])
+      doc.set_shape([None])
+      other = tf.roll(doc, shift=1, axis=0)  # the previous function's docstring
+      return {"inputs": tf.strings.join(["docstring: ", code]), "chosen": doc,
+              "rejected": other}
+
+    ds = ds.map(plain(pairs_of_file), num_parallel_calls=2).unbatch()
+    return ds.filter(plain(lambda ex: ex["chosen"] != ex["rejected"]))
+
+
 def register_preference_task(name: str, source: seqio.DataSource | str, prompt_key="prompt",
                              chosen_key="chosen", rejected_key="rejected",
                              max_bad_fraction: float = 0.5) -> str:
@@ -149,6 +199,7 @@ def register_preference_task(name: str, source: seqio.DataSource | str, prompt_k
 
 
 register_preference_task("addition_preferences", AdditionPreferenceSource())
+register_preference_task("docstring_preferences", DocstringPreferenceSource())
 register_preference_task("preference_jsonl", preference_source(preference_files))
 
 
@@ -167,7 +218,8 @@ def _pair(fn, ex):
 
 
 class PairFeatureConverter(seqio.FeatureConverter):
-  """Preference triples -> model features [2, l] per example (see the module docstring).
+  """Preference triples -> model features [2, l] per example (see the module docstring); one
+  subclass per model family, chosen by `pair_feature_converter(family)`.
 
   Pairs are padded, never packed. `__call__` is seqio's entry point replaced: seqio's checks
   expect rank-1 model features, these have the pair axis in front.
@@ -176,26 +228,13 @@ class PairFeatureConverter(seqio.FeatureConverter):
   MODEL_FEATURES = {}
   PACKING_FEATURE_DTYPES = {}
 
-  def __init__(self, family: str, pack: bool = False, **unused):
+  def __init__(self, pack: bool = False, **unused):
     del pack, unused  # pairs are padded whatever the caller asks
-    if family not in FAMILIES:
-      raise ValueError(f"Preference pairs need a model family in {FAMILIES}, got {family!r}.")
-    self.family = family
     super().__init__(pack=False, apply_length_check=False)
 
   def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]):
-    inputs, response = self._widths(task_feature_lengths)
-    if self.family == "encoder_decoder":
-      return {"encoder_input_tokens": inputs, "decoder_input_tokens": response}
+    inputs, response = _widths(task_feature_lengths)
     return {"tokens": inputs + response}
-
-  @staticmethod
-  def _widths(lengths: Mapping[str, int]) -> tuple[int, int]:
-    missing = sorted(set(FEATURES) - set(lengths))
-    if missing:
-      raise ValueError(f"Preference tasks need TASK_FEATURE_LENGTHS for {sorted(FEATURES)}; "
-                       f"{missing} missing, e.g. {{'inputs': 32, 'chosen': 16, 'rejected': 16}}.")
-    return int(lengths["inputs"]), int(max(lengths["chosen"], lengths["rejected"]))
 
   def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
     missing = sorted(set(FEATURES) - set(ds.element_spec))
@@ -206,31 +245,70 @@ class PairFeatureConverter(seqio.FeatureConverter):
     return self._convert_features(ds, task_feature_lengths)
 
   def _convert_features(self, ds, task_feature_lengths):
-    inputs_width, response_width = self._widths(task_feature_lengths)
+    inputs_width, response_width = _widths(task_feature_lengths)
+    row = lambda prompt, response: self.row(prompt[:inputs_width], response[:response_width],
+                                            inputs_width, response_width)
+    return ds.map(plain(lambda ex: _pair(row, ex)), num_parallel_calls=AUTOTUNE)
+
+  def row(self, prompt, response, inputs_width: int, response_width: int) -> dict:
+    """The model features of one (prompt, response), both already trimmed to their widths."""
+    raise NotImplementedError
+
+
+def _widths(lengths: Mapping[str, int]) -> tuple[int, int]:
+  """(the prompt's width, the response's: the larger of "chosen" and "rejected")."""
+  missing = sorted(set(FEATURES) - set(lengths))
+  if missing:
+    raise ValueError(f"Preference tasks need TASK_FEATURE_LENGTHS for {sorted(FEATURES)}; "
+                     f"{missing} missing, e.g. {{'inputs': 32, 'chosen': 16, 'rejected': 16}}.")
+  return int(lengths["inputs"]), int(max(lengths["chosen"], lengths["rejected"]))
+
+
+class DecoderPairConverter(PairFeatureConverter):
+  """[BOS] prompt response; loss weights on the response; the prefix marked causal-free."""
+
+  def row(self, prompt, response, inputs_width, response_width):
     width = inputs_width + response_width
+    n = tf.shape(prompt)[0]
+    targets = _fit(tf.concat([prompt, response], 0), width)
+    weights = _fit(tf.concat([tf.zeros_like(prompt), tf.ones_like(response)], 0), width)
+    return {"decoder_target_tokens": targets,
+            "decoder_input_tokens": tf.concat([[0], targets[:-1]], 0),
+            "decoder_loss_weights": weights,
+            "decoder_causal_attention": tf.cast(tf.range(width) < n + 1, tf.int32)}
 
-    def decoder(prompt, response):
-      prompt = prompt[:inputs_width]
-      response = response[:response_width]
-      n = tf.shape(prompt)[0]
-      targets = _fit(tf.concat([prompt, response], 0), width)
-      weights = _fit(tf.concat([tf.zeros_like(prompt), tf.ones_like(response)], 0), width)
-      return {"decoder_target_tokens": targets,
-              "decoder_input_tokens": tf.concat([[0], targets[:-1]], 0),
-              "decoder_loss_weights": weights,
-              "decoder_causal_attention": tf.cast(tf.range(width) < n + 1, tf.int32)}
 
-    def encoder_decoder(prompt, response):
-      targets = _fit(response, response_width)
-      return {"encoder_input_tokens": _fit(prompt, inputs_width),
-              "decoder_target_tokens": targets,
-              "decoder_input_tokens": tf.concat([[0], targets[:-1]], 0),
-              "decoder_loss_weights": tf.cast(targets > 0, tf.int32)}
+class EncDecPairConverter(PairFeatureConverter):
+  """The prompt as encoder input, the response as decoder target."""
 
-    def encoder(prompt, response):
-      tokens = _fit(tf.concat([prompt[:inputs_width], response[:response_width]], 0), width)
-      return {"encoder_input_tokens": tokens, "encoder_target_tokens": tokens,
-              "encoder_loss_weights": tf.zeros_like(tokens)}
+  def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]):
+    inputs, response = _widths(task_feature_lengths)
+    return {"encoder_input_tokens": inputs, "decoder_input_tokens": response}
 
-    fn = {"decoder": decoder, "encoder_decoder": encoder_decoder, "encoder": encoder}[self.family]
-    return ds.map(plain(lambda ex: _pair(fn, ex)), num_parallel_calls=AUTOTUNE)
+  def row(self, prompt, response, inputs_width, response_width):
+    targets = _fit(response, response_width)
+    return {"encoder_input_tokens": _fit(prompt, inputs_width),
+            "decoder_target_tokens": targets,
+            "decoder_input_tokens": tf.concat([[0], targets[:-1]], 0),
+            "decoder_loss_weights": tf.cast(targets > 0, tf.int32)}
+
+
+class EncoderPairConverter(PairFeatureConverter):
+  """Prompt and response concatenated as the encoder input (reward models)."""
+
+  def row(self, prompt, response, inputs_width, response_width):
+    tokens = _fit(tf.concat([prompt, response], 0), inputs_width + response_width)
+    return {"encoder_input_tokens": tokens, "encoder_target_tokens": tokens,
+            "encoder_loss_weights": tf.zeros_like(tokens)}
+
+
+CONVERTERS = {"decoder": DecoderPairConverter, "encoder_decoder": EncDecPairConverter,
+              "encoder": EncoderPairConverter}
+
+
+def pair_feature_converter(family: str) -> PairFeatureConverter:
+  """The pair converter of a model family (a TransformerConfig.family)."""
+  if family not in CONVERTERS:
+    raise ValueError(f"Preference pairs need a model family in {sorted(CONVERTERS)}, got "
+                     f"{family!r}.")
+  return CONVERTERS[family]()
