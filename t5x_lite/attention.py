@@ -211,6 +211,17 @@ def blockwise_attention(q: Array, k: Array, v: Array, mask: Union[Mask, Array], 
   return out[:, :l].reshape(b, l, h, e)
 
 
+def _tie(*arrays):
+  """`arrays` unchanged, but each now depends on all of them (an optimization barrier).
+
+  Inside a differentiated layer scan the mask (and k, v in cross-attention) are the same for
+  every layer; without the tie, JAX's scan partial evaluation hoists every computation that
+  depends on them alone (each block's broadcast mask) out of the layer loop and materialises it
+  for all blocks at once: a [b, h, l, s] array, the very thing this kernel avoids (measured:
+  775 MiB of temporaries instead of 20 for two scanned layers at 4096 tokens)."""
+  return jax.lax.optimization_barrier(arrays)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q, k, v, mask, bias, scale, bq, bk):
   return _forward(q, k, v, mask, bias, scale, bq, bk)[0]
@@ -218,6 +229,7 @@ def _attention(q, k, v, mask, bias, scale, bq, bk):
 
 def _forward(q, k, v, mask, bias, scale: float, bq: int, bk: int):
   """(out [b, l, k, g, e], log-sum-exp [nq, b, k, g, q]) over padded, block-divisible inputs."""
+  q, k, v, mask, bias = _tie(q, k, v, mask, bias)
   b, length, kv_heads, group, e = q.shape
   num_k = k.shape[1] // bk
 
@@ -262,7 +274,7 @@ def _attention_fwd(q, k, v, mask, bias, scale, bq, bk):
 def _attention_bwd(scale, bq, bk, residuals, d_out):
   """FlashAttention-2's backward: per key block, the query blocks' probabilities recomputed
   from the saved log-sum-exp; dk, dv summed over query blocks, dq over key blocks."""
-  q, k, v, mask, bias, out, lse = residuals
+  q, k, v, mask, bias, out, lse, d_out = _tie(*residuals, d_out)
   b, length, kv_heads, group, e = q.shape
   num_q, num_k = length // bq, k.shape[1] // bk
   blocks = lambda x: x.reshape(b, num_q, bq, *x.shape[2:]).swapaxes(0, 1)  # [nq, b, q, ...]
