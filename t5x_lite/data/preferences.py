@@ -147,8 +147,9 @@ class DocstringPreferenceSource(seqio.DataSource):
   docstring removed) with their own docstring's first sentence (chosen) and that of the
   function before it in the same file (rejected; the first function takes the file's last):
   a plausible answer about the same module, but not about this code. Files with one function,
-  and functions whose neighbour has the same first sentence, give no pair. Split by file, like
-  the corpus."""
+  and functions whose neighbour has the same first sentence, give no pair (Python 3.11's
+  stdlib: 7648 pairs from 7950 functions in train, 146 alone in their file and 156 sharing the
+  neighbour's sentence; 185 from 194 in validation, 5 and 4). Split by file, like the corpus."""
 
   def __init__(self, corpus=sources.stdlib_corpus):
     self._functions = finetune_tasks.CodeToDocstringSource(corpus)
