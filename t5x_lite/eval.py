@@ -39,7 +39,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, launch, optimizers, partitioning, predict, quantization
+from t5x_lite import checkpoints, launch, optimizers, partitioning, predict
+from t5x_lite import quantized_checkpoints
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
 
@@ -95,8 +96,8 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
   `quantize` / `kv_cache` (QUANTIZE in runs/eval_metrics.gin) evaluate the checkpoints
   quantized as they are read, as runs/infer.gin does."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
-  model = quantization.for_checkpoint(model, checkpoint_path, quantize, quantize_group_size,
-                                      kv_cache=kv_cache)
+  model = quantized_checkpoints.for_checkpoint(model, checkpoint_path, quantize,
+                                               quantize_group_size, kv_cache=kv_cache)
   to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step)
   output_dir = output_dir or model_dir or checkpoint_path
   vocab_source = checkpoint_path or model_dir
@@ -106,7 +107,8 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
   writer = metrics_lib.MetricsWriter(output_dir, f"eval_{split}")
   results = {}
   for step, load in to_evaluate:
-    params = predict.restore_params(model, mesh, quantization.loader(model, load, checkpoint_path))
+    params = predict.restore_params(
+        model, mesh, quantized_checkpoints.loader(model, load, checkpoint_path))
     results[step] = {}
     for task, vocab in zip(tasks, vocabs):
       records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,

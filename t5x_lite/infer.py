@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, launch, partitioning, predict, quantization
+from t5x_lite import checkpoints, launch, partitioning, predict, quantized_checkpoints
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> str:
@@ -56,12 +56,12 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   'w8a8'; QUANTIZE in runs/infer.gin) and `kv_cache` ('int8') run the model quantized (see
   t5x_lite.quantization); a checkpoint written quantized runs quantized without them."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
-  model = quantization.for_checkpoint(model, checkpoint_path, quantize, quantize_group_size,
-                                      kv_cache=kv_cache)
+  model = quantized_checkpoints.for_checkpoint(model, checkpoint_path, quantize,
+                                               quantize_group_size, kv_cache=kv_cache)
   tasks = predict.tasks_of(mixture_or_task_name)
   vocabs = [predict.check_vocabulary(model, checkpoint_path, task) for task in tasks]
   mesh = mesh_fn()
-  params = predict.restore_params(model, mesh, quantization.loader(
+  params = predict.restore_params(model, mesh, quantized_checkpoints.loader(
       model, lambda abstract: checkpoints.load_params(checkpoint_path, abstract),
       checkpoint_path))
   paths = []

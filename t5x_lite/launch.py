@@ -88,8 +88,10 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str],
       try:
         gin.query_parameter(f"%{name}")
       except ValueError:
-        raise ValueError(f"--gin.{name}: no gin file defines the macro {name}; check the "
-                         "spelling (e.g. TRAIN_STEPS, BATCH_SIZE, MODEL_DIR).") from None
+        from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
+        raise ValueError(f"--gin.{name}: no gin file defines the macro {name}; " + (
+            quantization.undefined_macro_hint(name) or "check the spelling (e.g. TRAIN_STEPS, "
+            "BATCH_SIZE, MODEL_DIR).")) from None
     binding = _typed(binding)
     try:
       gin.parse_config(binding)

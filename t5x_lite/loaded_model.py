@@ -57,12 +57,12 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str
       (tools/convert_checkpoint.py --quantize) loads quantized without it.
     kv_cache: "int8" decodes over an int8 KV cache.
   """
-  from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
+  from t5x_lite import quantized_checkpoints  # pylint: disable=g-import-not-at-top
   gin_path = os.path.join(checkpoint_dir, checkpoints.MODEL_GIN)
   if not os.path.exists(gin_path):
     raise FileNotFoundError(_not_a_params_checkpoint(checkpoint_dir))
-  model = quantization.for_checkpoint(models.from_gin(gin_path), checkpoint_dir, quantize,
-                                      group_size, kv_cache=kv_cache)
+  model = quantized_checkpoints.for_checkpoint(models.from_gin(gin_path), checkpoint_dir,
+                                               quantize, group_size, kv_cache=kv_cache)
   vocab = _vocabulary(checkpoint_dir, vocabulary)
   ids = hf_tokenizer.checkpoint_ids(checkpoint_dir)
   # Converted by tools/convert_checkpoint.py: the model.gin ids, or (converted before they were
@@ -82,7 +82,7 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str
         f"{os.path.join(checkpoint_dir, SPM_FILE)} (or its Hugging Face tokenizer.json next to "
         "params/).")
   options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=converted)
-  load_params = quantization.loader(
+  load_params = quantized_checkpoints.loader(
       model, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract), checkpoint_dir)
   if mesh is None:
     return LoadedModel(model, load_params(_abstract_on_first_device(model)), vocab, **options)

@@ -22,13 +22,17 @@ kernel's logical names), it needs its own wrapper module (the decoders rebuild
 
 Adapters are leaves named `lora_a` / `lora_b`: `TRAINABLE` selects them for `train.trainable`,
 `split` / `merge` / `save_adapters` / `load_adapters` work on any params tree.
+
+QLoRA: `LoraModel(model, quantize="int4")` (or "int8") trains the adapters over a frozen base
+held in its integer form (`t5x_lite.quantization`, weight-only): the base's kernels are
+`kernel_int4` / `kernel_int8` + `kernel_scale` leaves, which the trainer keeps frozen like any
+other base leaf; the adapters stay float. The quantization interceptor runs inside the LoRA one,
+so each adapted layer computes quantized(x) + (alpha / r) * dropout(x) A B.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import checkpoints, layers
+from t5x_lite import checkpoints, interception, layers
 from t5x_lite.trainer import param_path
 
 ATTENTION = r".*attention/(query|key|value|out|qkv)/kernel"
@@ -71,7 +75,7 @@ def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, s
   """The `nn.intercept_methods` interceptor adding the adapters to matching DenseGenerals."""
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if not isinstance(module, layers.DenseGeneral) or context.method_name != "__call__":
+    if not interception.is_dense_call(context):
       return next_fun(*args, **kwargs)
     path = "/".join(module.path) + "/kernel"
     seen.append(path)
@@ -87,10 +91,10 @@ def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, s
           f"LoRA rank {rank} is not below min(in, out) = min({math.prod(in_shape)}, "
           f"{math.prod(out_shape)}) of {path} {in_shape + out_shape}: a full-rank adapter "
           "saves nothing. Choose a smaller LoraModel.rank, or leave this kernel out of targets.")
-    a = layers._param(module, "lora_a", _init_a, in_shape + (rank,),  # pylint: disable=protected-access
-                      tuple(module.in_axes) + (None,), module.param_dtype)
-    b = layers._param(module, "lora_b", nn.initializers.zeros, (rank,) + out_shape,  # pylint: disable=protected-access
-                      (None,) + tuple(module.out_axes), module.param_dtype)
+    a = layers.param(module, "lora_a", _init_a, in_shape + (rank,),
+                     tuple(module.in_axes) + (None,), module.param_dtype)
+    b = layers.param(module, "lora_b", nn.initializers.zeros, (rank,) + out_shape,
+                     (None,) + tuple(module.out_axes), module.param_dtype)
     if dropout > 0.0 and module.has_rng("dropout"):  # an rng is given only when training
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
@@ -103,17 +107,20 @@ def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, s
 
 
 @gin.configurable(module="t5x_lite.lora")
-class LoraModel:
+class LoraModel(interception.InterceptedModel):
   """`model` with LoRA adapters on the kernels matching `targets` (see the module docstring).
 
   Every method of the base model (loss, scoring, decoding, init, ...) runs with the adapters;
   attributes that are not methods are the base's. `rank` r, `alpha` (the update is scaled by
-  alpha / r), `dropout` on the adapters' input while training.
+  alpha / r), `dropout` on the adapters' input while training; `quantize` ("int4" / "int8",
+  `quantize_group_size`) holds the frozen base quantized (QLoRA).
   """
+  RESERVED = ("base", "quantized_base", "_model")
 
   def __init__(self, model: Any = gin.REQUIRED, rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, targets: str = ATTENTION,
-               base_checkpoint: Optional[str] = None):
+               base_checkpoint: Optional[str] = None, quantize: Optional[str] = None,
+               quantize_group_size: int = 128):
     if isinstance(model, LoraModel):
       raise ValueError("This model already has LoRA adapters; wrap the base model once.")
     if not isinstance(rank, int) or rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
@@ -121,6 +128,11 @@ class LoraModel:
                        f"and 0 <= dropout < 1 (got {dropout!r}).")
     self.base, self.rank, self.alpha, self.dropout = model, rank, float(alpha), float(dropout)
     self.targets, self.base_checkpoint = targets, base_checkpoint
+    self.quantize, self.quantize_group_size = quantize, quantize_group_size
+    self.quantized_base = _quantized_base(model, quantize, quantize_group_size)
+    # Methods run on the quantized base's own copy of the model (its compiled functions are
+    # traced with the quantization interceptor), else on the model itself.
+    self._model = model if self.quantized_base is None else self.quantized_base.base
     self._pattern = re.compile(targets)
     self._seen: list[str] = []  # the DenseGeneral kernel paths the last trace went through
 
@@ -135,29 +147,25 @@ class LoraModel:
 
   @contextlib.contextmanager
   def adapters(self):
-    """While active, every DenseGeneral matching `targets` runs with its adapter."""
+    """While active, every DenseGeneral matching `targets` runs with its adapter (on the
+    quantized base's layers for QLoRA: the LoRA interceptor is the outer one)."""
+    quantized = (contextlib.nullcontext() if self.quantized_base is None
+                 else self.quantized_base.quantized())
     with nn.intercept_methods(_interceptor(self._pattern, self.rank, self.scale, self.dropout,
-                                           self._seen)):
+                                           self._seen)), quantized:
       yield
 
-  def __getattr__(self, name):
-    if name.startswith("__") or name == "base":
-      raise AttributeError(name)
-    value = getattr(self.base, name)
-    if not inspect.ismethod(value):
-      return value
+  def _runner(self):
+    return self._model
 
-    @functools.wraps(value)
-    def with_adapters(*args, **kwargs):
-      with self.adapters():
-        return value(*args, **kwargs)
-    return with_adapters
+  def _context(self):
+    return self.adapters()
 
   def abstract_params(self, batch=None):
     """The base's (shapes, logical specs) plus the adapters'; refuses targets matching nothing."""
     self._seen.clear()
     with self.adapters():
-      shapes, specs = self.base.abstract_params(batch)
+      shapes, specs = self._model.abstract_params(batch)
     if not any(is_adapter(p) for p in _paths(shapes)):
       raise ValueError(
           f"LoRA targets {self.targets!r} match no kernel; the kernels are: "
@@ -167,6 +175,10 @@ class LoraModel:
 
   def init(self, rng, batch):
     self.abstract_params(batch)  # the checks, before any work
+    if self.quantized_base is not None:  # float base + adapters, then the base quantized
+      with nn.intercept_methods(_interceptor(self._pattern, self.rank, self.scale,
+                                             self.dropout, self._seen)):
+        return self.quantized_base.init(rng, batch)
     with self.adapters():
       return self.base.init(rng, batch)
 
@@ -177,7 +189,14 @@ class LoraModel:
   def initial_params(self, directory: str, abstract_params, seed: int = 0):
     """The base parameters of a params checkpoint plus fresh adapters, laid out like
     `abstract_params` (the whole tree, adapters included, with shardings)."""
-    base = checkpoints.load_params(directory, split(abstract_params)[0])
+    base_abstract = split(abstract_params)[0]
+    if self.quantized_base is None:
+      _refuse_quantized_checkpoint(directory)
+      base = checkpoints.load_params(directory, base_abstract)
+    else:
+      from t5x_lite import quantized_checkpoints  # pylint: disable=g-import-not-at-top
+      base = quantized_checkpoints.frozen_base_params(self.quantized_base, directory,
+                                                      base_abstract)
     self.base_checkpoint = os.path.abspath(directory)
     return join(base, self.fresh_adapters(abstract_params, seed))
 
@@ -209,8 +228,38 @@ class LoraModel:
     return save_adapters(directory, self, params)
 
   def adapter_config(self) -> dict:
-    return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-            "targets": self.targets}
+    config = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+              "targets": self.targets}
+    if self.quantized_base is not None:  # QLoRA: what the adapters were trained over
+      config["base_quantization"] = {"mode": self.quantize,
+                                     "group_size": self.quantized_base.settings.storage[
+                                         "group_size"]}
+    return config
+
+
+def _quantized_base(model, quantize: Optional[str], group_size: int):
+  """QLoRA's frozen base: `model` quantized weight-only (None: LoRA on the float model)."""
+  if quantize is None:
+    return None
+  from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
+  if quantize not in quantization.WEIGHT_ONLY_MODES:
+    raise ValueError(
+        f"LoraModel.quantize={quantize!r}: QLoRA's frozen base is quantized weight-only, one of "
+        f"{list(quantization.WEIGHT_ONLY_MODES)} (w8a8 rounds the activations, so no gradient "
+        "would reach the adapters of earlier layers through it), or None for LoRA on the float "
+        "model.")
+  return quantization.QuantizedModel(model, quantize, group_size)
+
+
+def _refuse_quantized_checkpoint(directory: str, fix: Optional[str] = None) -> None:
+  from t5x_lite import quantized_checkpoints  # pylint: disable=g-import-not-at-top
+  stored = quantized_checkpoints.read_settings(directory)
+  if stored is not None:
+    raise ValueError(
+        f"{directory!r} is a quantized checkpoint ({stored.mode}); " + (fix or (
+            "LoRA over a quantized base is QLoRA: use runs/qlora_finetune.gin (or "
+            f"LoraModel(quantize={stored.mode!r})), or start from the float checkpoint it came "
+            "from")) + ".")
 
 
 # ---------------------------------------------------------------------------- params trees
@@ -375,6 +424,8 @@ def merge_checkpoint(adapter_dir: str, out_dir: str, base_dir: Optional[str] = N
   base_dir = base_dir or config.get("base")
   if not base_dir:
     raise ValueError(f"{adapter_dir}/{ADAPTER_JSON} names no base checkpoint; give it (--base).")
+  _refuse_quantized_checkpoint(base_dir, "merge the adapters into the float checkpoint it "
+                               "came from (--base), then quantize the merged one")
   if config["id"] in merged_ids(base_dir):
     raise ValueError(
         f"The adapters of {adapter_dir} (id {config['id']}) are already merged into {base_dir} "

@@ -29,8 +29,9 @@ QKV, layer groups) and decoding path works. A quantized layer's parameters are n
 they hold: "kernel_int8" [in, out...] or "kernel_int4" [in / 2, out...] (the input axes
 flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for per-channel), stacked on
 the `layers` axis when scanned; each keeps its kernel's logical axis names, so it shards like
-the kernel did. A params checkpoint written by `save_checkpoint` holds exactly these integers
-and scales plus `quantization.json`; loading it never builds a float kernel.
+the kernel did. A params checkpoint written by `quantized_checkpoints.save_checkpoint` holds
+exactly these integers and scales plus `quantization.json`; loading it never builds a float
+kernel.
 
 qwix 0.1.8 was tried first and not used: its PTQ provider fails on DenseGeneral's
 `kernel.astype` ("Unsupported type: QArray"), its sub-channel tiles follow one kernel axis (our
@@ -44,23 +45,41 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import json
 import math
-import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import checkpoints, layers, moe
+from t5x_lite import checkpoints, interception, layers, moe
 
 Array = jax.Array
 MODES = ("int8", "int4", "w8a8")
+WEIGHT_ONLY_MODES = ("int8", "int4")  # what QLoRA's frozen base may be (t5x_lite.lora)
+# Weight-only matmuls of at most this many rows (decoding steps) run as `fused_matmul`; 0 (the
+# default) keeps the dot everywhere: on XLA-CPU the fused reduction measured slower than the
+# dequantize + dot (see fused_matmul). Read when a function is traced; tools/benchmark_quant.py's
+# "+fused" variants set it.
+FUSED_MAX_ROWS = 0
 GROUP_SIZES = (32, 64, 128)  # the int4 group sizes offered (any even divisor works)
-QUANTIZATION_JSON = "quantization.json"  # in a quantized params checkpoint: how it was made
-FORMAT = "t5x_lite.quantization/1"
+
+
+NO_QAT = ("quantization-aware training does not exist in t5x_lite yet. Train (or fine-tune) "
+          "the float model, i.e. without QUANTIZE / quantize=, and quantize its checkpoint "
+          "afterwards (tools/convert_checkpoint.py --from DIR --quantize int8 --to QDIR); to "
+          "train LoRA adapters over a frozen quantized base (QLoRA), use "
+          "--gin_file=runs/qlora_finetune.gin.")
+
+
+def undefined_macro_hint(name: str) -> Optional[str]:
+  """Why a job whose gin files read no QUANTIZE* macro (training) refuses one, with the fix;
+  None for other names (`launch.configure` asks before calling it a typo)."""
+  if not name.startswith("QUANTIZE"):
+    return None
+  return (f"this job does not quantize: {name} belongs to runs/infer.gin, "
+          f"runs/eval_metrics.gin and runs/qlora_finetune.gin; {NO_QAT}")
 
 
 # ---------------------------------------------------------------------------- arrays
@@ -125,6 +144,37 @@ def quantize_activations(x: Array, n_contracted: int) -> tuple[Array, Array]:
   scale = jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / 127.0
   scale = jnp.where(scale == 0, 1.0, scale)
   return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+def fused_matmul(x: Array, q: Array, scale: Array, bits: int, axis: int = 0) -> Array:
+  """x [..., in] times a kernel quantized along its input axis, in float32: (q [in * bits / 8,
+  out...], scale [groups, out...]) with `axis` 0, or a table (q [out, in * bits / 8], scale
+  [out, groups]) with `axis` 1 (the tied head). Written as broadcast multiplies and sums, so
+  XLA fuses the integer-to-float conversion (and int4's unpacking) into the reduction's loop:
+  the kernel is read as stored (1 or 0.5 bytes per weight) and no float copy of it is built.
+  A dot cannot do that on XLA-CPU (the library matmul takes float operands: the kernel is
+  converted in a separate pass first), which is what limits a weight-only matmul of a few rows
+  (decoding), as it reads the whole kernel per step. For many rows the dot is faster."""
+  if axis == 0:
+    out_shape = q.shape[1:]
+    q, scale = q.reshape(q.shape[0], -1).T, scale.reshape(scale.shape[0], -1).T
+  else:
+    out_shape = q.shape[:1]
+  # Now q [out, in_q] and scale [out, groups]; the transposes above are layout, fused too.
+  groups, lead = scale.shape[1], x.shape[:-1]
+  x = x.astype(jnp.float32)
+  if bits == 8:
+    values = [q]
+    parts = [x.reshape(lead + (1, groups, -1))]
+  else:  # byte i holds values 2i (low nibble) and 2i + 1 (high nibble)
+    signed = jax.lax.bitcast_convert_type(q, jnp.int8)
+    values = [jnp.left_shift(signed, 4) >> 4, signed >> 4]
+    pairs = x.reshape(lead + (1, groups, -1, 2))
+    parts = [pairs[..., 0], pairs[..., 1]]
+  terms = [xs * v.astype(jnp.float32).reshape(q.shape[0], groups, -1)
+           for xs, v in zip(parts, values)]
+  per_group = jnp.sum(sum(terms[1:], terms[0]), axis=-1)  # [..., out, groups]
+  return jnp.sum(per_group * scale, axis=-1).reshape(lead + out_shape)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -209,6 +259,8 @@ def _dense(module: layers.DenseGeneral, x: Array, settings: Settings) -> Array:
     acc = jax.lax.dot_general(xq, q, contract, preferred_element_type=jnp.int32)
     x_scale = x_scale.reshape(x_scale.shape[:-1] + (1,) * len(out_shape))
     y = (acc.astype(jnp.float32) * x_scale * scale[0]).astype(dtype)
+  elif math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS:  # decoding: a few rows
+    y = fused_matmul(x, q, scale, settings.bits).astype(dtype)
   elif settings.bits == 8:  # per channel: scale the output, not every weight
     y = jax.lax.dot_general(x.astype(dtype), q.astype(dtype), contract) * scale[0].astype(dtype)
   else:
@@ -242,6 +294,8 @@ def _embed_call(module: layers.Embed, method: str, x: Array, settings: Settings)
     xq, x_scale = quantize_activations(x, 1)
     acc = jnp.einsum("bld,vd->blv", xq, q, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * scale[:, 0]).astype(dtype)
+  if math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS:  # decoding: a few rows
+    return fused_matmul(x, q, scale, settings.bits, axis=1).astype(dtype)
   if settings.bits == 8:  # a row's scale is its logit's
     logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
     return logits * scale[:, 0].astype(dtype)
@@ -306,7 +360,7 @@ def _interceptor(settings: Optional[Settings], kv_cache: Optional[str], sites: d
       return _with_int8_cache(next_fun, module, args, kwargs)
     if settings is None:
       return next_fun(*args, **kwargs)
-    if isinstance(module, layers.DenseGeneral) and method == "__call__":
+    if interception.is_dense_call(context):
       if _is_head(module) and not settings.embeddings:
         return next_fun(*args, **kwargs)
       sites[path] = ("dense", len(module.in_axes), len(module.features))
@@ -326,13 +380,14 @@ def _interceptor(settings: Optional[Settings], kv_cache: Optional[str], sites: d
 
 # ---------------------------------------------------------------------------- the model
 
-class QuantizedModel:
+class QuantizedModel(interception.InterceptedModel):
   """`model` running on quantized parameters (see the module docstring).
 
   Every method of the base model (scoring, decoding, fill_mask, ...) runs quantized; attributes
   that are not methods are the base's. Training is refused: there is no quantization-aware
   training, so gradients of rounded integers would be meaningless.
   """
+  RESERVED = ("base", "settings", "kv_cache", "_sites")
 
   def __init__(self, model: Any, mode: Optional[str] = "int8", group_size: int = 128,
                embeddings: bool = False, kv_cache: Optional[str] = None):
@@ -340,7 +395,8 @@ class QuantizedModel:
       raise ValueError("This model is already quantized; wrap the float model once.")
     if type(model).__name__ == "LoraModel":
       raise ValueError("Quantize a model without LoRA adapters: merge them first "
-                       "(tools/lora.py merge), then quantize the merged checkpoint.")
+                       "(tools/lora.py merge), then quantize the merged checkpoint; to train "
+                       "adapters over a quantized base, use LoraModel(model, quantize='int4').")
     if kv_cache not in (None, "int8"):
       raise ValueError(f"kv_cache={kv_cache!r}: the KV cache is float (None) or 'int8'.")
     if mode is None and kv_cache is None:
@@ -356,18 +412,11 @@ class QuantizedModel:
     with nn.intercept_methods(_interceptor(self.settings, self.kv_cache, self._sites)):
       yield
 
-  def __getattr__(self, name):
-    if name.startswith("__") or name in ("base", "settings", "kv_cache", "_sites"):
-      raise AttributeError(name)
-    value = getattr(self.base, name)
-    if not inspect.ismethod(value):
-      return value
+  def _runner(self):
+    return self.base
 
-    @functools.wraps(value)
-    def quantized_method(*args, **kwargs):
-      with self.quantized():
-        return value(*args, **kwargs)
-    return quantized_method
+  def _context(self):
+    return self.quantized()
 
   def __repr__(self):
     return (f"QuantizedModel({type(self.base).__name__}, {self.settings}, "
@@ -383,11 +432,8 @@ class QuantizedModel:
     return self.loss_fn()
 
   def loss_fn(self, *args, **kwargs):
-    raise ValueError(
-        f"A quantized model ({self.mode or 'int8 KV cache'}) is for inference only: "
-        "quantization-aware training does not exist in t5x_lite yet. Train (or fine-tune) the "
-        "float model, i.e. without QUANTIZE / quantize=, and quantize its checkpoint afterwards "
-        "(tools/convert_checkpoint.py --from DIR --quantize int8 --to QDIR).")
+    raise ValueError(f"A quantized model ({self.mode or 'int8 KV cache'}) is for inference "
+                     f"only: {NO_QAT}")
 
   # -- parameters ---------------------------------------------------------------------------------
   def abstract_params(self, batch=None):
@@ -512,114 +558,3 @@ def param_bytes(params) -> int:
   """Bytes the parameter arrays take (device arrays or checkpoint metadata)."""
   return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(params)))
-
-
-def directory_bytes(directory: str) -> int:
-  """Bytes of the files under `directory` (a checkpoint on disk)."""
-  return sum(os.path.getsize(os.path.join(root, name))
-             for root, _, names in os.walk(directory) for name in names)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-def read_settings(directory: str) -> Optional[Settings]:
-  """The settings a quantized params checkpoint was written with; None for a float one."""
-  path = os.path.join(directory, QUANTIZATION_JSON)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    record = json.load(f)
-  return Settings(record["mode"], record.get("group_size") or 128, record["embeddings"])
-
-
-def check_params_checkpoint(directory: str) -> None:
-  """Refuses what is not a params checkpoint (a train-state step, a run without its export)."""
-  if not os.path.isfile(os.path.join(directory, checkpoints.MODEL_GIN)):
-    from t5x_lite import loaded_model  # pylint: disable=g-import-not-at-top
-    why = loaded_model._not_a_params_checkpoint(directory)  # pylint: disable=protected-access
-    raise FileNotFoundError("Quantization reads a params checkpoint. " + why)
-
-
-def for_checkpoint(model, directory: Optional[str], mode: Optional[str],
-                   group_size: int = 128, embeddings: bool = False,
-                   kv_cache: Optional[str] = None):
-  """The model to run a checkpoint with: `model` itself (float), or a QuantizedModel as `mode`
-  and `kv_cache` ask or as the checkpoint was quantized. A checkpoint quantized otherwise is
-  refused."""
-  stored = read_settings(directory) if directory else None
-  if stored is None:
-    if mode is None and kv_cache is None:
-      return model
-    return QuantizedModel(model, mode, group_size, embeddings, kv_cache)
-  if mode is None:
-    return QuantizedModel(model, stored.mode, stored.group_size, stored.embeddings, kv_cache)
-  wanted = Settings(mode, group_size, stored.embeddings)
-  if wanted.storage != stored.storage:
-    raise ValueError(
-        f"{directory!r} is already quantized ({stored.mode}"
-        + (f", group size {stored.group_size}" if stored.bits == 4 else "")
-        + f"), which cannot be read as {mode}"
-        + (f" with group size {group_size}" if wanted.bits == 4 else "")
-        + ". Load it with quantize=None (as stored)"
-        + (" or 'w8a8'/'int8'" if stored.bits == 8 else "")
-        + ", or quantize the float checkpoint it came from.")
-  return QuantizedModel(model, mode, stored.group_size, stored.embeddings, kv_cache)
-
-
-def loader(model, load_float: Callable[[Any], Any],
-           directory: Optional[str] = None) -> Callable[[Any], Any]:
-  """`load(abstract params) -> params` for `predict.restore_params`: `load_float` itself for a
-  float model; for a QuantizedModel the stored integers of a quantized checkpoint in
-  `directory`, or the float parameters `load_float` reads, quantized into the same layout."""
-  if not isinstance(model, QuantizedModel) or model.settings is None:
-    return load_float
-
-  def load(abstract):
-    if directory and read_settings(directory) is not None:
-      return checkpoints.load_params(directory, abstract)
-    shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), abstract)
-    return model.quantize(load_float(model.float_abstract(abstract)), shardings)
-  return load
-
-
-def save_checkpoint(directory: str, qmodel: QuantizedModel, params,
-                    model_gin: str, source: Optional[str] = None) -> str:
-  """A quantized params checkpoint: params/ (integers and scales), the base's model.gin and
-  quantization.json (mode, group size, embeddings, source, bytes)."""
-  checkpoints.save_params(directory, params, model_gin)
-  record = {"format": FORMAT, "mode": qmodel.settings.mode,
-            "group_size": qmodel.settings.group_size if qmodel.settings.bits == 4 else None,
-            "embeddings": qmodel.settings.embeddings, "source": source,
-            "param_bytes": param_bytes(params)}
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, QUANTIZATION_JSON), "w") as f:
-      json.dump(record, f, indent=1)
-  return directory
-
-
-def quantize_checkpoint(source: str, out: str, mode: str, group_size: int = 128,
-                        embeddings: bool = False) -> tuple[QuantizedModel, dict]:
-  """Reads the float params checkpoint `source`, writes its quantized copy to `out`; returns
-  the model and {"float_bytes", "quantized_bytes"} of the arrays."""
-  from t5x_lite import models  # pylint: disable=g-import-not-at-top
-  check_params_checkpoint(source)
-  if read_settings(source) is not None:
-    raise ValueError(f"{source!r} is already quantized ({read_settings(source).mode}); "
-                     "quantize the float checkpoint it came from.")
-  if os.path.abspath(source) == os.path.abspath(out):
-    raise ValueError("--to must be another directory than --from: the float checkpoint is kept.")
-  gin_path = os.path.join(source, checkpoints.MODEL_GIN)
-  qmodel = QuantizedModel(models.from_gin(gin_path), mode, group_size, embeddings)
-  qmodel.abstract_params()  # group sizes checked before anything is read
-  float_params = checkpoints.load_params(source, qmodel.float_abstract())
-  params = qmodel.quantize(float_params)
-  with open(gin_path) as f:
-    model_gin = f.read()
-  save_checkpoint(out, qmodel, params, model_gin, os.path.abspath(source))
-  for name in os.listdir(source):  # the tokenizer and ids travel with the weights
-    if name.startswith(("tokenizer", "special_tokens", "vocab", "hf_config", "spiece",
-                        "sentencepiece", "config.gin")) and os.path.isfile(
-                            os.path.join(source, name)):
-      import shutil  # pylint: disable=g-import-not-at-top
-      shutil.copy(os.path.join(source, name), os.path.join(out, name))
-  return qmodel, {"float_bytes": param_bytes(float_params), "quantized_bytes": param_bytes(params)}

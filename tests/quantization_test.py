@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import t5x_lite
-from t5x_lite import checkpoints, models, partitioning, quantization
+from t5x_lite import checkpoints, models, partitioning, quantization, quantized_checkpoints
 from t5x_lite.quantization import QuantizedModel
 
 LENGTH = 64
@@ -85,6 +85,21 @@ def test_pack_dequantize_and_group_errors():
     assert bool(jnp.all(error <= bound + 1e-6))
   with pytest.raises(ValueError, match="does not divide"):
     quantization.quantize_array(w, 1, 4, 48)
+  # fused_matmul (kernel and table layouts) computes what the dequantize + dot path does.
+  @jax.jit
+  def products(x, kernel):
+    out = []
+    for bits, group in ((8, None), (4, 32)):
+      q, scale = quantization.quantize_array(kernel, 0, bits, group)
+      qt, scale_t = quantization.quantize_array(kernel.T, 1, bits, group)
+      out += [(x @ quantization.dequantize_array(q, scale, 0, bits),
+               quantization.fused_matmul(x, q[..., None], scale[..., None], bits)[..., 0],
+               quantization.fused_matmul(x, qt, scale_t, bits, axis=1))]
+    return out
+  for expected, got, got_table in products(jax.random.normal(jax.random.PRNGKey(1), (3, 64)),
+                                           w[0]):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_table, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_trained_model_perplexity_and_greedy_agreement(trained):
@@ -122,8 +137,8 @@ def test_memory_checkpoint_and_loading(trained, tmp_path):
                            "--group_size", "128", "--quantize_embeddings"])
   stored = checkpoints.params_metadata(out)
   assert all(not name.endswith("kernel") for name in _names(stored))
-  on_disk = quantization.directory_bytes(os.path.join(directory, "params")) / (
-      quantization.directory_bytes(os.path.join(out, "params")))
+  on_disk = quantized_checkpoints.directory_bytes(os.path.join(directory, "params")) / (
+      quantized_checkpoints.directory_bytes(os.path.join(out, "params")))
   assert on_disk >= 5.0 and float_bytes / quantization.param_bytes(stored) >= 6.0
   # It loads quantized as written (never building float kernels), holding what the in-memory
   # quantization makes; on a mesh its arrays shard like the kernels they replace.
@@ -180,7 +195,7 @@ def test_bad_input_is_refused_with_the_fix(trained, tmp_path):
   state_dir = tmp_path / "run" / "checkpoints" / "7" / "state"
   os.makedirs(state_dir)
   with pytest.raises(FileNotFoundError, match="train-state checkpoint"):
-    quantization.quantize_checkpoint(str(state_dir.parent), str(tmp_path / "q"), "int8")
+    quantized_checkpoints.quantize_checkpoint(str(state_dir.parent), str(tmp_path / "q"), "int8")
   with pytest.raises(FileNotFoundError, match="train-state checkpoint"):
     t5x_lite.load(str(state_dir.parent), quantize="int8")
   from t5x_lite import optimizers, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
@@ -190,6 +205,10 @@ def test_bad_input_is_refused_with_the_fix(trained, tmp_path):
                                 {k: v.shape for k, v in batch.items()})
   with pytest.raises(ValueError, match="inference only.*Train .* the float model"):
     trainer.train_step(trainer.state_from_params(qmodel.quantize(params)), batch)
+  from t5x_lite import launch  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="QUANTIZE.*does not quantize.*quantization-aware "
+                                       "training does not exist.*qlora_finetune.gin"):
+    launch.configure(["models/gpt2_tiny.gin", "runs/finetune.gin"], ["QUANTIZE='int4'"])
 
 
 class _Bytes:

@@ -6,7 +6,9 @@ benchmark_runners.Worker runs them ("benchmark_quant:JaxQuantDecode").
         --variants int8 w8a8 int4 int8-kv --compare hf hf-int8
 
 Variants: fp32 (the model as configured), int8 / w8a8 / int4 (t5x_lite.quantization, int4 in
-groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines. The peer is
+groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines; "+emb" quantizes the
+embeddings and head too; "+fused" runs weight-only matmuls of <= 16 rows (decoding steps) as
+`quantization.fused_matmul` (the experiment that measured slower than the dot on XLA-CPU). The peer is
 `torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)`: int8
 weights per output channel and int8 activations quantized per call, like w8a8. GPT-2's
 projections are transformers' `Conv1D`, not `nn.Linear`, so they are converted to equal
@@ -21,13 +23,13 @@ import numpy as np
 from benchmark_runners import JaxDecode, Shape, TorchDecode  # pylint: disable=g-bad-import-order
 from benchmark_runners import _timed  # pylint: disable=g-bad-import-order
 
-VARIANTS = ("fp32", "int8", "w8a8", "int4", "int8-kv", "emb")
+VARIANTS = ("fp32", "int8", "w8a8", "int4", "int8-kv", "emb", "fused")
 
 
 def variant_options(name: str) -> dict:
   """QuantizedModel arguments of a variant: "a+b" combines a weight mode with int8-kv and/or
   emb (the embeddings and output head quantized too, as quantize_dynamic does the lm_head)."""
-  options = {"mode": None, "kv_cache": None, "embeddings": False}
+  options = {"mode": None, "kv_cache": None, "embeddings": False, "fused": False}
   for part in name.split("+"):
     if part not in VARIANTS:
       raise ValueError(f"unknown decode variant {part!r}: choose from {list(VARIANTS)}, joined "
@@ -36,6 +38,8 @@ def variant_options(name: str) -> dict:
       options["kv_cache"] = "int8"
     elif part == "emb":
       options["embeddings"] = True
+    elif part == "fused":  # weight-only matmuls of <= 16 rows as quantization.fused_matmul
+      options["fused"] = True
     elif part != "fp32":
       options["mode"] = part
   return options
@@ -48,6 +52,8 @@ class JaxQuantDecode(JaxDecode):
                new_tokens: int, warmup: int, variant: str):
     from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
     self._variant = variant_options(variant)
+    if self._variant.pop("fused"):  # this worker's process alone: read when decoding is traced
+      quantization.FUSED_MAX_ROWS = 16
     self._quantization = quantization
     super().__init__(shape, bindings, batch_size, prompt, new_tokens, warmup)
     self.info["param_bytes"] = quantization.param_bytes(self.params)

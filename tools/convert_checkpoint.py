@@ -77,15 +77,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def quantize(args: argparse.Namespace) -> str:
   """--quantize: the quantized copy of a params checkpoint (imported first with --from_hf)."""
-  from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
+  from t5x_lite import quantized_checkpoints  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     source = args.from_dir
     if args.from_hf:
       source = os.path.join(tmp, "float")
       hf.convert_from_hf(args.from_hf, source, scan_layers=args.scan_layers,
                          param_dtype=args.param_dtype, dtype=args.dtype)
-    model, sizes = quantization.quantize_checkpoint(source, args.to, args.quantize,
-                                                    args.group_size, args.quantize_embeddings)
+    model, sizes = quantized_checkpoints.quantize_checkpoint(
+        source, args.to, args.quantize, args.group_size, args.quantize_embeddings)
   ratio = sizes["float_bytes"] / sizes["quantized_bytes"]
   print(f"Wrote {args.to} ({type(model.base).__name__}, {args.quantize}"
         + (f" in groups of {args.group_size}" if args.quantize == "int4" else "")
