@@ -77,6 +77,24 @@ def test_split_placeholder_reads_separate_files_and_shards_by_file(tmp_path):
   assert len(halves[0]) == len(halves[1]) == 2
 
 
+def test_a_task_build_lists_the_corpus_once(tmp_path, monkeypatch):
+  # seqio lists the shards, then builds the dataset: one walk of the corpus serves both, and a
+  # later build (files may have changed) lists again.
+  write(tmp_path / "a.txt", "one\ntwo\n")
+  source = sources.TextFileSource(sources.CorpusConfig(str(tmp_path / "*.txt"),
+                                                       validation_percent=0))
+  calls = []
+  real = sources.list_corpus
+  monkeypatch.setattr(sources, "list_corpus", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+  source.list_shards("train")
+  assert sorted(texts(source, "train")) == ["one", "two"] and calls == ["train"]
+  write(tmp_path / "b.txt", "three\n")
+  assert sorted(texts(source, "train")) == ["one", "three", "two"] and len(calls) == 2
+  source.list_shards("validation")  # another split's listing is not reused for train
+  texts(source, "train")
+  assert calls == ["train", "train", "validation", "train"]
+
+
 def test_non_utf8_files_are_skipped_and_counted_or_fatal(tmp_path, caplog):
   good = write(tmp_path / "good.txt", "fine text\n")
   bad = write(tmp_path / "latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1"), "wb")
