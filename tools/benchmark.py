@@ -8,6 +8,8 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           python tools/benchmark.py train --shapes gpt-small t5-small bert-small --compare hf
           python tools/benchmark.py train --shapes gpt-small --variants default unrolled bf16
           python tools/benchmark.py train --shapes gpt-small --variants default fused-qkv no-donate
+          python tools/benchmark.py train --shapes gpt-small t5-small --variants default lora \
+              --compare hf hf-peft     # LoRA r=8 step vs the full step and vs HF PEFT LoRA
           python tools/benchmark.py train --shapes moe-small --compare hf \
               --variants moe-einsum moe-ragged moe-capacity-1.25
   decode  generated tokens/s of `model.predict_batch` (greedy, KV cache) and of HF `generate`,
@@ -155,6 +157,9 @@ SHAPES = {
                        8, {"targets": 256}),
 }
 
+LORA = {"rank": 8, "alpha": 16.0, "dropout": 0.0}  # the `lora` variant and the hf-peft peer
+
+
 def _loss_chunk_bindings(chunk_size: Optional[int]) -> tuple[str, ...]:
   return tuple(f"{cls}.loss_chunk_size = {chunk_size}"
                for cls in ("EncoderOnlyModel", "DecoderOnlyModel", "EncoderDecoderModel"))
@@ -190,8 +195,13 @@ VARIANTS = {
     # (losses.cross_entropy_with_head; the models' default chunk is losses.DEFAULT_CHUNK_SIZE).
     "loss-unchunked": (_loss_chunk_bindings(None), {}),
     **{f"loss-chunk-{n}": (_loss_chunk_bindings(n), {}) for n in (256, 512, 1024, 2048)},
+    # LoRA r=8 (alpha 16, dropout 0) on attention q/k/v/out, the base frozen: lora.LoraModel with
+    # train.trainable = lora.TRAINABLE, as runs/lora_finetune.gin trains (runners: JaxTrain).
+    "lora": ((), {"lora": LORA}),
 }
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
+# HF PEFT LoRA on the same attention projections, same rank and alpha, AdamW on the adapters.
+TRAIN_PEERS = HF_IMPLEMENTATIONS + ("hf-peft",)
 
 
 def resolve_shape(name: str, batch_size: Optional[int], lengths: Optional[dict]) -> Shape:
@@ -264,7 +274,8 @@ def train_command(args) -> list[dict]:
         if first.info["hf_config"] is None:
           raise ValueError(f"--compare {impl}: no HF architecture holds {shape_name}.")
         workers[impl] = Worker("TorchTrain", first.info["hf_config"], first.info["hf_batch"],
-                               impl == "hf-compile", args.warmup)
+                               impl == "hf-compile", args.warmup,
+                               LORA if impl == "hf-peft" else None)
       peaks = []
       times, cpu = alternate(workers, args.rounds, args.steps,
                              lambda: peaks.append(first.call("peak_flops")))
@@ -321,8 +332,10 @@ def _train_rows(shape_name, variants, info, workers, times, cpu, peaks) -> list[
            "cpu_s": float(np.median(cpu[name])),
            "tokens_per_s": info["tokens"] / step, "target_tokens_per_s": info["target_tokens"] / step,
            "gflop_per_step": info["flops"] / 1e9,
-           "xla_gflop_per_step": info["xla_flops"] / 1e9
-                                 if "xla_flops" in info and name == variants[0] else None,
+           # XLA's count of this variant's own step (the first's, and LoRA's), else None.
+           "xla_gflop_per_step": worker.info["xla_flops"] / 1e9
+                                 if "xla_flops" in worker.info else None,
+           "trainable_params": worker.info.get("trainable_params"),
            "gflop_per_s": info["flops"] / step / 1e9, "mfu": info["flops"] / step / (sheet or peak),
            "peak_gflop_per_s": (sheet or peak) / 1e9, "matmul_gflop_per_s": peak / 1e9,
            **worker.call("memory")}
@@ -456,11 +469,14 @@ def markdown(command: str, rows: list[dict], args) -> str:
   lines = [f"`python tools/benchmark.py {' '.join(args.argv)}` — {time.strftime('%Y-%m-%d')}, "
            f"{_machine(args)}", ""]
   if command == "train":
-    lines += ["| shape | impl | variant | 1st step s | step s | CPU s | tokens/s | GFLOP/step (XLA) "
-              "| GFLOP/s | MFU | RSS GiB | XLA peak GiB | speed vs |", "|" + "---|" * 13]
+    lines += ["| shape | impl | variant | trainable | 1st step s | step s | CPU s | tokens/s "
+              "| GFLOP/step (XLA) | GFLOP/s | MFU | RSS GiB | XLA peak GiB | speed vs |",
+              "|" + "---|" * 14]
     for r in rows:
       xla = f" ({r['xla_gflop_per_step']:.1f})" if r["xla_gflop_per_step"] else ""
-      lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {r['first_step_s']:.1f} | "
+      trainable = f"{r['trainable_params']:,}" if r.get("trainable_params") else "-"
+      lines.append(f"| {r['shape']} | {r['impl']} | {r['variant']} | {trainable} | "
+                   f"{r['first_step_s']:.1f} | "
                    f"{r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['tokens_per_s']:.0f} | "
                    f"{r['gflop_per_step']:.1f}"
                    f"{xla} | {r['gflop_per_s']:.1f} | {r['mfu']:.0%} | {r['rss_gib']:.2f} | "
@@ -469,7 +485,11 @@ def markdown(command: str, rows: list[dict], args) -> str:
               f"(median {np.median([r['matmul_gflop_per_s'] for r in rows]):.0f} GFLOP/s); "
               "tokens/s counts all input tokens; CPU s = CPU seconds per step of the process (all "
               "threads); XLA peak GiB = the compiled step's peak memory on one device by XLA's "
-              "memory analysis (params, optimizer state, batch and temporaries); speed vs = median over rounds of the speed ratio against each HF run "
+              "memory analysis (params, optimizer state, batch and temporaries); GFLOP/step = "
+              "the full step's model FLOPs on every row (MFU too), XLA's count the row's own "
+              "step (LoRA's has no weight gradients of frozen kernels); trainable = parameters "
+              "the optimizer updates; speed vs = median over rounds of the speed ratio against "
+              "each HF run "
               "(and against the first variant), in wall and in CPU time."]
   else:
     lines += ["| shape | impl | batch | new tokens | 1st call s | call s | CPU s | tokens/s "
@@ -488,7 +508,7 @@ def markdown(command: str, rows: list[dict], args) -> str:
 
 def _write_json(path: str, command: str, rows: list, args) -> None:
   versions = {}
-  for name in ("jax", "flax", "torch", "transformers"):
+  for name in ("jax", "flax", "torch", "transformers", "peft"):
     try:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -506,7 +526,9 @@ def _add_common(parser, shapes, peers=HF_IMPLEMENTATIONS):
   parser.add_argument("--compare", nargs="*", default=[], choices=peers,
                       help="also run HF transformers on PyTorch, eager and/or torch.compile"
                            + (" (hf-int8: torch's quantize_dynamic int8)" if
-                              "hf-int8" in peers else ""))
+                              "hf-int8" in peers else "")
+                           + (" (hf-peft: HF PEFT LoRA r=8 on attention, beside --variants lora)"
+                              if "hf-peft" in peers else ""))
   parser.add_argument("--gin", nargs="*", default=[],
                       help="extra gin bindings for every run, e.g. \"TransformerConfig.dtype = "
                            "'bfloat16'\"")
@@ -524,7 +546,7 @@ def main(argv: Sequence[str] | None = None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   train = commands.add_parser("train", help="train-step speed and MFU, optionally against HF")
-  _add_common(train, SHAPES)
+  _add_common(train, SHAPES, TRAIN_PEERS)
   train.add_argument("--variants", nargs="+", default=["default"], type=_variant,
                      help=f"speed switches to run, side by side: {sorted(VARIANTS)}, or several "
                           "joined with '+' (e.g. unrolled+remat-dots)")

@@ -156,7 +156,12 @@ class JaxTrain(Runner):
     from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
     self.jax, self.trainer_lib = jax, trainer
     bindings = tuple(shape.bindings) + tuple(bindings)
-    model = models.from_gin(shape.preset, bindings)
+    trainer_kwargs = dict(trainer_kwargs)
+    adapters = trainer_kwargs.pop("lora", None)  # the `lora` variant: LoraModel(**adapters)
+    model = with_lora(models.from_gin(shape.preset, bindings), adapters)
+    if adapters:
+      from t5x_lite import lora  # pylint: disable=g-import-not-at-top
+      trainer_kwargs["trainable"] = lora.TRAINABLE  # what runs/lora_finetune.gin trains
     batch = make_batch(model, shape.batch_size, shape.lengths)
     mesh = partitioning.make_mesh()
     optimizer = optimizers.create_optimizer(
@@ -171,8 +176,12 @@ class JaxTrain(Runner):
                  "hf_batch": hf_batch(batch),
                  "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     self.info["target_tokens"], self.info["tokens"] = token_counts(batch)
-    if xla_flops:
-      self.info["xla_flops"] = xla_train_flops(shape.preset, bindings, shapes)
+    shapes_of = self.trainer.abstract_state.params
+    self.info["trainable_params"] = sum(
+        x.size for x, m in zip(jax.tree.leaves(shapes_of), jax.tree.leaves(self.trainer.mask))
+        if m)
+    if xla_flops or adapters:  # LoRA's own count says whether frozen kernels get gradients
+      self.info["xla_flops"] = xla_train_flops(shape.preset, bindings, shapes, adapters)
     _timed(self._call, warmup)
 
   def _call(self):
@@ -235,21 +244,36 @@ class JaxTrain(Runner):
                           if "peak_bytes_in_use" in stats else None}
 
 
-def xla_train_flops(preset: str, bindings: Sequence[str], shapes: dict) -> float:
+def with_lora(model, adapters: Optional[dict]):
+  """`model`, with LoRA adapters (`LoraModel(model, **adapters)`) when `adapters` is given."""
+  if not adapters:
+    return model
+  from t5x_lite import lora  # pylint: disable=g-import-not-at-top
+  return lora.LoraModel(model, **adapters)
+
+
+def xla_train_flops(preset: str, bindings: Sequence[str], shapes: dict,
+                    adapters: Optional[dict] = None) -> float:
   """XLA's count of the train step's FLOPs (`cost_analysis()` of the lowered step), for the same
   model unrolled and without remat: XLA counts a while loop's body once, so a scanned stack would
-  be undercounted by its depth. Lowering only (no compilation) takes seconds."""
+  be undercounted by its depth. Lowering only (no compilation) takes seconds. With `adapters`,
+  the LoRA step (adapters trained, the base frozen): no weight gradients of frozen kernels, so
+  about 2/3 of the full step's matmul FLOPs."""
   import jax  # pylint: disable=g-import-not-at-top
   from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
-  model = models.from_gin(preset, tuple(bindings) + ("TransformerConfig.scan_layers = False",
-                                                     "TransformerConfig.remat_policy = 'none'"))
+  model = with_lora(models.from_gin(preset, tuple(bindings) + (
+      "TransformerConfig.scan_layers = False", "TransformerConfig.remat_policy = 'none'")),
+                    adapters)
   optimizer = optimizers.create_optimizer("adamw")
   mesh = partitioning.make_mesh()
-  abstract = trainer.Trainer(model, optimizer, mesh, shapes).abstract_state
+  from t5x_lite import lora  # pylint: disable=g-import-not-at-top
+  built = trainer.Trainer(model, optimizer, mesh, shapes,
+                          trainable=lora.TRAINABLE if adapters else None)
+  abstract = built.abstract_state
+  trainable, frozen = trainer.partition(abstract.params, built.mask)
   step = jax.jit(functools.partial(trainer.train_step, model, optimizer, 1))
-  frozen = jax.tree.map(lambda _: None, abstract.params)
   with partitioning.activation_sharding(mesh):
-    lowered = step.lower(abstract, frozen,
+    lowered = step.lower(abstract.replace(params=trainable), frozen,
                          {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}, {})
   analysis = lowered.cost_analysis()
   return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
@@ -278,23 +302,54 @@ def _torch_model(hf_config: dict, compiled: bool):
   return torch, (torch.compile(model) if compiled else model)
 
 
+# HF PEFT's LoRA targets: the attention projections t5x_lite's lora.ATTENTION adapts (query,
+# key, value, out; GPT-2's fused c_attn and its attention c_proj, not the MLP's), per model type.
+PEFT_ATTENTION = {
+    "gpt2": r".*\.attn\.(c_attn|c_proj)",
+    "llama": r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    "mixtral": r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    "t5": r".*\.(SelfAttention|EncDecAttention)\.(q|k|v|o)",
+    "bert": r".*\.attention\.(self\.(query|key|value)|output\.dense)",
+}
+
+
+def peft_lora(model, model_type: str, adapters: dict):
+  """`model` wrapped by HF PEFT: LoRA of rank r, alpha, dropout 0 on the attention projections,
+  the base frozen (requires_grad False)."""
+  import peft  # pylint: disable=g-import-not-at-top
+  if model_type not in PEFT_ATTENTION:
+    raise ValueError(f"--compare hf-peft: no attention targets known for HF {model_type!r}; "
+                     f"known: {sorted(PEFT_ATTENTION)}.")
+  config = peft.LoraConfig(r=adapters["rank"], lora_alpha=adapters["alpha"], lora_dropout=0.0,
+                           target_modules=PEFT_ATTENTION[model_type],
+                           fan_in_fan_out=model_type == "gpt2")  # GPT-2's Conv1D is [in, out]
+  return peft.get_peft_model(model, config)
+
+
 class TorchTrain(Runner):
   """HF transformers' model of the same config: forward with labels, backward, clipping to global
-  norm 1 and AdamW (weight decay 0.01), as the JAX step does."""
+  norm 1 and AdamW (weight decay 0.01), as the JAX step does. With `lora` (rank, alpha), HF PEFT
+  LoRA adapters on the attention projections, and AdamW and clipping on them alone."""
 
-  def __init__(self, hf_config: dict, batch: dict, compiled: bool, warmup: int):
-    self.torch, self.model = _torch_model(hf_config, compiled)
+  def __init__(self, hf_config: dict, batch: dict, compiled: bool, warmup: int,
+               lora: Optional[dict] = None):
+    self.torch, self.model = _torch_model(hf_config, compiled and not lora)
+    if lora:
+      self.model = peft_lora(self.model, hf_config["model_type"], lora)
+      self.model = self.torch.compile(self.model) if compiled else self.model
     self.model.train()
-    self.optimizer = self.torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+    self.params = [p for p in self.model.parameters() if p.requires_grad]
+    self.optimizer = self.torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.01)
     self.batch = {k: self.torch.from_numpy(np.ascontiguousarray(v)).long()
                   for k, v in batch.items()}
-    self.info = {"first_step_s": _timed(self._call, 1)[0]}
+    self.info = {"first_step_s": _timed(self._call, 1)[0],
+                 "trainable_params": sum(p.numel() for p in self.params)}
     _timed(self._call, warmup)
 
   def _call(self):
     self.optimizer.zero_grad(set_to_none=True)
     self.model(**self.batch).loss.backward()
-    self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
     self.optimizer.step()
 
   def memory(self) -> dict:
