@@ -13,14 +13,16 @@ second choices, tokens in order (GShard), and a dropped assignment adds nothing:
 through the residual. With None, C = S and nothing is dropped. Padding (token_mask False) is never
 routed and is left out of every statistic.
 
-Two dispatch paths compute the same function (the same drops, the same weights):
+Three dispatch paths compute the same function (the same drops, the same weights):
   "einsum"  one-hot dispatch into [E, b, C, d] buffers, batched expert matmuls, one-hot combine
             (GShard / Switch): static shapes, and under expert parallelism two all-to-alls.
-  "ragged"  assignments sorted by expert and one grouped matmul per kernel (jax.lax.ragged_dot):
-            no padding FLOPs; dropped assignments are computed and weighted 0.
-"auto" takes "ragged" on GPU and "einsum" on CPU and TPU: measured here on CPU, ragged_dot was
-correct but no faster than computing every expert, and the einsum path was faster forward and
-backward; TPUs want the static shapes.
+  "gather"  the same buffers filled and read by indexing: no one-hot dispatch matmuls.
+  "ragged"  assignments sorted by expert and one grouped matmul per kernel (`Groups`:
+            jax.lax.ragged_dot on GPU and TPU, 128-row blocks on CPU): no capacity padding;
+            dropped assignments are computed and weighted 0.
+"auto" takes "einsum" on TPU (static shapes) and under an `expert` mesh axis (the all-to-alls),
+else "ragged". Dropless (no capacity factor), the einsum and gather buffers hold every token
+for every expert, E / k times the FLOPs of the tokens' own experts.
 
 Sown: the load-balancing loss (Switch: E * sum_i f_i P_i with f_i the fraction of assignments
 and P_i the mean router probability of expert i; 1 at uniform routing) and the router z-loss
@@ -59,9 +61,12 @@ def capacity(config: TransformerConfig, group_size: int) -> int:
 
 
 def dispatch_path(config: TransformerConfig) -> str:
+  """The path "auto" takes (see the module docstring)."""
   if config.moe_dispatch != "auto":
     return config.moe_dispatch
-  return "ragged" if jax.default_backend() == "gpu" else "einsum"
+  if jax.default_backend() == "tpu" or _expert_axis_size() > 1:
+    return "einsum"
+  return "ragged"
 
 
 class Routing(NamedTuple):
@@ -356,13 +361,18 @@ def router_statistics(logits: Array, routing: Routing) -> dict[str, Array]:
 def _check_expert_mesh(cfg: TransformerConfig) -> None:
   """Experts split over the `expert` mesh axis must divide evenly (else they would silently stay
   whole on every device)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  size = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) if mesh.axis_names else 1
+  size = _expert_axis_size()
   if cfg.num_experts % size:
     raise ValueError(
         f"TransformerConfig.num_experts={cfg.num_experts} is not divisible by the expert mesh "
         f"axis (make_mesh.expert={size}); choose num_experts a multiple of it, or an expert "
         f"axis among {[n for n in range(1, cfg.num_experts + 1) if cfg.num_experts % n == 0]}.")
+
+
+def _expert_axis_size() -> int:
+  """The size of the `expert` axis of the mesh being traced under (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return dict(zip(mesh.axis_names, mesh.axis_sizes)).get("expert", 1) if mesh.axis_names else 1
 
 
 layers.register_mlp("moe", MoeMlp)

@@ -342,7 +342,10 @@ def test_bad_moe_configs_are_refused_with_the_fix(changes, message):
 def test_layer_kinds_and_the_default_dispatch():
   cfg = TransformerConfig(**{**SMALL, "num_layers": 4, "moe_layer_interval": 2})
   assert [cfg.layer_mlp(i) for i in range(4)] == ["dense", "moe", "dense", "moe"]
-  assert moe.dispatch_path(cfg) == "einsum"  # CPU (and TPU); "ragged" on GPU
+  assert moe.dispatch_path(cfg) == "ragged"  # on CPU (and GPU), without an expert mesh axis
+  with partitioning.activation_sharding(partitioning.make_mesh(data=2, expert=4)):
+    assert moe.dispatch_path(cfg) == "einsum"  # the all-to-alls
+    assert moe.dispatch_path(cfg.replace(moe_dispatch="gather")) == "gather"
   assert moe.capacity(cfg, 100) == 100  # dropless: every assignment fits
 
 
