@@ -305,9 +305,12 @@ def _export(model, state, model_dir: str, step: int) -> None:
                   "checkpoints.load_params, or fine-tune with INITIAL_CHECKPOINT_PATH).")
 
 
-def print_samples(model, params, prompts: Sequence[str], length: int,
-                  temperature: float = 0.0) -> None:
-  """Continuations of `prompts` by the model's `predict_batch` (greedy at temperature 0)."""
+@gin.configurable(module="t5x_lite.train", allowlist=["top_k", "top_p", "check"])
+def print_samples(model, params, prompts: Sequence[str], length: int, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0, check: Optional[Callable] = None) -> None:
+  """Continuations of `prompts` by the model's `predict_batch` (greedy at temperature 0;
+  `top_k` / `top_p` filter the sampled tokens). `check(texts)` -> (a note per text, a summary),
+  e.g. code_checks.python_report, is printed with them."""
   if not prompts:
     return
   if not model.GENERATES:
@@ -316,10 +319,15 @@ def print_samples(model, params, prompts: Sequence[str], length: int,
   vocab = _data().get_vocabulary()
   batch = model.generation_batch([vocab.encode(p) for p in prompts], vocab.eos_id, length)
   outputs, _ = model.predict_batch(params, batch, rng=jax.random.PRNGKey(0),
-                                   max_new_tokens=length, temperature=temperature)
-  for prompt, output in zip(prompts, np.asarray(outputs)[:, 0]):
-    text = vocab.decode([int(t) for t in output if t > 1])  # drop padding and EOS
-    metrics_lib.log(f"--- {prompt!r}\n{model.sample_text(prompt, text)}")
+                                   max_new_tokens=length, temperature=temperature,
+                                   top_k=top_k, top_p=top_p)
+  texts = [model.sample_text(prompt, vocab.decode([int(t) for t in output if t > 1]))
+           for prompt, output in zip(prompts, np.asarray(outputs)[:, 0])]  # no padding, EOS
+  notes, summary = check(texts) if check else ([""] * len(texts), "")
+  for prompt, text, note in zip(prompts, texts, notes):
+    metrics_lib.log(f"--- {prompt!r}" + (f"  ({note})" if note else "") + f"\n{text}")
+  if summary:
+    metrics_lib.log(summary)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -4,6 +4,7 @@ import json
 import os
 
 import gin
+import pytest
 import seqio
 from sentencepiece import sentencepiece_model_pb2
 
@@ -59,3 +60,30 @@ def test_jsonl_input_and_document_iteration(tmp_path):
   lines = list(train_vocab.iter_sentences(iter(docs + ["x" * 50]), max_sentence_bytes=40,
                                           progress=False))
   assert lines == [l for d in docs for l in d.split("\n")]  # over-long lines are left out
+
+
+def test_runs_of_lines_keep_their_newlines_so_code_gets_newline_and_indent_pieces():
+  docs = ["def f():\n    return 1\n\nx = f()\n", "a\n" + "b" * 50 + "\n"]
+  runs = list(train_vocab.iter_sentences(iter(docs), max_sentence_bytes=40, progress=False,
+                                         lines_per_sentence=3))
+  assert runs == ["def f():\n    return 1\n\n", "x = f()\n"]  # the over-long run is left out
+  with pytest.raises(SystemExit):
+    train_vocab.main(["--stdlib", "--lines_per_sentence", "0", "--output_prefix", "/tmp/x"])
+  with pytest.raises(SystemExit):
+    train_vocab.main(["--input", "x.txt", "--exclude", "/test/", "--output_prefix", "/tmp/x"])
+
+
+def test_the_quickstart_reads_code_with_its_shipped_newline_and_indent_pieces():
+  from t5x_lite import launch  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    launch.configure(["runs/quickstart.gin"], [])
+    vocab = vocabularies.get_vocabulary()  # what the quickstart's bindings select
+    assert vocab.vocab_size == gin.query_parameter("TransformerConfig.vocab_size")
+  finally:
+    gin.clear_config()
+  code = "class Foo:\n    def f(self):\n\n        return 1\n"
+  assert vocab.decode(vocab.encode(code)) == code
+  pieces = [vocab.tokenizer.id_to_piece(i) for i in vocab.encode(code)]
+  assert ":\n" in pieces and "):\n" in pieces and "▁" * 8 in pieces  # not a byte per newline
+  assert pieces[0] == "class" and pieces[pieces.index("▁" * 4) + 1] == "def"  # as a line starts

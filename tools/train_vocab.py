@@ -51,14 +51,22 @@ def iter_documents(config: sources.CorpusConfig, split: str = "train") -> Iterat
 
 
 def iter_sentences(documents: Iterator[str], max_sentence_bytes: int,
-                   progress: bool = True) -> Iterator[str]:
-  """SentencePiece trains on lines: split documents into non-empty lines, with a progress bar."""
+                   progress: bool = True, lines_per_sentence: int = 1) -> Iterator[str]:
+  """SentencePiece trains on sentences: by default each non-empty line of the documents, with a
+  progress bar. With `lines_per_sentence` > 1, runs of that many lines, each ending with its
+  newline (blank lines kept): the model then learns pieces for newlines (`):\n`, `\n\n`) and
+  indentation, which code is full of, instead of spelling each newline as a byte.
+  Sentences over `max_sentence_bytes` are left out."""
   bar = None
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(unit=" lines", desc="reading text", file=sys.stderr, mininterval=0.5)
+    bar = tqdm(unit=" sentences", desc="reading text", file=sys.stderr, mininterval=0.5)
   for doc in documents:
-    for line in doc.splitlines():
+    lines = doc.splitlines()
+    if lines_per_sentence > 1:
+      lines = ["".join(line + "\n" for line in lines[i:i + lines_per_sentence])
+               for i in range(0, len(lines), lines_per_sentence)]
+    for line in lines:
       if line.strip() and len(line.encode("utf-8")) <= max_sentence_bytes:
         if bar is not None:
           bar.update()
@@ -70,7 +78,7 @@ def iter_sentences(documents: Iterator[str], max_sentence_bytes: int,
 def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 8000,
           model_type: str = "unigram", max_sentences: int = 2_000_000,
           character_coverage: float = 0.9995, max_sentence_bytes: int = 4192,
-          progress: bool = True, quiet: bool = False) -> str:
+          progress: bool = True, quiet: bool = False, lines_per_sentence: int = 1) -> str:
   """Trains and writes `<output_prefix>.model` (and `.vocab`); returns the model path."""
   if os.path.dirname(output_prefix):
     os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
@@ -78,8 +86,10 @@ def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 80
     rules = os.path.join(tmp, "identity.tsv")
     with open(rules, "w") as f:
       f.write(IDENTITY_RULE)
-    _train(config, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
-           max_sentence_bytes, progress, quiet, rules)
+    sentences = iter_sentences(iter_documents(config), max_sentence_bytes, progress,
+                               lines_per_sentence)
+    _train(sentences, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
+           max_sentence_bytes, quiet, rules, dummy_prefix=lines_per_sentence == 1)
   return output_prefix + ".model"
 
 
@@ -89,10 +99,10 @@ def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 80
 IDENTITY_RULE = "FDD0\tFDD1\n"
 
 
-def _train(config, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
-           max_sentence_bytes, progress, quiet, rules):
+def _train(sentences, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
+           max_sentence_bytes, quiet, rules, dummy_prefix=True):
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter_sentences(iter_documents(config), max_sentence_bytes, progress),
+      sentence_iterator=sentences,
       model_prefix=output_prefix,
       vocab_size=vocab_size,
       model_type=model_type,
@@ -106,6 +116,9 @@ def _train(config, output_prefix, vocab_size, model_type, max_sentences, charact
       split_digits=True,  # one piece per digit: arithmetic (the `addition` task) stays learnable
       normalization_rule_tsv=rules,
       remove_extra_whitespaces=False,
+      # Trained on runs of lines, a text's start tokenizes as any line's start (no space put
+      # before it): a prompt "def" reads as the model saw "def" begin a line.
+      add_dummy_prefix=dummy_prefix,
       allow_whitespace_only_pieces=True,
       num_threads=os.cpu_count() or 1,
       minloglevel=2 if quiet else 0,  # SentencePiece's own training log is its progress display
@@ -119,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> str:
   source.add_argument("--input", nargs="+", help="glob pattern(s) of text / JSONL files")
   source.add_argument("--stdlib", action="store_true",
                       help="train on the embedded Python standard-library corpus")
+  parser.add_argument("--exclude", nargs="+", default=[],
+                      help="with --stdlib: path substrings to leave out, as the task's "
+                           "stdlib_corpus.exclude (e.g. /test/ /encodings/)")
   parser.add_argument("--format", default="auto", choices=sources.FORMATS,
                       help="lines: a document per line; files: a document per file; jsonl")
   parser.add_argument("--text_key", default="text", help="JSONL field holding the text")
@@ -132,23 +148,31 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--vocab_size", type=int, default=8000)
   parser.add_argument("--model_type", default="unigram", choices=("unigram", "bpe"))
   parser.add_argument("--max_sentences", type=int, default=2_000_000)
+  parser.add_argument("--lines_per_sentence", type=int, default=1,
+                      help="train on runs of this many lines with their newlines (code: "
+                           "pieces for newlines and indentation); 1: line by line")
   parser.add_argument("--character_coverage", type=float, default=0.9995)
   parser.add_argument("--extra_ids", type=int, default=vocabularies.DEFAULT_EXTRA_IDS,
                       help="T5 sentinels seqio appends at load time (only for the printed "
                            "hint); stored in the tokenizer.json of the other kinds")
   parser.add_argument("--quiet", action="store_true", help="no progress output")
   args = parser.parse_args(argv)
+  if args.lines_per_sentence < 1:
+    parser.error(f"--lines_per_sentence must be at least 1, got {args.lines_per_sentence}")
 
   if args.stdlib:
-    config = sources.stdlib_corpus(non_utf8=args.non_utf8)
+    config = sources.stdlib_corpus(non_utf8=args.non_utf8, exclude=args.exclude)
   else:
+    if args.exclude:
+      parser.error("--exclude applies to --stdlib; leave files out of --input's globs instead")
     config = sources.CorpusConfig(patterns=tuple(args.input), format=args.format,
                                   text_key=args.text_key, non_utf8=args.non_utf8,
                                   validation_percent=0.0)  # use all the text
   if args.kind != "sentencepiece":
     return _train_tokenizers(args, config)
   path = train(config, args.output_prefix, args.vocab_size, args.model_type, args.max_sentences,
-               args.character_coverage, progress=not args.quiet, quiet=args.quiet)
+               args.character_coverage, progress=not args.quiet, quiet=args.quiet,
+               lines_per_sentence=args.lines_per_sentence)
   size = spm.SentencePieceProcessor(model_file=path).get_piece_size() + args.extra_ids
   print(f"\nWrote {path} ({size} ids with {args.extra_ids} sentinels; [MASK] = "
         f"{spm.SentencePieceProcessor(model_file=path).piece_to_id(vocabularies.MASK_PIECE)}).\n"
@@ -162,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 def _train_tokenizers(args: argparse.Namespace, config: sources.CorpusConfig) -> str:
   sentences = itertools.islice(
-      iter_sentences(iter_documents(config), 4192, progress=not args.quiet), args.max_sentences)
+      iter_sentences(iter_documents(config), 4192, not args.quiet, args.lines_per_sentence),
+      args.max_sentences)
   path = hf_tokenizer.train_tokenizer(args.kind, sentences, args.vocab_size, args.output_prefix,
                                       args.extra_ids)
   size = hf_tokenizer.HfTokenizerVocabulary(path).vocab_size
