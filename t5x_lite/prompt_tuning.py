@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -44,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import checkpoints, layers, transformer
+from t5x_lite import checkpoints, interception, layers, transformer
 from t5x_lite.trainer import param_path
 
 EMBEDDERS = r"embedder|encoder_embedder"  # the Embedders that read a stack's inputs
@@ -104,12 +102,13 @@ def _interceptor(pattern: re.Pattern, length: int, seen: list):
 
 
 @gin.configurable(module="t5x_lite.prompt_tuning")
-class PromptTuningModel:
+class PromptTuningModel(interception.InterceptedModel):
   """`model` reading `length` learned prompt vectors before every input (module docstring).
 
   Every method of the base model runs with the prompt; the feature converter and the batches
   built from text put the placeholders in; attributes that are not methods are the base's.
   """
+  RESERVED = ("base",)
 
   def __init__(self, model: Any = gin.REQUIRED, length: int = 20,
                embedders: str = EMBEDDERS, base_checkpoint: Optional[str] = None):
@@ -140,18 +139,11 @@ class PromptTuningModel:
     with nn.intercept_methods(_interceptor(self._pattern, self.length, self._seen)):
       yield
 
-  def __getattr__(self, name):
-    if name.startswith("__") or name == "base":
-      raise AttributeError(name)
-    value = getattr(self.base, name)
-    if not inspect.ismethod(value):
-      return value
+  def _runner(self):
+    return self.base
 
-    @functools.wraps(value)
-    def with_prompt(*args, **kwargs):
-      with self.prompted():
-        return value(*args, **kwargs)
-    return with_prompt
+  def _context(self):
+    return self.prompted()
 
   # -- data: placeholders in front of every input ------------------------------------------
   def feature_converter(self, pack: bool = True):
