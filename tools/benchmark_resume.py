@@ -4,11 +4,16 @@ batch, for each resume tier (t5x_lite/data/resume.py), at each step:
   replay    the fallback: the pipeline is built and skips the consumed batches. Measured where
             the replay fits --max-replay-s, else estimated from the measured per-batch cost
             (marked ~).
-  iterator  the pipeline is built (as the train job does for its first batch) and its iterator
-            state restored. Restoring reads the saved state whatever the step; the state itself
-            is made here by skipping to the step once (not timed; the restored pipeline holds
-            the same skip op, as a run's that once fell back to replay does), so a step whose
-            replay does not fit --max-replay-s is not measured (n/a).
+  iterator  the pipeline is built (as a resumed train job does for its first batch) and its
+            iterator state restored; "(restore)" is the restore and first batch alone. The state
+            at a step is the replayed pipeline's (the replay column's run, its state written as
+            the train job writes it; the restored pipeline holds the same skip op, as a run's
+            that once fell back to replay does). A step whose replay does not fit
+            --max-replay-s gets a state made from the last replayed step's: the same buffers,
+            its growing counters (RNG draws, shuffle bounds, skip count) moved on to the step
+            (tools/iterator_state.py; marked *). TF restores a shuffle or Dataset.random by
+            redrawing every sample drawn so far, so that is the part of a restore that grows
+            with the step; the buffers (shuffle, packing, prefetch) are bounded.
   cache     a packed cache (written once, not timed) opened at the step's row cursor.
 """
 from __future__ import annotations
@@ -26,14 +31,46 @@ def _first_batch_seconds(make) -> tuple[float, object]:
   return time.perf_counter() - start, batches
 
 
-def _iterator_state(stream_of, step: int, directory: str) -> str:
-  """The state after `step` batches, as a checkpoint of the train job holds it."""
+def _replayed(stream_of, step: int, directory: str) -> tuple[float, str]:
+  """Seconds to the first batch by replaying `step` batches; the replayed pipeline's state is
+  then written as a checkpoint of the train job holds it (the loop reads one batch ahead)."""
   stream = stream_of()
-  batches = stream.open(skip=step)
-  next(batches)  # the loop reads one batch ahead
+  seconds, batches = _first_batch_seconds(lambda: stream.open(skip=step))
   stream.stage_state(directory, step)
   batches.close()
-  return directory
+  return seconds, os.path.join(directory, _process_files())
+
+
+def _process_files() -> str:
+  from t5x_lite.data import resume  # pylint: disable=g-import-not-at-top
+  return resume.process_files()
+
+
+def _restored(stream_of, step: int, restore) -> dict:
+  """Build (as a resumed train job does) + `restore(batches)` + first batch, in seconds."""
+  start = time.perf_counter()
+  batches = stream_of().open(skip=step)  # the state was made by skipping: its graph holds it
+  built = time.perf_counter()
+  restore(batches)
+  next(batches)
+  done = time.perf_counter()
+  batches.close()
+  return {"iterator_s": done - start, "restore_s": done - built}
+
+
+def _advanced(stream_of, step: int, base: tuple[int, str]) -> dict:
+  """The iterator tier at a step too far to replay: the state at the last replayed step with its
+  growing counters moved on to `step` (tools/iterator_state.py), restored and read from TF."""
+  import iterator_state  # pylint: disable=g-import-not-at-top
+  base_step, prefix = base
+  try:
+    state = iterator_state.advance(prefix, step / base_step)
+  except ValueError as e:
+    print(f"  (iterator state at {step:,} not made: {e})", flush=True)
+    return {}
+  row = _restored(stream_of, step, lambda b: iterator_state.restore_variant(
+      b._iterator, state))  # pylint: disable=protected-access
+  return {k + "_advanced": v for k, v in row.items()}
 
 
 def resume_rows(task: str, lengths: dict, batch_size: int, steps: list[int],
@@ -51,29 +88,20 @@ def resume_rows(task: str, lengths: dict, batch_size: int, steps: list[int],
     stream_of = lambda cache=None: resume.TrainStream(task, lengths, batch_size, batch_size,
                                                       family, 0, (0, 1), sha, cache)
     fresh, _ = _first_batch_seconds(lambda: stream_of().open())
-    per_batch, rows = None, []
+    per_batch, base, rows = None, None, []
     for step in sorted(steps):
       row = {"task": task, "step": step, "fresh_s": fresh}
       if per_batch is None or step * per_batch <= max_replay_s:
-        row["replay_s"], batches = _first_batch_seconds(lambda: stream_of().open(skip=step))
-        batches.close()
+        row["replay_s"], prefix = _replayed(stream_of, step,
+                                            os.path.join(workdir, f"state_{step}"))
         if step:
           per_batch = max(row["replay_s"] - fresh, 0.0) / step
-        state = _iterator_state(stream_of, step, os.path.join(workdir, f"state_{step}"))
-        prefix = os.path.join(state, resume.process_files())
-
-        built = {}
-
-        def restored():  # the state was made by skipping: its graph holds that skip
-          batches = stream_of().open(skip=step)
-          built["s"] = time.perf_counter()
-          batches.read_state(prefix, step)
-          return batches
-        row["iterator_s"], batches = _first_batch_seconds(restored)
-        row["restore_s"] = time.perf_counter() - built["s"]  # restore + first batch only
-        batches.close()
+          base = (step, prefix)
+        row.update(_restored(stream_of, step, lambda b: b.read_state(prefix, step)))
       else:
         row["replay_s_estimated"] = fresh + step * per_batch
+        if base:
+          row.update(_advanced(stream_of, step, base))
       row["cache_s"], _ = _first_batch_seconds(
           lambda: stream_of(cache_dir).open(start_row=step * batch_size))
       rows.append(row)
@@ -85,6 +113,8 @@ def resume_rows(task: str, lengths: dict, batch_size: int, steps: list[int],
 def _cell(row: dict, key: str) -> str:
   if key in row:
     return f"{row[key]:.2f}"
+  if key + "_advanced" in row:
+    return f"{row[key + '_advanced']:.2f}*"
   if key == "replay_s" and "replay_s_estimated" in row:
     return f"~{row['replay_s_estimated']:,.0f}"
   return "n/a"
@@ -112,5 +142,6 @@ def resume_command(args) -> list[dict]:
             f"{_cell(row, 'cache_s'):>8}", flush=True)
   print("\nfresh: a pipeline's first batch at step 0; iterator: built and restored, (restore): "
         "of which the restore and first batch; cache: opened at the row cursor (rows = step x "
-        "batch).")
+        "batch). * : a state made from the last replayed step's, its counters (RNG draws, "
+        "shuffle bounds, skip) moved on to the step (tools/iterator_state.py).")
   return results
