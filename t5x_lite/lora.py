@@ -204,13 +204,14 @@ class LoraModel(interception.InterceptedModel):
     """Adapters as `init` makes them (A random, B zero) for the kernels of `abstract_params`
     (shapes with shardings, adapters included), without tracing or initialising the base."""
     shapes = flat(abstract_params)
+    kernels = flat(self.float_kernels() or abstract_params)
     names = sorted(name for name in shapes if name.endswith("/lora_a"))
 
     def make(rng):
       out = {}
       for index, name in enumerate(names):
         a, b = shapes[name], shapes[name[:-1] + "b"]
-        stacked = a.ndim + b.ndim - 2 - shapes[name[:-len("lora_a")] + "kernel"].ndim
+        stacked = a.ndim + b.ndim - 2 - kernels[name[:-len("lora_a")] + "kernel"].ndim
         # Stacked layers are a batch axis of the initialiser: each layer's fan-in is its own.
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                                 batch_axis=tuple(range(stacked)))
@@ -222,6 +223,13 @@ class LoraModel(interception.InterceptedModel):
       return join(out)
     shardings = jax.tree.map(lambda x: x.sharding, split(abstract_params)[1])
     return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+  def float_kernels(self):
+    """QLoRA: the float base's abstract parameters (its kernels' shapes, which the quantized
+    ones flatten); None for LoRA on a float base, whose parameters hold the kernels."""
+    if self.quantized_base is None:
+      return None
+    return self.quantized_base.base.abstract_params()[0]
 
   def save_params(self, directory: str, params) -> str:
     """An adapter export (a few MB): adapters/, adapter.json naming the base, model.gin."""
@@ -330,10 +338,11 @@ def merge(params, scale: float):
 
 # ---------------------------------------------------------------------------- adapter exports
 
-def kernel_shapes(params) -> dict[str, list[int]]:
-  """{kernel path: shape} of the kernels that carry adapters in `params`."""
-  names = flat(params)
-  return {name[:-len("lora_a")] + "kernel": list(names[name[:-len("lora_a")] + "kernel"].shape)
+def kernel_shapes(params, kernels=None) -> dict[str, list[int]]:
+  """{kernel path: shape} of the kernels that carry adapters in `params`, read from `kernels`
+  (default `params`; a QLoRA model's `float_kernels()`, as its own are quantized)."""
+  names, kernels = flat(params), flat(params if kernels is None else kernels)
+  return {name[:-len("lora_a")] + "kernel": list(kernels[name[:-len("lora_a")] + "kernel"].shape)
           for name in names if name.endswith("/lora_a")}
 
 
@@ -350,7 +359,7 @@ def save_adapters(directory: str, model: LoraModel, params) -> str:
   adapters = split(params)[1]
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, adapters)
-  shapes = kernel_shapes(params)
+  shapes = kernel_shapes(params, model.float_kernels())
   record = dict(model.adapter_config(), format="t5x_lite.lora/1", base=model.base_checkpoint,
                 kernels=shapes, id=_adapter_id(adapters, shapes, model.adapter_config()))
   if jax.process_index() == 0:

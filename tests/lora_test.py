@@ -180,7 +180,12 @@ def test_qlora_trains_adapters_over_a_frozen_integer_base():
   optimizer = optimizers.create_optimizer("adamw", optimizers.create_schedule("constant", 3e-2, 0))
   trainer = trainer_lib.Trainer(model, optimizer, partitioning.make_mesh(2, 2, 2),
                                 {k: v.shape for k, v in batch.items()}, trainable=lora.TRAINABLE)
-  state = trainer.state_from_params(model.init(jax.random.PRNGKey(0), batch))
+  abstract = trainer.abstract_state.params  # adapters as a run from a base checkpoint makes them
+  params = lora.join(lora.split(model.init(jax.random.PRNGKey(0), batch))[0],
+                     model.fresh_adapters(abstract))
+  assert lora.kernel_shapes(params, model.float_kernels())[
+      "decoder/layers/self_attention/query/kernel"] == [2, 64, 4, 16]
+  state = trainer.state_from_params(params)
   before = {p: np.asarray(x) for p, x in lora.flat(state.params).items() if not lora.is_adapter(p)}
   assert any(p.endswith("kernel_int4") for p in before)
   moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
