@@ -175,8 +175,9 @@ class PpoModel(rl.GrpoModel):
     sowed) in one pass: the value head reads the hidden state the logits come from."""
     model = self.model
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    inputs = model._module_args(batch)  # pylint: disable=protected-access
     logits, sown = model.module.apply(
-        {"params": self.policy_params(params)}, *model._module_args(batch), rngs=rngs,  # pylint: disable=protected-access
+        {"params": self.policy_params(params)}, *inputs, rngs=rngs,
         deterministic=dropout_rng is None, mutable=layers.SOWN_COLLECTIONS,
         capture_intermediates=lambda module, _: isinstance(module, transformer.Stack))
     hidden = sown["intermediates"]["decoder"]["__call__"][0]  # [n, l, d]
