@@ -83,3 +83,14 @@ def test_task_tags_change_no_row_and_count_every_example():
   hook = loop.MixProportions(batches.mix.take, Writer(), every=1)
   hook(type("Loop", (), {"consumed": 2, "step": 7})())
   assert Writer.written == {7: {"mix/stdlib_prefix_lm": 1 / 3, "mix/stdlib_span_corruption": 2 / 3}}
+
+
+def test_the_realised_mix_is_summed_over_processes(monkeypatch):
+  # Two processes, each counting its own rows: take() returns the global counts (an allgather).
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(mixing.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, np.array([5, 0])]))  # the other process's counts
+  counter = mixing.MixCounter(["a", "b"])
+  counter.add(0, {mixing.TASK_FEATURE: np.array([[1, 2, 2, 0]])})
+  assert counter.take(1) == {"a": 6, "b": 2}

@@ -10,7 +10,8 @@ Realised mix: every mixture registered by t5x_lite samples with `tagged_sample_f
 one token per example to a "mixture_task" feature (1 + the task's index). The packer packs it
 like any feature (a row holds the tags of its examples) and the feature converters carry it
 through; `MixCounter` takes it out of each batch before the model sees it and counts the
-examples of each task, which the train job logs every `log_every` steps (mix/<task>).
+examples of each task, summed over all processes when taken, which the train job logs every
+`log_every` steps (mix/<task>).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import functools
 import logging
 from typing import Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -134,7 +136,20 @@ class MixCounter:
     return batch
 
   def take(self, upto: int) -> dict[str, int]:
+    """The examples of each task in the batches before `upto`, summed over all processes: a
+    collective when there are several (every process takes at the same steps, as the train
+    loop's hooks do)."""
     total = np.zeros(len(self.task_names), np.int64)
     while self._pending and self._pending[0][0] < upto:
       total += self._pending.popleft()[1]
-    return dict(zip(self.task_names, (int(c) for c in total)))
+    return dict(zip(self.task_names, (int(c) for c in across_processes(total))))
+
+
+def across_processes(counts: np.ndarray) -> np.ndarray:
+  """The sum of `counts` over all JAX processes (each reads its own rows of a global batch)."""
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # int32 on the wire (JAX without x64); a log interval counts far fewer examples than 2**31.
+  return np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).reshape(
+      jax.process_count(), -1).sum(axis=0)
