@@ -165,5 +165,6 @@ def advance(prefix: str, factor: float) -> tf.Tensor:
 
 def restore_variant(iterator, state: tf.Tensor) -> None:
   """Restores a tf.data iterator (an OwnedIterator) from a state variant."""
-  tf.raw_ops.DeserializeIterator(resource_handle=iterator._iterator_resource,  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  tf.raw_ops.DeserializeIterator(resource_handle=iterator._iterator_resource,
                                  serialized=state)
