@@ -1,5 +1,7 @@
 """TensorFlow's start-up lines are dropped at import; anything else written meanwhile stays."""
 import os
+import subprocess
+import sys
 
 from t5x_lite import quiet_tf
 
@@ -17,3 +19,16 @@ def test_only_the_known_start_up_lines_are_dropped(capfd):
 def test_tensorflow_sees_no_gpu():
   tf = quiet_tf.import_tensorflow()
   assert tf.config.get_visible_devices("GPU") == []
+
+
+def test_the_first_int32_transpose_says_nothing():
+  """Packing transposes int32 tensors; on CPUs without AVX-512 the first one logs oneDNN's
+  fall-back to Eigen, once per process (a fresh one here: this one has TF imported already)."""
+  code = ("from t5x_lite.quiet_tf import import_tensorflow\n"
+          "tf = import_tensorflow()\n"
+          "print(tf.function(lambda x: tf.transpose(x))(tf.ones([2, 3], tf.int32)).shape)\n")
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=300, check=True)
+  assert done.stdout == "(3, 2)\n"
+  assert "oneDNN" not in done.stderr, done.stderr
