@@ -60,8 +60,8 @@ MODES = ("int8", "int4", "w8a8")
 WEIGHT_ONLY_MODES = ("int8", "int4")  # what QLoRA's frozen base may be (t5x_lite.lora)
 # Weight-only matmuls of at most this many rows (decoding steps) run as `fused_matmul`; 0 (the
 # default) keeps the dot everywhere: on XLA-CPU the fused reduction measured slower than the
-# dequantize + dot (see fused_matmul). Read when a function is traced; tools/benchmark_quant.py's
-# "+fused" variants set it.
+# dequantize + dot (gpt-small decode, batch 1: int8 0.20x, int4 0.64x of the dot path's speed).
+# Read when a function is traced; tools/benchmark_quant.py's "+fused" variants set it.
 FUSED_MAX_ROWS = 0
 GROUP_SIZES = (32, 64, 128)  # the int4 group sizes offered (any even divisor works)
 
@@ -154,7 +154,9 @@ def fused_matmul(x: Array, q: Array, scale: Array, bits: int, axis: int = 0) -> 
   the kernel is read as stored (1 or 0.5 bytes per weight) and no float copy of it is built.
   A dot cannot do that on XLA-CPU (the library matmul takes float operands: the kernel is
   converted in a separate pass first), which is what limits a weight-only matmul of a few rows
-  (decoding), as it reads the whole kernel per step. For many rows the dot is faster."""
+  (decoding), as it reads the whole kernel per step. Measured, though, this reduction runs far
+  below the dot library's speed (not blocked / vectorised like a GEMV kernel), so it is off by
+  default (FUSED_MAX_ROWS)."""
   if axis == 0:
     out_shape = q.shape[1:]
     q, scale = q.reshape(q.shape[0], -1).T, scale.reshape(scale.shape[0], -1).T
