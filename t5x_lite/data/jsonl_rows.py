@@ -118,9 +118,7 @@ class JsonlRowsSource(seqio.DataSource):
     config, files = self.config, list(self.list_shards(split))
     if shard_info and shard_info.num_shards > 1:
       files = files[shard_info.index::shard_info.num_shards]
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = sources.shard_files(files, None, shuffle, seed)
     ds = ds.interleave(lambda p: tf.data.TextLineDataset(p).enumerate(start=1).map(
         plain(lambda i, line: (p, i, line))), cycle_length=min(len(files), 8),
                        num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -166,12 +166,7 @@ class DocstringPreferenceSource(seqio.DataSource):
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
                   use_cached=False, num_epochs=1) -> tf.data.Dataset:
     del sequence_length, use_cached, num_epochs
-    files = self.list_shards(split)
-    if shard_info and shard_info.num_shards > 1:
-      files = files[shard_info.index::shard_info.num_shards]
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = sources.shard_files(self.list_shards(split), shard_info, shuffle, seed)
 
     def pairs_of_file(path):
       code, doc = tf.py_function(_functions_of_file, [path], [tf.string, tf.string])

@@ -329,6 +329,17 @@ def _numbered_lines(path: tf.Tensor) -> tf.data.Dataset:
       plain(lambda i, line: (path, i, line)))
 
 
+def shard_files(files: Sequence[str], shard_info: seqio.ShardInfo | None, shuffle: bool,
+                seed: int | None) -> tf.data.Dataset:
+  """This process's share of `files` (every num_shards-th, from its index) as a dataset of
+  paths, reshuffled every epoch when `shuffle`."""
+  files = list(files)
+  if shard_info and shard_info.num_shards > 1:
+    files = files[shard_info.index::shard_info.num_shards]
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  return ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True) if shuffle else ds
+
+
 def read_text_files(files: Sequence[str], fmt: str, text_key: str = "text",
                     shuffle: bool = True, seed: int | None = None,
                     non_utf8_files: Sequence[str] = (), non_utf8: str = "skip",
