@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
-from t5x_lite import partitioning
+from t5x_lite import partitioning, quiet_start
 
 GIN_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "gin_configs")
@@ -174,6 +174,7 @@ def start_job(argv: Optional[Sequence[str]] = None, prog: str = "python -m t5x_l
   args = parse_flags(sys.argv[1:] if argv is None else argv, prog, description)
   partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
                                       args.process_id)
+  quiet_start.start_jax()
   configure(args.gin_file, args.gin_bindings, args.gin_search_paths)
   gin.finalize()
 

@@ -142,7 +142,7 @@ def test_the_command_line_prints_one_error_and_no_traceback(tmp_path):
       env=dict(env, JAX_PLATFORMS="cpu", T5X_LITE_TRACEBACK=""), timeout=300)
   assert result.returncode == 1
   assert "Traceback" not in result.stderr and "cannot schedule" not in result.stderr
-  # TensorFlow's start-up lines (t5x_lite/quiet_tf.py) are gone: the error is all there is.
+  # TensorFlow's start-up lines (t5x_lite/quiet_start.py) are gone: the error is all there is.
   for noise in ("oneDNN", "cuInit", "cuda drivers", "TF-TRT", "absl::InitializeLog"):
     assert noise not in result.stderr, result.stderr
   lines = result.stderr.strip().splitlines()

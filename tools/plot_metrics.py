@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value), ...]} from every event file in `event_dir`, sorted by step."""
-  from t5x_lite.quiet_tf import import_tensorflow  # pylint: disable=g-import-not-at-top
+  from t5x_lite.quiet_start import import_tensorflow  # pylint: disable=g-import-not-at-top
   tf = import_tensorflow()  # without its start-up lines
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   scalars: dict[str, dict[int, float]] = {}

@@ -5,9 +5,9 @@
                                batch_size=8, seed=0)
     next(batches)  # {"encoder_input_tokens": int32[8, 512], ...}
 """
-# TensorFlow first, quietly and off the GPUs (t5x_lite/quiet_tf.py): the submodules below import
+# TensorFlow first, quietly and off the GPUs (t5x_lite/quiet_start.py): the submodules below import
 # it too, and the first import is the one that prints.
-from t5x_lite.quiet_tf import import_tensorflow
+from t5x_lite.quiet_start import import_tensorflow
 
 import_tensorflow()
 

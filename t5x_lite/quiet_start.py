@@ -15,6 +15,12 @@ logs later; set it to 0 to see everything. oneDNN stays as TensorFlow configures
 
 JAX owns the accelerators: TensorFlow is told to see no GPU, as T5X does, or it would reserve
 GPU memory as soon as it builds a dataset.
+
+libtpu (the `tpu` and `test` extras install it, for ahead-of-time TPU compiles on any machine)
+is started by JAX with its other backends. On a host that is not a TPU VM it cannot find the
+TPU metadata and says so in error-looking lines ("could not determine TPU accelerator type",
+"unexpected worker hostname"), then JAX goes on with the CPU (or GPU). `start_jax` starts the
+backends with those lines filtered, the same way; on a TPU VM they are not written at all.
 """
 from __future__ import annotations
 
@@ -64,6 +70,25 @@ def _stderr_filtered(noise: re.Pattern):
       if kept:
         sys.stderr.write("".join(kept))
         sys.stderr.flush()
+
+
+# libtpu 0.0.4x's lines when JAX starts it on a host without TPU metadata.
+LIBTPU_NOISE = re.compile(
+    r"Failed to find host bounds for accelerator type"
+    r"|could not determine TPU (accelerator type|worker hostnames)"
+    r"|Logging before InitGoogle\(\) is written to STDERR"
+    r"|unexpected worker hostname"
+    r"|=== Source Location Trace: ==="
+    r"|libtpu_init_utils\.cc"
+    r"|Unable to initialize backend 'tpu'")
+
+
+def start_jax() -> None:
+  """Starts JAX's backends (what the first `jax.devices()` would do) with libtpu's
+  host-discovery lines dropped; anything else written meanwhile stays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with _stderr_filtered(LIBTPU_NOISE):
+    jax.devices()
 
 
 def import_tensorflow():
