@@ -42,15 +42,19 @@ def save_params(directory: str, params: Any, model_gin: Optional[str] = None) ->
   """Write a params checkpoint (and the model's gin config, if given) to `directory`."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, PARAMS_DIR)
-  if os.path.exists(target):
-    shutil.rmtree(target)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(target, params)
+  save_tree(os.path.join(directory, PARAMS_DIR), params)
   if model_gin is not None:
     with open(os.path.join(directory, MODEL_GIN), "w") as f:
       f.write(model_gin)
   return directory
+
+
+def save_tree(target: str, tree: Any) -> None:
+  """An Orbax tree (params, LoRA adapters, a soft prompt) written to `target`, replacing it."""
+  if os.path.exists(target):
+    shutil.rmtree(target)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(target, tree)
 
 
 def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
@@ -71,6 +75,17 @@ def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
   check_shapes(metadata, abstract_params, f"Params checkpoint {directory!r}")
   with _unreadable_params(target), ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(target, abstract_params)
+
+
+def restore_on_first_device(target: str) -> Any:
+  """An Orbax tree (a params checkpoint, LoRA adapters, a soft prompt) restored onto this
+  process's first device, whatever devices it was written from."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(target).item_metadata.tree
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata)
+    return checkpointer.restore(target, abstract)
 
 
 @contextlib.contextmanager

@@ -349,16 +349,10 @@ def kernel_shapes(params, kernels=None) -> dict[str, list[int]]:
 def save_adapters(directory: str, model: LoraModel, params) -> str:
   """Writes the adapters of `params` (adapters/), adapter.json (LoRA settings, the base
   checkpoint, the shapes of the kernels adapted, an id) and the base's model.gin."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, ADAPTERS_DIR)
-  if os.path.exists(target):
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(target)
   adapters = split(params)[1]
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(target, adapters)
+  checkpoints.save_tree(os.path.join(directory, ADAPTERS_DIR), adapters)
   shapes = kernel_shapes(params, model.float_kernels())
   record = dict(model.adapter_config(), format="t5x_lite.lora/1", base=model.base_checkpoint,
                 kernels=shapes, id=_adapter_id(adapters, shapes, model.adapter_config()))
@@ -391,15 +385,9 @@ def read_adapter_config(directory: str) -> dict:
 
 def load_adapters(directory: str) -> tuple[dict, dict]:
   """(adapters tree on this process's first device, adapter.json) of an adapter export."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = read_adapter_config(directory)
   target = os.path.join(os.path.abspath(directory), ADAPTERS_DIR)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(target).item_metadata.tree
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            metadata)
-    return checkpointer.restore(target, abstract), config
+  return checkpoints.restore_on_first_device(target), config
 
 
 def check_base(config: dict, base_shapes: dict[str, Any], adapter_dir: str,

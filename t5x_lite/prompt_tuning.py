@@ -313,16 +313,10 @@ def _prompt_id(prompts, config: dict) -> str:
 def save_prompt(directory: str, model: PromptTuningModel, params) -> str:
   """Writes the prompt of `params` (prompt/), prompt_tuning.json (length, embedders, the base
   checkpoint, the width and vocabulary it fits, the prompt's shapes, an id) and model.gin."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, PROMPT_DIR)
-  if os.path.exists(target):
-    shutil.rmtree(target)
   prompts = split(params)[1]
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(target, prompts)
+  checkpoints.save_tree(os.path.join(directory, PROMPT_DIR), prompts)
   cfg = model.base.config
   record = {"format": "t5x_lite.prompt_tuning/1", "length": model.length,
             "embedders": model.embedders, "base": model.base_checkpoint,
@@ -349,15 +343,9 @@ def read_prompt_config(directory: str) -> dict:
 
 def load_prompt(directory: str) -> tuple[dict, dict]:
   """(prompt tree on this process's first device, prompt_tuning.json) of a prompt export."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = read_prompt_config(directory)
   target = os.path.join(os.path.abspath(directory), PROMPT_DIR)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(target).item_metadata.tree
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            metadata)
-    return checkpointer.restore(target, abstract), config
+  return checkpoints.restore_on_first_device(target), config
 
 
 def load(directory: str, base: Optional[str] = None, vocabulary=None):
