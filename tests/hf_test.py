@@ -35,6 +35,10 @@ CASES = {
         d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
         tie_word_embeddings=False, relative_attention_num_buckets=16,
         relative_attention_max_distance=20)),
+    "mt5": (tf.MT5ForConditionalGeneration, dict(
+        d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, relative_attention_num_buckets=16,
+        relative_attention_max_distance=20)),
     "llama_gqa": (tf.LlamaForCausalLM, dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-5)),
@@ -78,7 +82,7 @@ def save_hf(name, directory, seed=0, dtype=torch.float32, untie_t5_head=True):
   torch.manual_seed(seed)
   model = cls(config)
   _randomize(model, seed)
-  if name == "t5_v1_1" and untie_t5_head:
+  if name in ("t5_v1_1", "mt5") and untie_t5_head:
     # Real T5 v1.1 checkpoints have their own lm_head; newer transformers tie it when building
     # from a config, so give it one (from_pretrained keeps it untied, as for google/t5-v1_1-*).
     model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, config.d_model) * 0.2)
@@ -90,7 +94,7 @@ def hf_logits(name, hf_dir, dtype=torch.float32):
   cls, _ = _config(name)
   model = cls.from_pretrained(hf_dir, dtype=dtype).float().eval()
   with torch.no_grad():
-    if cls is tf.T5ForConditionalGeneration:
+    if cls in (tf.T5ForConditionalGeneration, tf.MT5ForConditionalGeneration):
       out = model(input_ids=torch.tensor(ENC_IDS), decoder_input_ids=torch.tensor(DEC_IDS))
     else:
       out = model(input_ids=torch.tensor(ENC_IDS))
@@ -109,7 +113,8 @@ def our_logits(model, params):
 
 @pytest.mark.parametrize("name,scan_layers", [
     ("gpt2", True), ("gpt2_untied", False), ("bert", True), ("bert", False), ("t5_v1_0", False),
-    ("t5_v1_1", True), ("llama_gqa", True), ("llama_mqa_tied", False), ("mixtral", True)])
+    ("t5_v1_1", True), ("mt5", True), ("llama_gqa", True), ("llama_mqa_tied", False),
+    ("mixtral", True)])
 def test_converted_checkpoint_gives_hf_logits(tmp_path, name, scan_layers):
   hf_dir = save_hf(name, tmp_path / "hf")
   hf.convert_from_hf(hf_dir, str(tmp_path / "ckpt"), scan_layers=scan_layers)

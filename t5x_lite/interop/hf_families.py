@@ -1,4 +1,4 @@
-"""The five Hugging Face architectures in t5x_lite terms.
+"""The Hugging Face architectures in t5x_lite terms (GPT-2, BERT, T5 and mT5, LLaMA, Mixtral).
 
 For each family: how its config.json maps onto `TransformerConfig` fields (both ways, refusing the
 options our model code cannot reproduce), and a table pairing every HF tensor with the t5x_lite
@@ -528,7 +528,14 @@ MIXTRAL = Family(
     views=_mixtral_views)
 
 
-FAMILIES = {f.architecture: f for f in (GPT2, BERT, T5, LLAMA, MIXTRAL)}
+# mT5: T5 v1.1's structure and tensor names under its own class (read; written back as T5).
+# Its head is never rescaled; config.json says tie_word_embeddings=true whatever the weights
+# (transformers 5 forces it), so an lm_head in the file is its own, and a missing one is shared.
+MT5 = dataclasses.replace(
+    T5, architecture="MT5ForConditionalGeneration", model_type="mt5",
+    config_from_hf=lambda hf: {**_t5_from_hf(hf), "tie_embeddings": False})
+
+FAMILIES = {f.architecture: f for f in (GPT2, BERT, T5, MT5, LLAMA, MIXTRAL)}
 
 
 def family_of_hf_config(hf: dict) -> Family:
