@@ -222,24 +222,16 @@ class PpoModel(rl.GrpoModel):
     _, weights = self.model._targets(batch)  # pylint: disable=protected-access
     weights = weights.astype(jnp.float32)
     advantages, returns = batch["advantages"], batch["returns"]
-    ratio = jnp.exp(logp - batch["old_log_probs"])
-    eps, c = self.clip_epsilon, self.value_clip
-    policy = -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - eps, 1 + eps) * advantages)
-    clipped = ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
-    old_values = batch["old_values"]
+    policy, clipped = rl.clipped_surrogate(logp, batch["old_log_probs"], advantages,
+                                           self.clip_epsilon)
+    c, old_values = self.value_clip, batch["old_values"]
     moved = jnp.clip(values - old_values, -c, c)
     value = 0.5 * jnp.maximum(jnp.square(values - returns),
                               jnp.square(old_values + moved - returns))
     value_clipped = jnp.abs(values - old_values) > c
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    tokens = jnp.sum(weights)
-    mean = lambda x: metrics_lib.Average(jnp.sum(x.astype(jnp.float32) * weights), tokens)
-    loss = policy + self.vf_coef * value
-    metrics = {"loss": mean(loss), "policy_loss": mean(policy), "value_loss": mean(value),
-               "clip_fraction": mean(clipped), "value_clip_fraction": mean(value_clipped),
-               "entropy": mean(entropy), "num_tokens": metrics_lib.Sum(tokens)}
-    return layers.add_sown(jnp.sum(loss * weights) / jnp.maximum(tokens, 1.0), metrics, sown)
+    return rl.token_mean_loss(policy + self.vf_coef * value, logits, weights, sown,
+                              policy_loss=policy, value_loss=value, clip_fraction=clipped,
+                              value_clip_fraction=value_clipped)
 
   def flops_per_step(self, batch_shapes) -> float:
     """Per rollout: sampling, the policy's and the reference's forwards; per update the

@@ -115,6 +115,28 @@ def _checked_rewards(reward_fn: Callable, prompts, responses, targets) -> tuple[
 
 # ---------------------------------------------------------------------------- the objective
 
+def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array,
+                      eps: float) -> tuple[Array, Array]:
+  """PPO-clip's per-token loss -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(logp - old_logp),
+  and where the clip is active."""
+  ratio = jnp.exp(logp - old_logp)
+  policy = -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - eps, 1 + eps) * advantages)
+  clipped = ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
+  return policy, clipped
+
+
+def token_mean_loss(loss: Array, logits: Array, weights: Array, sown, **terms: Array):
+  """The weighted token mean of the per-token `loss` (+ the sown auxiliary losses), and its
+  metrics: loss, every named per-token term, the policy's entropy and the token count."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+  tokens = jnp.sum(weights)
+  mean = lambda x: metrics_lib.Average(jnp.sum(x.astype(jnp.float32) * weights), tokens)
+  metrics = {"loss": mean(loss), **{name: mean(term) for name, term in terms.items()},
+             "entropy": mean(entropy), "num_tokens": metrics_lib.Sum(tokens)}
+  return layers.add_sown(jnp.sum(loss * weights) / jnp.maximum(tokens, 1.0), metrics, sown)
+
+
 @gin.configurable(module="t5x_lite.rl")
 class GrpoModel:
   """GRPO on a decoder-only or encoder-decoder `model` (see the module docstring)."""
@@ -228,21 +250,12 @@ class GrpoModel:
     _, weights = self.model._targets(batch)  # pylint: disable=protected-access
     weights = weights.astype(jnp.float32)
     advantages = batch["advantages"].astype(jnp.float32)[:, None]
-    ratio = jnp.exp(logp - batch["old_log_probs"])
-    eps = self.clip_epsilon
-    policy = -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - eps, 1 + eps) * advantages)
+    policy, clipped = clipped_surrogate(logp, batch["old_log_probs"], advantages,
+                                        self.clip_epsilon)
     log_ratio = ref - logp
     kl = jnp.exp(log_ratio) - log_ratio - 1.0
-    clipped = ((ratio < 1 - eps) & (advantages < 0)) | ((ratio > 1 + eps) & (advantages > 0))
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-    tokens = jnp.sum(weights)
-    mean = lambda x: metrics_lib.Average(jnp.sum(x.astype(jnp.float32) * weights), tokens)
-    loss = policy + self.kl_coef * kl
-    metrics = {"loss": mean(loss), "policy_loss": mean(policy), "kl": mean(kl),
-               "clip_fraction": mean(clipped), "entropy": mean(entropy),
-               "num_tokens": metrics_lib.Sum(tokens)}
-    return layers.add_sown(jnp.sum(loss * weights) / jnp.maximum(tokens, 1.0), metrics, sown)
+    return token_mean_loss(policy + self.kl_coef * kl, logits, weights, sown,
+                           policy_loss=policy, kl=kl, clip_fraction=clipped)
 
   def flops_per_step(self, batch_shapes) -> float:
     """Per rollout: sampling and the old log-probs (about a forward each over the rollout
