@@ -97,6 +97,11 @@ class TransformerConfig:
   # (M + S - 1) of the time (the bubble): use M >= 4 * S or so. Parameters keep their layout,
   # so checkpoints move between pipelined and unpipelined meshes.
   pipeline_microbatches: int = 0
+  # Circular (interleaved) stages, as MaxText's num_pipeline_repeats: with R > 1 each stack is
+  # cut into S * R groups, stage s runs groups s, s + S, ..., and each microbatch goes around
+  # the ring of stages R times, which shrinks the bubble to (S - 1) / (R M + S - 1). Needs
+  # S * R to divide the layers and M >= S; the parameters keep their layout [L, ...].
+  pipeline_repeats: int = 1
 
   def __post_init__(self):
     _check_choice("family", self.family, FAMILIES)
@@ -143,8 +148,22 @@ class TransformerConfig:
     if self.pipeline_microbatches < 0:
       raise ValueError("TransformerConfig.pipeline_microbatches must be >= 0 (0: no pipeline), "
                        f"got {self.pipeline_microbatches}.")
+    if self.pipeline_repeats < 1:
+      raise ValueError("TransformerConfig.pipeline_repeats must be >= 1 (1: GPipe; R > 1: a "
+                       f"circular pipeline), got {self.pipeline_repeats}.")
     if not self.pipeline_microbatches:
+      if self.pipeline_repeats > 1:
+        raise ValueError(
+            f"TransformerConfig.pipeline_repeats={self.pipeline_repeats} only applies to a "
+            "pipeline: set pipeline_microbatches >= make_mesh.stage (e.g. 4 * stage), or "
+            "pipeline_repeats=1.")
       return
+    for name, depth in self.stack_depths.items():
+      if depth % self.pipeline_repeats:
+        raise ValueError(
+            f"TransformerConfig.pipeline_repeats={self.pipeline_repeats} does not divide the "
+            f"{name}'s {depth} layers (stages x repeats must); choose among "
+            f"{[n for n in range(1, depth + 1) if depth % n == 0]}.")
     if not self.scan_layers:
       raise ValueError(
           f"TransformerConfig.pipeline_microbatches={self.pipeline_microbatches} needs "
@@ -222,6 +241,7 @@ class TransformerConfig:
     also turns pipelining off unless `changes` says otherwise: stages split a scanned stack."""
     if changes.get("scan_layers") is False:
       changes.setdefault("pipeline_microbatches", 0)
+      changes.setdefault("pipeline_repeats", 1)
     return dataclasses.replace(self, **changes)
 
 

@@ -172,7 +172,8 @@ class Stack(nn.Module):
           "dropout": jax.random.fold_in(jax.random.fold_in(rng, index), microbatch)}
       return layer.apply({"params": params}, y, *layer_args, rngs=rngs)[0]
     return pipeline_stages.run(layer_fn, self.variables["params"]["layers"], x, args,
-                               cfg.pipeline_microbatches, what=self.name)
+                               cfg.pipeline_microbatches, what=self.name,
+                               repeats=cfg.pipeline_repeats)
 
   def _decode(self, x, args, cache, cache_index, deterministic):
     """Decoding runs the layers one after another, each on its own cache arrays, which XLA then

@@ -1,6 +1,7 @@
 """Pipeline stages: same loss and gradients as one device on pipelined meshes (decoder and
-encoder-decoder, with remat and gradient accumulation), checkpoints across pipelined and
-unpipelined meshes, decoding a pipelined run's checkpoint, the bubble line and bad input."""
+encoder-decoder, with remat and gradient accumulation, GPipe and circular), checkpoints across
+pipelined and unpipelined meshes, decoding a pipelined run's checkpoint, the bubble line and bad
+input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,13 +12,15 @@ from t5x_lite import checkpoints, models, optimizers, partitioning, pipeline_sta
 from t5x_lite import trainer as trainer_lib
 from t5x_lite.config import TransformerConfig
 
-FOUR_LAYERS = {"llama_tiny": ["TransformerConfig.num_layers = 4"],
-               "t5_tiny": ["TransformerConfig.num_layers = 4",
-                           "TransformerConfig.num_decoder_layers = 4"]}
+# Layers per stack: 8 split into 4 stages x 2 repeats, 4 (+4) into 2 x 2.
+LAYERS = {"llama_tiny": ["TransformerConfig.num_layers = 8"],
+          "t5_tiny": ["TransformerConfig.num_layers = 4",
+                      "TransformerConfig.num_decoder_layers = 4"]}
 
 
-def pipelined(model, microbatches, **changes):
-  return type(model)(model.config.replace(pipeline_microbatches=microbatches, **changes))
+def pipelined(model, pipeline_microbatches, **changes):
+  return type(model)(model.config.replace(pipeline_microbatches=pipeline_microbatches,
+                                          **changes))
 
 
 def random_batch(model, rows=8, seed=0):
@@ -50,13 +53,13 @@ def loss_and_grads(model, params, batch, mesh, accumulation=1):
 
 @pytest.fixture(scope="module")
 def references():
-  """{preset: (4-layer model, its params, a batch, loss and gradients on one device)}, made
-  when a test first asks for the preset."""
+  """{preset: (model with LAYERS, its params, a batch, loss and gradients on one device)},
+  made when a test first asks for the preset."""
   made = {}
 
   def reference(preset):
     if preset not in made:
-      model = models.from_gin(preset, FOUR_LAYERS[preset])
+      model = models.from_gin(preset, LAYERS[preset])
       batch = random_batch(model)
       params = jax.device_get(model.init(jax.random.PRNGKey(0), batch))
       one_device = partitioning.make_mesh(devices=jax.devices()[:1])
@@ -67,13 +70,20 @@ def references():
 
 
 # Remat and gradient accumulation (the trainer's microbatches, split again by the pipeline's)
-# each on some of the meshes: every case is a compile.
+# each on some of the meshes: every case is a compile. Circular (repeats 2): on 4 stages with
+# as many microbatches (a microbatch leaves the last stage just as stage 0 wants it back), and
+# on 2 stages with 4 (it waits two iterations in the buffer).
 @pytest.mark.parametrize("preset, mesh_sizes, changes, accumulation", [
     ("llama_tiny", {"data": 2, "stage": 4}, {"remat_policy": "full"}, 2),
     ("llama_tiny", {"data": 1, "fsdp": 2, "tensor": 2, "stage": 2}, {}, 1),
     ("t5_tiny", {"data": 1, "fsdp": 2, "tensor": 2, "stage": 2}, {"remat_policy": "dots"}, 1),
+    ("llama_tiny", {"data": 2, "stage": 4}, {"pipeline_microbatches": 4, "pipeline_repeats": 2},
+     1),
+    ("t5_tiny", {"data": 2, "tensor": 2, "stage": 2},
+     {"pipeline_microbatches": 4, "pipeline_repeats": 2, "remat_policy": "full"}, 1),
 ], ids=["decoder-data2_stage4-remat-accumulate", "decoder-fsdp2_tensor2_stage2",
-        "encdec-fsdp2_tensor2_stage2-remat"])  # data 2 x stage 4 is the decoder's: a compile less
+        "encdec-fsdp2_tensor2_stage2-remat",  # data 2 x stage 4 is the decoder's: a compile less
+        "decoder-data2_stage4-circular2", "encdec-data2_tensor2_stage2-circular2-remat"])
 def test_pipelined_loss_and_gradients_equal_one_devices(references, preset, mesh_sizes,
                                                         changes, accumulation, monkeypatch):
   model, params, batch, want_loss, want_grads = references(preset)
@@ -81,10 +91,12 @@ def test_pipelined_loss_and_gradients_equal_one_devices(references, preset, mesh
   stacks_run = []
   run = pipeline_stages.run
   monkeypatch.setattr(pipeline_stages, "run", lambda *a, **k: stacks_run.append(
-      k["what"]) or run(*a, **k))
-  loss, grads, shardings = loss_and_grads(pipelined(model, 2, **changes), params, batch, mesh,
+      (k["what"], k["repeats"])) or run(*a, **k))
+  changes = {"pipeline_microbatches": 2, **changes}
+  loss, grads, shardings = loss_and_grads(pipelined(model, **changes), params, batch, mesh,
                                           accumulation)
-  assert set(stacks_run) == ({"decoder"} if preset == "llama_tiny" else {"encoder", "decoder"})
+  stacks = {"decoder"} if preset == "llama_tiny" else {"encoder", "decoder"}
+  assert set(stacks_run) == {(stack, changes.get("pipeline_repeats", 1)) for stack in stacks}
   assert abs(loss - want_loss) <= 1e-5
   for path, got in jax.tree_util.tree_leaves_with_path(grads):
     want = want_grads
@@ -117,10 +129,12 @@ def save_state(directory, state):
 
 @pytest.fixture(scope="module")
 def pipelined_run(llama, tmp_path_factory):
-  """A pipelined trainer's state on a (data 2, stage 4) mesh, saved (the gradient tests above
-  check the steps; an optimizer state off its initial values is enough here)."""
+  """A circular pipelined trainer's state on a (data 2, stage 4) mesh, saved (the gradient
+  tests above check the steps; an optimizer state off its initial values is enough here). The
+  stored layout is the same whatever the repeats."""
   model, params = llama
-  trainer = make_trainer(pipelined(model, 2), partitioning.make_mesh(data=2, stage=4))
+  trainer = make_trainer(pipelined(model, 4, pipeline_repeats=2),
+                         partitioning.make_mesh(data=2, stage=4))
   state = trainer_lib.state_around(params, trainer.optimizer, jax.random.PRNGKey(3))
   state = state.replace(step=state.step + 3, opt_state=jax.tree.map(
       lambda x: x + 0.5 if x.dtype == np.float32 else x, state.opt_state))
@@ -159,7 +173,8 @@ def test_a_pipelined_runs_params_decode(llama, pipelined_run, tmp_path):
   export = str(tmp_path / "export")
   checkpoints.save_params(export, saved.params, checkpoints.model_gin(piped_trainer.model))
   loaded = t5x_lite.load(export)
-  assert loaded.model.config.pipeline_microbatches == 2  # the checkpoint's model, pipelined
+  config = loaded.model.config  # the checkpoint's model, pipelined
+  assert (config.pipeline_microbatches, config.pipeline_repeats) == (4, 2)
   prompt = jnp.asarray([[0, 17, 42, 99]], jnp.int32)
   tokens, _ = loaded.model.predict_batch(
       loaded.params, {"decoder_input_tokens": prompt,
@@ -186,6 +201,11 @@ def test_the_start_up_line_gives_the_bubble_fraction():
   assert line == ("Pipeline: 4 stages (encoder 1, decoder 2 layers each) x 8 microbatches of 2 "
                   "rows; bubble fraction (S-1)/(M+S-1) = 3/11 = 27.3% of each stage's time idle.")
   assert pipeline_stages.bubble_fraction(1, 8) == 0.0
+  circular = TransformerConfig(num_layers=8, pipeline_microbatches=8, pipeline_repeats=2)
+  assert pipeline_stages.describe(circular, {"data": 2, "stage": 4}, batch_size=16) == (
+      "Pipeline: 4 stages x 2 repeats, circular (8 groups of stack 1 layers; stage s runs "
+      "groups s, s+4, ...) x 8 microbatches of 2 rows; bubble fraction (S-1)/(R*M+S-1) = 3/19 "
+      "= 15.8% of each stage's time idle (GPipe's, R=1: 27.3%).")
   assert pipeline_stages.describe(TransformerConfig(), {"stage": 1}, 8) == ""
 
 
@@ -200,6 +220,13 @@ def test_the_start_up_line_gives_the_bubble_fraction():
     (dict(num_layers=4), {"stage": 2}, 8,
      r"make_mesh.stage=2 splits the layers into pipeline stages, which needs "
      r"TransformerConfig.pipeline_microbatches >= 1 \(e.g. 8\); or set make_mesh.stage=1"),
+    (dict(num_layers=4, pipeline_microbatches=4, pipeline_repeats=2), {"stage": 4}, 8,
+     r"stack's 4 layers do not split into make_mesh.stage=4 x "
+     r"TransformerConfig.pipeline_repeats=2 = 8 layer groups; choose stages and repeats whose "
+     r"product is among \[1, 2, 4\]"),
+    (dict(num_layers=8, pipeline_microbatches=2, pipeline_repeats=2), {"stage": 4}, 8,
+     r"pipeline_repeats=2 \(a circular pipeline\) needs pipeline_microbatches >= "
+     r"make_mesh.stage=4, got 2.*set pipeline_microbatches >= 4, or pipeline_repeats=1"),
 ])
 def test_a_split_that_cannot_work_is_refused_with_the_fix(config, mesh_shape, batch_size,
                                                           message):
@@ -214,16 +241,27 @@ def test_bad_configs_are_refused_with_the_fix():
     TransformerConfig(mlp="moe", num_experts=4, pipeline_microbatches=4)
   with pytest.raises(ValueError, match="must be >= 0"):
     TransformerConfig(pipeline_microbatches=-1)
+  with pytest.raises(ValueError, match="pipeline_repeats must be >= 1"):
+    TransformerConfig(pipeline_microbatches=4, pipeline_repeats=0)
+  with pytest.raises(ValueError, match="pipeline_repeats=2 only applies to a pipeline: set "
+                                       "pipeline_microbatches"):
+    TransformerConfig(pipeline_repeats=2)
+  with pytest.raises(ValueError, match=r"pipeline_repeats=4 does not divide the decoder's 6 "
+                                       r"layers .*choose among \[1, 2, 3, 6\]"):
+    TransformerConfig(family="encoder_decoder", num_layers=4, num_decoder_layers=6,
+                      pipeline_microbatches=4, pipeline_repeats=4)
   # Decoding unrolls the layers, which turns the pipeline off rather than failing.
-  assert TransformerConfig(pipeline_microbatches=4).replace(
-      scan_layers=False).pipeline_microbatches == 0
+  unrolled = TransformerConfig(num_layers=4, pipeline_microbatches=4,
+                               pipeline_repeats=2).replace(scan_layers=False)
+  assert (unrolled.pipeline_microbatches, unrolled.pipeline_repeats) == (0, 1)
 
 
 def test_the_stack_refuses_a_mesh_whose_stages_do_not_divide_its_layers(llama):
-  model = pipelined(llama[0], 2)
+  model = pipelined(llama[0], 8, pipeline_repeats=2)
   batch = random_batch(model)
   shapes, _ = model.abstract_params(batch)
   with partitioning.activation_sharding(partitioning.make_mesh(data=1, stage=8)):
-    with pytest.raises(ValueError, match="decoder's 4 layers do not split into "
-                                         "make_mesh.stage=8"):
+    with pytest.raises(ValueError, match="decoder's 8 layers do not split into "
+                                         "make_mesh.stage=8 x TransformerConfig.pipeline_"
+                                         "repeats=2 = 16 layer groups"):
       jax.eval_shape(model.loss_fn, shapes, batch)
