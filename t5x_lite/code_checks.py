@@ -1,8 +1,11 @@
 """How much of a generated text is Python, counted rather than eyeballed.
 
-Two measures per sample, both over its complete lines (generation stops mid-line, so what
+Three measures per sample, all over its complete lines (generation stops mid-line, so what
 follows the last newline is left out):
-- the longest prefix of lines that `ast.parse` accepts (non-blank lines counted), and
+- the longest prefix of lines that `ast.parse` accepts (non-blank lines counted),
+- the lines of code that parse on their own (a statement, or a block's header given a body),
+  which still counts the good lines after the first bad one; comments and blank lines aside,
+  since any text after a `#` parses, and
 - the brackets outside strings and comments that pair with an opener of the same kind.
 
 The quickstart prints both for every sample (`print_samples.check = @python_report`).
@@ -33,6 +36,28 @@ def parsing_prefix(lines: Sequence[str]) -> tuple[int, int]:
       continue
     return sum(1 for line in lines[:end] if line.strip()), total
   return 0, total
+
+
+# What a line needs around it to parse alone: a body after a block's header, the `if` or `try`
+# an `else:` / `except:` continues, the function a decorator decorates.
+_CONTEXTS = ("{}", "{} pass", "if 1: pass\n{} pass", "try: pass\n{} pass", "{}\ndef f(): pass")
+
+
+def line_parses(line: str) -> bool:
+  """Whether one line, dedented, is a statement or a block's header in some context."""
+  code = line.strip()
+  for context in _CONTEXTS:
+    try:
+      ast.parse(context.format(code))
+    except (SyntaxError, ValueError):
+      continue
+    return True
+  return False
+
+
+def lines_of_code(lines: Sequence[str]) -> list[str]:
+  """The lines that are neither blank nor only a comment."""
+  return [line for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def bracket_balance(lines: Sequence[str]) -> tuple[int, int]:
@@ -74,16 +99,20 @@ def bracket_balance(lines: Sequence[str]) -> tuple[int, int]:
 @gin.configurable(module="t5x_lite.code_checks")
 def python_report(texts: Sequence[str]) -> tuple[list[str], str]:
   """A note per text (its parsing prefix and bracket balance) and a summary over all."""
-  notes, sums = [], [0, 0, 0, 0, 0]  # parsing lines, lines, matched, brackets, parse in full
+  # parsing lines, lines, matched, brackets, parse in full, code lines parsing alone, code lines
+  notes, sums = [], [0] * 7
   for text in texts:
     lines = complete_lines(text)
     (parsed, total), (matched, brackets) = parsing_prefix(lines), bracket_balance(lines)
+    code = lines_of_code(lines)
+    alone = sum(map(line_parses, code))
     sums = [s + v for s, v in zip(sums, (parsed, total, matched, brackets,
-                                         int(total > 0 and parsed == total)))]
-    notes.append(f"parses: first {parsed} of {total} lines; brackets matched: {matched} of "
-                 f"{brackets}")
+                                         int(total > 0 and parsed == total), alone, len(code)))]
+    notes.append(f"parses: first {parsed} of {total} lines; alone: {alone} of {len(code)} "
+                 f"lines of code; brackets matched: {matched} of {brackets}")
   summary = (f"Python check of {len(texts)} samples (complete lines only): {sums[4]} parse in "
              f"full; {sums[0]} of {sums[1]} lines in a parsing prefix ({_percent(*sums[:2])}); "
+             f"{sums[5]} of {sums[6]} lines of code parse on their own ({_percent(*sums[5:7])}); "
              f"{sums[2]} of {sums[3]} brackets matched ({_percent(*sums[2:4])}).")
   return notes, summary
 
