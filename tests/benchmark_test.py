@@ -1,5 +1,5 @@
-"""tools/benchmark.py (and its runners, tools/benchmark_runners.py): the `data` sub-command
-measures each task it is given; `train` and `decode` run on the tiny presets (beside HF PyTorch),
+"""tools/benchmark.py (and its runners, tools/benchmark_runners.py): `train` and `decode` run on
+the tiny presets (beside HF PyTorch),
 with CPU-time figures and, for decode, a thread count shared by both frameworks; the analytic
 FLOP count they report agrees with XLA's cost analysis. No time is asserted."""
 import importlib.util
@@ -17,24 +17,6 @@ sys.modules["benchmark"] = benchmark  # registered, as an import would be
 _spec.loader.exec_module(benchmark)
 # Loading the tool put tools/ on sys.path, where its runners module lives.
 import benchmark_runners as runners  # pylint: disable=wrong-import-position
-
-
-def test_data_subcommand_reports_throughput_and_fill(capsys):
-  results = benchmark.main(["data", "--tasks", "addition", "--batch_size", "4", "--batches", "2",
-                            "--warmup", "1"])
-  (result,) = results
-  assert result["task"] == "addition" and result["lengths"] == benchmark.DATA_LENGTHS["addition"]
-  assert result["tokens_per_s"] > 0 and result["batches_per_s"] > 0
-  assert 0.3 < result["fill"] <= 1  # packed: well above one short example per row
-  out = capsys.readouterr().out
-  assert "addition" in out and "tokens/s" in out
-
-
-def test_default_lengths_per_objective():
-  assert benchmark.data_lengths("local_span_corruption") == {"inputs": 512, "targets": 114}
-  assert benchmark.data_lengths("stdlib_span_corruption_prefix_lm")["targets"] == 114
-  with pytest.raises(ValueError, match="--lengths"):
-    benchmark.data_lengths("mystery")
 
 
 # ---------------------------------------------------------------------------- train and decode
@@ -122,6 +104,23 @@ def test_hf_peft_peer_trains_the_attention_adapters_alone():
   assert len(names) == 2 * 2 * layers and all("lora_" in n and ".attn." in n for n in names)
   before = [p.detach().clone() for p in peer.params]
   peer.run(1)
+  assert any(not (a == b).all() for a, b in zip(before, peer.params))
+
+
+def test_hf_bf16_peer_computes_in_bf16_and_keeps_fp32_weights():
+  """The hf-bf16 runner: HF eager under torch.autocast bfloat16, as PyTorch users train in mixed
+  precision: the projections compute in bf16, the weights and AdamW stay float32."""
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  model = models.from_gin("gpt2_tiny")
+  batch = runners.hf_batch(runners.make_batch(model, 2, {"targets": 16}))
+  peer = runners.TorchTrain(runners._hf_config(model.config), batch, False, 0, None, True)  # pylint: disable=protected-access
+  seen = []
+  head = peer.model.get_output_embeddings()
+  head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+  before = [p.detach().clone() for p in peer.params]
+  peer.run(1)
+  assert seen == [peer.torch.bfloat16]
+  assert all(p.dtype == peer.torch.float32 for p in peer.params)
   assert any(not (a == b).all() for a, b in zip(before, peer.params))
 
 

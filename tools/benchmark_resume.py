@@ -122,7 +122,7 @@ def _cell(row: dict, key: str) -> str:
 
 def resume_command(args) -> list[dict]:
   import ast  # pylint: disable=g-import-not-at-top
-  from benchmark import data_lengths  # pylint: disable=g-import-not-at-top
+  from benchmark_data import data_lengths  # pylint: disable=g-import-not-at-top
   tasks = args.tasks if args.tasks_given else ["stdlib_clm", "stdlib_span_corruption"]
   print(f"Seconds from a resume to its first batch, batch {args.batch_size}, on "
         f"{os.cpu_count()} CPU cores (replay measured up to {args.max_replay_s:.0f}s, ~ "

@@ -329,11 +329,14 @@ def peft_lora(model, model_type: str, adapters: dict):
 class TorchTrain(Runner):
   """HF transformers' model of the same config: forward with labels, backward, clipping to global
   norm 1 and AdamW (weight decay 0.01), as the JAX step does. With `lora` (rank, alpha), HF PEFT
-  LoRA adapters on the attention projections, and AdamW and clipping on them alone."""
+  LoRA adapters on the attention projections, and AdamW and clipping on them alone. With
+  `autocast`, the forward runs under `torch.autocast("cpu", torch.bfloat16)` (bf16 compute,
+  fp32 weights and optimizer state: PyTorch's mixed precision)."""
 
   def __init__(self, hf_config: dict, batch: dict, compiled: bool, warmup: int,
-               lora: Optional[dict] = None):
+               lora: Optional[dict] = None, autocast: bool = False):
     self.torch, self.model = _torch_model(hf_config, compiled and not lora)
+    self.autocast = autocast
     if lora:
       self.model = peft_lora(self.model, hf_config["model_type"], lora)
       self.model = self.torch.compile(self.model) if compiled else self.model
@@ -348,7 +351,9 @@ class TorchTrain(Runner):
 
   def _call(self):
     self.optimizer.zero_grad(set_to_none=True)
-    self.model(**self.batch).loss.backward()
+    with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.autocast):
+      loss = self.model(**self.batch).loss
+    loss.backward()
     self.torch.nn.utils.clip_grad_norm_(self.params, 1.0)
     self.optimizer.step()
 
