@@ -19,7 +19,9 @@ value}}). OUTPUT_DIR defaults to MODEL_DIR, or CHECKPOINT_PATH.
 
 Checkpoints: CHECKPOINT_PATH, a params checkpoint (reported at step `checkpoint_step`), or
 MODEL_DIR, whose train-state checkpoints MODEL_DIR/checkpoints/<step>/ are all evaluated (only
-their parameters are read).
+their parameters are read). A soft-prompt export (a finished runs/prompt_tuning.gin run's
+MODEL_DIR, as CHECKPOINT_PATH or MODEL_DIR, with its model.gin first) is evaluated as its base
+with the prompt in front of every input, in both jobs.
 """
 from __future__ import annotations
 
@@ -39,20 +41,23 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, launch, optimizers, partitioning, predict
+from t5x_lite import checkpoints, launch, optimizers, partitioning, predict, prompt_tuning
 from t5x_lite import quantized_checkpoints
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
 
 
 def checkpoints_to_evaluate(checkpoint_path: Optional[str], model_dir: Optional[str],
-                            checkpoint_step: int = 0) -> list[tuple[int, Callable]]:
-  """(step, load(abstract params) -> params) of every checkpoint to evaluate, by step."""
+                            checkpoint_step: int = 0,
+                            load_params: Optional[Callable] = None) -> list[tuple[int, Callable]]:
+  """(step, load(abstract params) -> params) of every checkpoint to evaluate, by step;
+  `load_params` reads CHECKPOINT_PATH (default: checkpoints.load_params)."""
   if (checkpoint_path is None) == (model_dir is None):
     raise ValueError("Give exactly one of CHECKPOINT_PATH (a params checkpoint) and MODEL_DIR "
                      "(every train-state checkpoint of a run).")
   if checkpoint_path is not None:
-    return [(checkpoint_step, lambda abstract: checkpoints.load_params(checkpoint_path, abstract))]
+    return [(checkpoint_step, load_params or (
+        lambda abstract: checkpoints.load_params(checkpoint_path, abstract)))]
   root = os.path.join(model_dir, checkpoints.CheckpointManager.SUBDIR)
   steps = sorted(int(name) for name in (os.listdir(root) if os.path.isdir(root) else [])
                  if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")))
@@ -96,11 +101,16 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
   `quantize` / `kv_cache` (QUANTIZE in runs/eval_metrics.gin) evaluate the checkpoints
   quantized as they are read, as runs/infer.gin does."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
-  model = quantized_checkpoints.for_checkpoint(model, checkpoint_path, quantize,
-                                               quantize_group_size, kv_cache=kv_cache)
-  to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step)
+  # A soft-prompt export (CHECKPOINT_PATH, or a finished prompt-tuning run's MODEL_DIR) runs as
+  # its base with the prompt in front (t5x_lite.prompt_tuning).
+  source = prompt_tuning.for_checkpoint(model, checkpoint_path or model_dir, quantize, kv_cache)
+  model = quantized_checkpoints.for_checkpoint(
+      source.model, checkpoint_path and source.params_dir, quantize, quantize_group_size,
+      kv_cache=kv_cache)
+  to_evaluate = checkpoints_to_evaluate(checkpoint_path, model_dir, checkpoint_step,
+                                        source.load)
   output_dir = output_dir or model_dir or checkpoint_path
-  vocab_source = checkpoint_path or model_dir
+  vocab_source = source.vocabulary_dir
   tasks = predict.tasks_of(mixture_or_task_name)
   vocabs = [predict.check_vocabulary(model, vocab_source, task) for task in tasks]
   mesh = mesh_fn()
@@ -108,7 +118,8 @@ def eval_checkpoints(model: Any = gin.REQUIRED, mixture_or_task_name: str = gin.
   results = {}
   for step, load in to_evaluate:
     params = predict.restore_params(
-        model, mesh, quantized_checkpoints.loader(model, load, checkpoint_path))
+        model, mesh, quantized_checkpoints.loader(model, load, checkpoint_path and
+                                                  source.params_dir))
     results[step] = {}
     for task, vocab in zip(tasks, vocabs):
       records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,
@@ -133,6 +144,8 @@ def evaluate(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   `eval_batches` packed batches of `split`, as the training job's validation computes them;
   printed as JSON and written to `checkpoint_path`/eval_<task>_<split>.json."""
   import t5x_lite.data as data  # TensorFlow: imported only when a job runs
+  source = prompt_tuning.for_checkpoint(model, checkpoint_path)  # a soft-prompt export: prompted
+  model = source.model
   data.check_vocabulary_fits(model.config.vocab_size)
   mesh = mesh_fn()
   shard = partitioning.data_shard_info(mesh, batch_size)
@@ -143,7 +156,7 @@ def evaluate(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   batches = list(data.BatchIterator(ds.take(eval_batches), f"{mixture_or_task_name!r} {split}"))
   shapes = {k: (batch_size,) + v.shape[1:] for k, v in batches[0].items()}
   trainer = trainer_lib.Trainer(model, optimizers.create_optimizer(), mesh, shapes)
-  params = checkpoints.load_params(checkpoint_path, trainer.abstract_state.params)
+  params = source.load(trainer.abstract_state.params)
   metrics = metrics_lib.summarize(
       [trainer.eval_step(params, partitioning.host_to_global(b, mesh)) for b in batches])
   metrics["batches"] = len(batches)

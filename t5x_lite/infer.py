@@ -11,7 +11,9 @@ example: {"inputs", "targets", "prediction", "prediction_score", "target_log_lik
 or length-penalised for beams); a BERT model's prediction is its input with every [MASK] filled
 by its top token. `infer.decode_params` is a dict of `decoding.DecodeParams` fields, e.g.
 {'beam_size': 4, 'alpha': 0.6}; max_new_tokens defaults to the targets' feature length. Flags are
-those of `python -m t5x_lite.train`.
+those of `python -m t5x_lite.train`. CHECKPOINT_PATH may be a soft-prompt export (a finished
+runs/prompt_tuning.gin run's MODEL_DIR, with its model.gin first): its base decodes with the
+prompt in front of every input.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import gin
 import jax
 
-from t5x_lite import checkpoints, launch, partitioning, predict, quantized_checkpoints
+from t5x_lite import launch, partitioning, predict, prompt_tuning, quantized_checkpoints
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> str:
@@ -54,16 +56,18 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
   """Decodes every example of `split` (or the first `max_examples`) of each task of
   `mixture_or_task_name` and returns the JSON Lines files written. `quantize` ('int8', 'int4',
   'w8a8'; QUANTIZE in runs/infer.gin) and `kv_cache` ('int8') run the model quantized (see
-  t5x_lite.quantization); a checkpoint written quantized runs quantized without them."""
+  t5x_lite.quantization); a checkpoint written quantized runs quantized without them. A
+  soft-prompt export (a prompt-tuning run's MODEL_DIR) runs as its base with the prompt."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.
-  model = quantized_checkpoints.for_checkpoint(model, checkpoint_path, quantize,
+  # A soft-prompt export runs as its base with the prompt in front (t5x_lite.prompt_tuning).
+  source = prompt_tuning.for_checkpoint(model, checkpoint_path, quantize, kv_cache)
+  model = quantized_checkpoints.for_checkpoint(source.model, source.params_dir, quantize,
                                                quantize_group_size, kv_cache=kv_cache)
   tasks = predict.tasks_of(mixture_or_task_name)
-  vocabs = [predict.check_vocabulary(model, checkpoint_path, task) for task in tasks]
+  vocabs = [predict.check_vocabulary(model, source.vocabulary_dir, task) for task in tasks]
   mesh = mesh_fn()
   params = predict.restore_params(model, mesh, quantized_checkpoints.loader(
-      model, lambda abstract: checkpoints.load_params(checkpoint_path, abstract),
-      checkpoint_path))
+      model, source.load, source.params_dir))
   paths = []
   for task, vocab in zip(tasks, vocabs):
     records = predict.predict_task(model, params, mesh, task, task_feature_lengths, split,

@@ -42,7 +42,8 @@ MASK = "[MASK]"
 
 
 def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str] = None,
-         group_size: int = 128, kv_cache: Optional[str] = None) -> "LoadedModel":
+         group_size: int = 128, kv_cache: Optional[str] = None,
+         base: Optional[str] = None) -> "LoadedModel":
   """A model and its parameters from a params checkpoint (params/ + model.gin), ready to use.
 
   Args:
@@ -56,18 +57,24 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str
       checkpoint as it is read (see t5x_lite.quantization); a checkpoint written quantized
       (tools/convert_checkpoint.py --quantize) loads quantized without it.
     kv_cache: "int8" decodes over an int8 KV cache.
+    base: for a soft-prompt export (a prompt-tuning run's MODEL_DIR, which loads as its base
+      with the prompt in front of every text), the base checkpoint to read instead of the one
+      its prompt_tuning.json names.
   """
-  from t5x_lite import quantized_checkpoints  # pylint: disable=g-import-not-at-top
+  from t5x_lite import prompt_tuning, quantized_checkpoints  # pylint: disable=g-import-not-at-top
   gin_path = os.path.join(checkpoint_dir, checkpoints.MODEL_GIN)
   if not os.path.exists(gin_path):
     raise FileNotFoundError(_not_a_params_checkpoint(checkpoint_dir))
-  model = quantized_checkpoints.for_checkpoint(models.from_gin(gin_path), checkpoint_dir,
+  source = prompt_tuning.for_checkpoint(models.from_gin(gin_path), checkpoint_dir, quantize,
+                                        kv_cache, base)
+  params_dir = source.params_dir  # a prompt export's base, else checkpoint_dir
+  model = quantized_checkpoints.for_checkpoint(source.model, params_dir,
                                                quantize, group_size, kv_cache=kv_cache)
-  vocab = _vocabulary(checkpoint_dir, vocabulary)
-  ids = hf_tokenizer.checkpoint_ids(checkpoint_dir)
+  vocab = _vocabulary(source.vocabulary_dir, vocabulary)
+  ids = hf_tokenizer.checkpoint_ids(params_dir)
   # Converted by tools/convert_checkpoint.py: the model.gin ids, or (converted before they were
   # recorded) the copy of config.json it keeps.
-  converted = bool(ids) or os.path.exists(os.path.join(checkpoint_dir, HF_CONFIG_COPY))
+  converted = bool(ids) or os.path.exists(os.path.join(params_dir, HF_CONFIG_COPY))
   if converted and vocabulary is None and vocab_lib.kind_of(vocab) == "byte":
     warnings.warn(
         f"{checkpoint_dir!r} is a converted Hugging Face checkpoint without its tokenizer, so "
@@ -81,9 +88,10 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str
         f"with. Pass load(..., vocabulary=) the right one, or put its SentencePiece model in "
         f"{os.path.join(checkpoint_dir, SPM_FILE)} (or its Hugging Face tokenizer.json next to "
         "params/).")
-  options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=converted)
-  load_params = quantized_checkpoints.loader(
-      model, lambda abstract: checkpoints.load_params(checkpoint_dir, abstract), checkpoint_dir)
+  # A soft prompt was trained behind the feature converter's BOS 0, as the training tasks put
+  # it, not behind the tokenizer's first token: its texts are read as in training.
+  options = dict(eos_id=ids.get("EOS_ID"), hf_prompts=converted and source.prompt is None)
+  load_params = quantized_checkpoints.loader(model, source.load, params_dir)
   if mesh is None:
     return LoadedModel(model, load_params(_abstract_on_first_device(model)), vocab, **options)
   from t5x_lite import predict  # pylint: disable=g-import-not-at-top  # predict imports this module

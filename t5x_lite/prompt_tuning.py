@@ -23,8 +23,10 @@ vocabulary (Lester et al. 2021's "sampled vocabulary" initialisation), of the ba
 
 Export (`save_params`, what the train job writes at the end): prompt/ (Orbax, the prompt alone),
 prompt_tuning.json (length, the base checkpoint, the embedding width and vocabulary size it was
-trained for, an id) and the base's model.gin. `load(directory)` opens it over its base as a
-`t5x_lite.loaded_model.LoadedModel` (generate, score).
+trained for, an id) and the base's model.gin. `for_checkpoint` is how the infer and eval jobs
+and `t5x_lite.load` take any checkpoint directory: a prompt export runs as its base with the
+prompt in front (`load(directory)` is `t5x_lite.load` of it). `export_peft` writes it for
+Hugging Face PEFT (tools/prompt_tuning.py to-peft).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import gin
@@ -109,6 +111,12 @@ class PromptTuningModel(interception.InterceptedModel):
   built from text put the placeholders in; attributes that are not methods are the base's.
   """
   RESERVED = ("base",)
+  # What `train` says to a run with `train.data_cache` (the cache's rows lack the prompt).
+  DATA_CACHE_REFUSAL = (
+      "a packed cache (tools/cache_task.py) holds rows packed by the base's feature converter, "
+      "without the soft prompt's placeholder positions, so the prompt would be neither read nor "
+      "trained. Prompt tuning reads its task through the on-the-fly pipeline: drop the cache "
+      "(--gin.train.data_cache=None).")
 
   def __init__(self, model: Any = gin.REQUIRED, length: int = 20,
                embedders: str = EMBEDDERS, base_checkpoint: Optional[str] = None):
@@ -348,24 +356,187 @@ def load_prompt(directory: str) -> tuple[dict, dict]:
   return checkpoints.restore_on_first_device(target), config
 
 
-def load(directory: str, base: Optional[str] = None, vocabulary=None):
-  """A prompt export over its base (`base`, default the checkpoint prompt_tuning.json names) as
-  a `LoadedModel`: generate(...) and score(...) read the learned prompt before every text."""
-  from t5x_lite import loaded_model, models  # pylint: disable=g-import-not-at-top
+# ---------------------------------------------------------------------------- jobs
+
+class Source(NamedTuple):
+  """What a job runs for a checkpoint directory (`for_checkpoint`)."""
+  model: Any  # the model to run
+  params_dir: str  # the params checkpoint read: the directory itself, or a prompt export's base
+  vocabulary_dir: str  # the directory recording the vocabulary
+  load: Callable[[Any], Any]  # abstract params (None: onto this process's first device) -> params
+  prompt: Optional[dict] = None  # a prompt export's prompt_tuning.json
+
+
+def is_export(directory: Optional[str]) -> bool:
+  """Whether `directory` is a prompt export (a finished prompt-tuning run's MODEL_DIR)."""
+  return bool(directory) and os.path.isfile(os.path.join(directory, PROMPT_JSON))
+
+
+def for_checkpoint(model, directory: Optional[str], quantize: Optional[str] = None,
+                   kv_cache: Optional[str] = None, base: Optional[str] = None,
+                   log: Optional[Callable[[str], None]] = None) -> Source:
+  """What the infer and eval jobs and `t5x_lite.load` run for the checkpoint `directory`.
+
+  A prompt export: `model` (its base, as the export's model.gin builds it) with the prompt in
+  front of every input, reading the base checkpoint prompt_tuning.json names (or `base`) and
+  the prompt; said in the log. Any other directory: `model` and its own params, unchanged.
+  Quantized runs (`quantize`, `kv_cache`, a quantized base) with a prompt are refused.
+  """
+  if not is_export(directory):
+    if base is not None:
+      raise ValueError(f"base={base!r} is for a prompt export, and {directory!r} has no "
+                       f"{PROMPT_JSON}; load the checkpoint without base=.")
+    return Source(model, directory, directory,
+                  lambda abstract: checkpoints.load_params(directory, abstract))
+  if quantize or kv_cache:
+    raise ValueError(
+        f"{directory!r} is a soft-prompt export; quantized runs with a prompt are not built "
+        f"(quantize={quantize!r}, kv_cache={kv_cache!r}). Run it unquantized (QUANTIZE = None, "
+        "QUANTIZE_KV_CACHE = None).")
+  source = open_export(directory, base, model)
+  config = source.prompt
+  (log or _log)(f"{directory} is a soft-prompt export ({config['length']} vectors, id "
+                f"{config['id']}): running its base {source.params_dir} with the prompt in front "
+                "of every input.")
+  return source
+
+
+def _log(message: str) -> None:
+  from t5x_lite import metrics  # pylint: disable=g-import-not-at-top
+  metrics.log(message)
+
+
+def open_export(directory: str, base: Optional[str] = None, model: Any = None) -> Source:
+  """A prompt export over its base (`base`, default the checkpoint prompt_tuning.json names):
+  the prompted model (over `model`, default the base's model.gin) and how to read its params."""
+  from t5x_lite import loaded_model, models, quantized_checkpoints  # pylint: disable=g-import-not-at-top
   config = read_prompt_config(directory)
   base = base or config.get("base")
   if not base or not os.path.isdir(os.path.join(base, checkpoints.PARAMS_DIR)):
     raise ValueError(f"{directory}/{PROMPT_JSON} names base {base!r}, which is not a params "
-                     "checkpoint; give the base the prompt was trained on: load(..., base=DIR).")
-  model = PromptTuningModel(models.from_gin(os.path.join(base, checkpoints.MODEL_GIN)),
-                            config["length"], config["embedders"], base)
-  cfg = model.base.config
+                     "checkpoint; give the base the prompt was trained on (load(..., base=DIR)).")
+  if quantized_checkpoints.read_settings(base) is not None:
+    raise ValueError(f"The base {base} of the prompt in {directory} is a quantized checkpoint; "
+                     "quantized runs with a prompt are not built. Use the float base.")
+  if model is None:
+    model = models.from_gin(os.path.join(base, checkpoints.MODEL_GIN))
+  if isinstance(model, PromptTuningModel):  # a gin file that wraps the base already
+    model = model.base
+  cfg = model.config
   if (cfg.d_model, cfg.vocab_size) != (config["d_model"], config["vocab_size"]):
     raise ValueError(
         f"The prompt in {directory} was trained on a base of d_model {config['d_model']} and "
         f"vocab_size {config['vocab_size']}; {base} has {cfg.d_model} and {cfg.vocab_size}. Use "
         f"the base it was trained on (prompt_tuning.json names it: {config.get('base')!r}).")
+  prompted = PromptTuningModel(model, config["length"], config["embedders"], base)
+
+  def load(abstract=None):
+    base_abstract, prompt_abstract = split(abstract) if abstract is not None else (None, None)
+    params = join(checkpoints.load_params(base, base_abstract),
+                  _restore_prompt(directory, prompt_abstract))
+    if abstract is None:
+      checkpoints.check_shapes(params, prompted.abstract_params()[0], directory)
+    return params
+
+  records = loaded_model.checkpoint_vocabulary_bindings(directory)  # the run's own, else the base's
+  return Source(prompted, base, directory if records else base, load, config)
+
+
+def _restore_prompt(directory: str, abstract=None):
+  """The prompt tree of an export, laid out as `abstract` asks (None: the first device)."""
   prompts, _ = load_prompt(directory)
-  params = join(checkpoints.load_params(base), prompts)
-  checkpoints.check_shapes(params, model.abstract_params()[0], directory)
-  return loaded_model.LoadedModel(model, params, loaded_model._vocabulary(base, vocabulary))  # pylint: disable=protected-access
+  if abstract is None:
+    return prompts
+  checkpoints.check_shapes(prompts, abstract, f"The prompt in {directory}")
+  return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), prompts,
+                      abstract)
+
+
+def load(directory: str, base: Optional[str] = None, vocabulary=None):
+  """A prompt export over its base (`base`, default the checkpoint prompt_tuning.json names) as
+  a `LoadedModel`: generate(...) and score(...) read the learned prompt before every text. The
+  same as `t5x_lite.load(directory)`."""
+  from t5x_lite import loaded_model  # pylint: disable=g-import-not-at-top
+  read_prompt_config(directory)  # refuses a directory that is not a prompt export
+  return loaded_model.load(directory, vocabulary, base=base)
+
+
+# ---------------------------------------------------------------------------- Hugging Face PEFT
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_peft(directory: str, out_dir: str, base: Optional[str] = None) -> str:
+  """A PEFT prompt-tuning adapter (adapter_model.safetensors with `prompt_embeddings`,
+  adapter_config.json: PROMPT_TUNING, CAUSAL_LM) of a prompt export, for its base exported to
+  Hugging Face (tools/convert_checkpoint.py --to_hf); `peft.PeftModel.from_pretrained` loads it.
+
+  PEFT puts its virtual tokens first, at positions 0 ... k-1, and the real tokens after them; a
+  decoder here reads BOS (id 0) at position 0, then the prompt, then the text. So the virtual
+  tokens written are BOS's token embedding followed by the prompt (k = length + 1): PEFT over
+  the text's ids (without a BOS of its own) computes what the prompted model computes, positions
+  included. Decoder-only bases only (see `_check_peft_base`)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  config = read_prompt_config(directory)
+  model = models.from_gin(os.path.join(directory, checkpoints.MODEL_GIN))
+  _check_peft_base(model)
+  base = base or config.get("base")
+  if not base or not os.path.isdir(os.path.join(base, checkpoints.PARAMS_DIR)):
+    raise ValueError(f"{directory}/{PROMPT_JSON} names base {base!r}, which is not a params "
+                     "checkpoint; give the base the prompt was trained on (--base DIR).")
+  (path, prompt), = flat(load_prompt(directory)[0]).items()
+  bos = _token_embedding_row(base, 0)
+  if bos.shape != (prompt.shape[1],):
+    raise ValueError(f"The prompt {path} in {directory} is {prompt.shape[1]} wide; the base {base} "
+                     f"embeds tokens in {bos.shape[0]}. Give the base it was trained on (--base).")
+  virtual = np.concatenate([bos[None], np.asarray(prompt, np.float32)])
+  os.makedirs(out_dir, exist_ok=True)
+  save_file({"prompt_embeddings": np.ascontiguousarray(virtual)},
+            os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
+  cfg = model.config
+  peft_config = {
+      "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": len(virtual),
+      "token_dim": cfg.d_model, "num_transformer_submodules": 1,
+      "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers,
+      "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+      "tokenizer_name_or_path": None, "tokenizer_kwargs": None, "inference_mode": True,
+      "base_model_name_or_path": base, "revision": None, "modules_to_save": None,
+      "auto_mapping": None}
+  with open(os.path.join(out_dir, PEFT_CONFIG), "w") as f:
+    json.dump(peft_config, f, indent=2, sort_keys=True)
+  return out_dir
+
+
+def _check_peft_base(model) -> None:
+  """Refuses a base whose prompted computation PEFT would not reproduce, saying why."""
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  from t5x_lite.interop.hf_families import family_of_config  # pylint: disable=g-import-not-at-top
+  if not isinstance(model, models.DecoderOnlyModel):
+    raise ValueError(
+        f"PEFT export of a soft prompt is built for decoder-only bases (GPT-2, LLaMA); this one is "
+        f"family {model.config.family!r}. PEFT's encoder-decoder and encoder prompt tuning is "
+        "not matched against ours here: use the prompt with t5x_lite (t5x_lite.load, the infer "
+        "and eval jobs).")
+  if model.inputs_bidirectional_attention:
+    raise ValueError("This base reads its inputs bidirectionally (DecoderOnlyModel."
+                     "inputs_bidirectional_attention); Hugging Face's causal decoder does not, so "
+                     "PEFT would compute something else. Export a prompt of a causal base.")
+  family_of_config(model.config)  # refuses a config no Hugging Face architecture holds
+
+
+def _token_embedding_row(base: str, row: int) -> np.ndarray:
+  """Row `row` of the base checkpoint's token embedding table, reading that table alone."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  metadata = flat(checkpoints.params_metadata(base))
+  name = _table_path("", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item = join({name: jax.ShapeDtypeStruct(metadata[name].shape, metadata[name].dtype,
+                                          sharding=device)})
+  restore = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.restore(
+        os.path.join(os.path.abspath(base), checkpoints.PARAMS_DIR),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore, partial_restore=True))
+  return np.asarray(flat(tree)[name][row], np.float32)

@@ -93,6 +93,11 @@ def train(model: Any = gin.REQUIRED, model_dir: str = gin.REQUIRED,
                    (checkpoint_every, 1), "train.eval_every": (eval_every, 1)})
   forgetting_lengths = _forgetting_lengths(forgetting_eval_task, forgetting_feature_lengths,
                                            task_feature_lengths, eval_batches)
+  # A model whose batches the base's converter does not make (a soft prompt's placeholders)
+  # cannot read a cache packed by it: the run would go on, silently wrong.
+  refusal = getattr(model, "DATA_CACHE_REFUSAL", None)
+  if data_cache and refusal:
+    raise ValueError(f"train.data_cache={data_cache!r} with {type(model).__name__}: {refusal}")
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
   os.makedirs(model_dir, exist_ok=True)
   with run_dir.locked(model_dir, take=jax.process_index() == 0, command=" ".join(sys.argv)):

@@ -3,6 +3,7 @@ checkpoint of a run, written as TensorBoard events and JSON."""
 import json
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -90,3 +91,30 @@ def test_the_teacher_forced_job_reports_a_params_checkpoint(tmp_path):
   assert metrics["batches"] == 2 and np.isfinite(metrics["loss"]) and metrics["num_tokens"] > 0
   with open(tmp_path / "eval_stdlib_clm_validation.json") as f:
     assert json.load(f)["loss"] == pytest.approx(metrics["loss"])
+
+
+def test_both_jobs_evaluate_a_prompt_export_as_its_base_with_the_prompt(tmp_path, capsys):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from prompt_tuning_test import compilation_cache, write_export  # pylint: disable=g-import-not-at-top
+  model, params, _, prompt_dir = write_export(tmp_path, "gpt2_tiny")
+  with compilation_cache(tmp_path / "jax_cache"):
+    eval_lib.main([f"--gin_file={prompt_dir}/model.gin", "--gin_file=runs/eval_metrics.gin",
+                   f"--gin.CHECKPOINT_PATH={prompt_dir}", f"--gin.OUTPUT_DIR={tmp_path}/out",
+                   "--gin.MAX_EXAMPLES=4", "--gin.BATCH_SIZE=8",
+                   f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}"])
+    assert "is a soft-prompt export (3 vectors" in capsys.readouterr().out
+    with open(tmp_path / "out" / "metrics_addition_validation.json") as f:
+      metrics = json.load(f)["0"]  # the decoding path is infer's, tested against the reference
+    assert metrics["addition/examples"] == 4 and np.isfinite(metrics["addition/perplexity"])
+
+    launch.configure([f"{prompt_dir}/model.gin", "runs/eval.gin"], [
+        f"CHECKPOINT_PATH = '{prompt_dir}'", "MIXTURE_OR_TASK_NAME = 'stdlib_clm'",
+        "TASK_FEATURE_LENGTHS = {'targets': 32}", "BATCH_SIZE = 8", "evaluate.eval_batches = 2",
+        "stdlib_corpus.max_files = 40"])
+    metrics = eval_lib.run()
+    assert "is a soft-prompt export" in capsys.readouterr().out
+    # The same prompted model over one params checkpoint holding base and prompt.
+    joined = checkpoints.save_params(str(tmp_path / "joined"), params)
+    expected = eval_lib.evaluate(model, joined, "stdlib_clm", {"targets": 32}, 8,
+                                 eval_batches=2)
+  assert metrics == pytest.approx(expected)

@@ -1,6 +1,7 @@
 """The inference job on params checkpoints written here: JSON Lines per task, every family."""
 import json
 import os
+import sys
 
 import jax
 import pytest
@@ -80,3 +81,21 @@ def test_a_checkpoint_trained_with_another_vocabulary_is_refused(tmp_path):
                                   "TransformerConfig.vocab_size = 256")
   with pytest.raises(ValueError, match="360 ids but the checkpoint's model has vocab_size=256"):
     infer.infer(small, small_ckpt, "addition", {"inputs": 24, "targets": 8})
+
+
+def test_a_prompt_export_decodes_as_its_base_with_the_prompt_in_front(tmp_path, capsys):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from prompt_tuning_test import compilation_cache, write_export  # pylint: disable=g-import-not-at-top
+  model, params, _, prompt_dir = write_export(tmp_path, "gpt2_tiny")
+  lengths = {"inputs": 24, "targets": 6}
+  with compilation_cache(tmp_path / "jax_cache"):
+    infer.main([f"--gin_file={prompt_dir}/model.gin", "--gin_file=runs/infer.gin",
+                f"--gin.CHECKPOINT_PATH={prompt_dir}", f"--gin.OUTPUT_DIR={tmp_path}/out",
+                "--gin.MAX_EXAMPLES=3", "--gin.BATCH_SIZE=8",
+                f"--gin.TASK_FEATURE_LENGTHS={lengths}"])
+    assert "is a soft-prompt export (3 vectors" in capsys.readouterr().out
+    # The same prompted model over one params checkpoint holding base and prompt.
+    joined = checkpoints.save_params(str(tmp_path / "joined"), params)
+    expected = _read(infer.infer(model, joined, "addition", lengths, batch_size=8,
+                                 max_examples=3)[0])
+  assert _read(tmp_path / "out" / "addition_validation.jsonl") == expected

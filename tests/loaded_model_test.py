@@ -182,3 +182,14 @@ def test_load_takes_a_seqio_vocabulary_or_a_sentencepiece_path(gpt_dir, tmp_path
   trained = loaded_model.checkpoint_vocabulary(copy)
   assert vocabulary.same(trained, seqio.SentencePieceVocabulary(path, extra_ids=100))
   assert not vocabulary.same(trained, seqio.SentencePieceVocabulary(path, extra_ids=10))
+
+
+def test_a_prompt_export_loads_as_its_base_with_the_prompt_in_front(tmp_path):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from prompt_tuning_test import write_export  # pylint: disable=g-import-not-at-top
+  # A prompt equal to the embeddings of "abc" reads as "abc" written before the text.
+  _, _, base_dir, prompt_dir = write_export(tmp_path, "gpt2_tiny", [ord(c) + 3 for c in "abc"])
+  prompted, base = t5x_lite.load(prompt_dir), t5x_lite.load(base_dir)
+  assert type(prompted.model).__name__ == "PromptTuningModel"
+  np.testing.assert_allclose(prompted.score(["de", "d"], ["fg", "e"]),
+                             base.score(["abcde", "abcd"], ["fg", "e"]), rtol=1e-5)

@@ -2,6 +2,9 @@
 masks and positions are untouched), only the prompt trains (the base bitwise unchanged, the loss
 falling), the converter puts placeholders before every packed example with no loss on them, the
 export loads over its base, and the refusals."""
+import contextlib
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,20 +101,48 @@ def test_the_converter_prompts_every_packed_example_with_no_loss_on_the_prompt()
   np.testing.assert_array_equal(row["decoder_target_tokens"], [7, 9])
 
 
-def test_export_loads_over_its_base_and_generates(tmp_path):
+@contextlib.contextmanager
+def compilation_cache(directory):
+  """A persistent compilation cache in `directory` while active: a job's test compares it with
+  the same computation run another way, which then compiles once."""
+  from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+    cache.reset_cache()
+
+
+def write_export(directory, preset="gpt2_tiny", tokens=None, length=N, seed=1):
+  """A base params checkpoint in directory/base and a prompt export over it in directory/prompt
+  (the prompt: the token embeddings of `tokens` if given, else its random start). Returns the
+  prompted model, its params, and the two directories."""
   from t5x_lite import checkpoints  # pylint: disable=g-import-not-at-top
-  base = models.from_gin("gpt2_tiny")
-  model = prompt_tuning.PromptTuningModel(base, length=N)
-  params = model.init(jax.random.PRNGKey(1), model.dummy_batch(1, {"targets": 8}))
+  base = models.from_gin(preset)
+  model = prompt_tuning.PromptTuningModel(base, length=length,
+                                          base_checkpoint=str(directory / "base"))
+  params = model.init(jax.random.PRNGKey(seed),
+                      model.dummy_batch(1, {"inputs": 8, "targets": 8}))
   base_params, prompt = prompt_tuning.split(params)
-  checkpoints.save_params(str(tmp_path / "base"), base_params, checkpoints.model_gin(base))
-  model.base_checkpoint = str(tmp_path / "base")
-  model.save_params(str(tmp_path / "prompt"), params)
-  config = prompt_tuning.read_prompt_config(str(tmp_path / "prompt"))
-  assert config["base"] == str(tmp_path / "base") and config["length"] == N
-  loaded = prompt_tuning.load(str(tmp_path / "prompt"))
+  if tokens is not None:
+    table = prompt_tuning.flat(base_params)["token_embed/embedding"]
+    (path,) = prompt_tuning.flat(prompt)
+    params = prompt_tuning.join(base_params, {path: table[np.array(tokens)]})
+  checkpoints.save_params(str(directory / "base"), base_params, checkpoints.model_gin(base))
+  model.save_params(str(directory / "prompt"), params)
+  return model, params, str(directory / "base"), str(directory / "prompt")
+
+
+def test_export_loads_over_its_base_and_generates(tmp_path):
+  model, params, base_dir, prompt_dir = write_export(tmp_path)
+  config = prompt_tuning.read_prompt_config(prompt_dir)
+  assert config["base"] == base_dir and config["length"] == N
+  loaded = prompt_tuning.load(prompt_dir)
   np.testing.assert_array_equal(prompt_tuning.flat(loaded.params)["embedder/prompt"],
-                                prompt_tuning.flat(prompt)["embedder/prompt"])
+                                prompt_tuning.flat(params)["embedder/prompt"])
   (text,) = loaded.generate(["ab"], max_new_tokens=3)
   assert isinstance(text, str)
   encode = lambda text: list(loaded.vocabulary.encode(text))
@@ -119,7 +150,32 @@ def test_export_loads_over_its_base_and_generates(tmp_path):
   expected = float(model.score_batch(params, batch)[0])
   assert loaded.score(["ab"], ["cd"])[0] == pytest.approx(expected, rel=1e-5)
   with pytest.raises(FileNotFoundError, match="not a prompt-tuning export"):
-    prompt_tuning.load(str(tmp_path / "base"))
+    prompt_tuning.load(base_dir)
+  with pytest.raises(ValueError, match="quantized runs with a prompt are not built"):
+    prompt_tuning.for_checkpoint(model.base, prompt_dir, quantize="int8")
+
+
+def test_data_cache_with_a_prompt_is_refused_before_any_work(tmp_path):
+  from t5x_lite import train  # pylint: disable=g-import-not-at-top
+  model = prompt_tuning.PromptTuningModel(models.from_gin("gpt2_tiny"), length=N)
+  with pytest.raises(ValueError, match=r"data_cache=.*PromptTuningModel.*placeholder.*"
+                                       r"--gin.train.data_cache=None"):
+    train.train(model, str(tmp_path / "run"), "stdlib_clm", {"targets": 16}, 10, 8,
+                data_cache=str(tmp_path / "cache"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_peft_export_refuses_what_peft_would_compute_otherwise(tmp_path):
+  from t5x_lite import checkpoints  # pylint: disable=g-import-not-at-top
+  (tmp_path / prompt_tuning.PROMPT_JSON).write_text(json.dumps({"length": N, "base": None}))
+  for preset, why in (("t5_tiny", "decoder-only bases.*'encoder_decoder'"),
+                      ("gpt2_tiny", "reads its inputs bidirectionally")):
+    model = models.from_gin(preset, ["DecoderOnlyModel.inputs_bidirectional_attention = True"]
+                            if preset == "gpt2_tiny" else [])
+    (tmp_path / "model.gin").write_text(checkpoints.model_gin(model))
+    with pytest.raises(ValueError, match=why):
+      prompt_tuning.export_peft(str(tmp_path), str(tmp_path / "peft"))
+  assert not (tmp_path / "peft").exists()
 
 
 def test_refusals():
