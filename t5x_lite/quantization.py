@@ -1,4 +1,4 @@
-"""Quantized inference: int8 / int4 weights, int8 x int8 matmuls (w8a8), for every model family.
+"""Quantized inference: int8 / int4 / nf4 weights, int8 x int8 matmuls (w8a8), every family.
 
     qmodel = quantization.QuantizedModel(model, mode="int4", group_size=128)
     qparams = qmodel.quantize(params)                 # from float parameters
@@ -14,6 +14,9 @@ Modes (symmetric absmax, no zero point):
   int4   weight-only: int4 values in groups of `group_size` along the contracted (input) axis,
          one float32 scale per group and output channel, two values packed per byte (uint8;
          `jnp.int4` takes a whole byte per element on CPU, so it would save nothing).
+  nf4    weight-only NormalFloat4 (QLoRA): int4's layout, but each nibble indexes one of the 16
+         NF4_LEVELS (normal quantiles in [-1, 1]) and the scale is the group's absmax;
+         dequantized by looking the levels up.
 
 What is quantized: the kernel of every `layers.DenseGeneral` (attention q/k/v/out or fused qkv,
 MLP, BERT's head transform) and the experts of `moe.MoeMlp` (dequantized to the compute dtype
@@ -26,8 +29,8 @@ their errors reach every token.
 How: like `t5x_lite.lora`, flax's `nn.intercept_methods` around DenseGeneral, Embed and
 MoeMlp, so no model file changes and every family, layout (scanned or unrolled layers, fused
 QKV, layer groups) and decoding path works. A quantized layer's parameters are named after what
-they hold: "kernel_int8" [in, out...] or "kernel_int4" [in / 2, out...] (the input axes
-flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for per-channel), stacked on
+they hold: "kernel_int8" [in, out...], "kernel_int4" or "kernel_nf4" [in / 2, out...] (the
+input axes flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for per-channel), stacked on
 the `layers` axis when scanned; each keeps its kernel's logical axis names, so it shards like
 the kernel did. A params checkpoint written by `quantized_checkpoints.save_checkpoint` holds
 exactly these integers and scales plus `quantization.json`; loading it never builds a float
@@ -37,7 +40,8 @@ qwix 0.1.8 was tried first and not used: its PTQ provider fails on DenseGeneral'
 `kernel.astype` ("Unsupported type: QArray"), its sub-channel tiles follow one kernel axis (our
 attention output kernel's input is (heads, head_dim), so a 128-group over both cannot be
 asked for), its `quantize_params` tiles the stacked [layers, ...] kernels of scanned models on
-the wrong axis, and it stores int4 as `jnp.int4`, one byte per element on CPU.
+the wrong axis, and it stores int4 as `jnp.int4` (and nf4 as `jnp.uint4` indices), one byte
+per element on CPU.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import statistics
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -56,8 +61,9 @@ import numpy as np
 from t5x_lite import checkpoints, interception, layers, moe
 
 Array = jax.Array
-MODES = ("int8", "int4", "w8a8")
-WEIGHT_ONLY_MODES = ("int8", "int4")  # what QLoRA's frozen base may be (t5x_lite.lora)
+MODES = ("int8", "int4", "nf4", "w8a8")
+WEIGHT_ONLY_MODES = ("int8", "int4", "nf4")  # what QLoRA's frozen base may be (t5x_lite.lora)
+KINDS = ("int8", "int4", "nf4")  # what a quantized array holds (w8a8 holds int8)
 # Weight-only matmuls of at most this many rows (decoding steps) run as `fused_matmul`; 0 (the
 # default) keeps the dot everywhere: on XLA-CPU the fused reduction measured slower than the
 # dequantize + dot (gpt-small decode, batch 1: int8 0.20x, int4 0.64x of the dot path's speed).
@@ -84,56 +90,104 @@ def undefined_macro_hint(name: str) -> Optional[str]:
 
 # ---------------------------------------------------------------------------- arrays
 
+def _normal_float_levels() -> np.ndarray:
+  """NF4's 16 values (QLoRA, Dettmers et al. 2023, appendix E): quantiles of N(0, 1), 8 for
+  the positive half and 7 for the negative one plus an exact zero, divided by the largest, so
+  [-1, 1]. Each level covers an equal share of a normal distribution, which is what trained
+  weights within a group roughly follow: the levels crowd near zero, where most weights are,
+  instead of int4's even grid. The outer quantile sits between the 1/32 and 1/30 tails, the
+  paper's choice (an infinite outermost level otherwise)."""
+  normal = statistics.NormalDist()
+  outer = 1 - (1 / 32 + 1 / 30) / 2
+  positive = [normal.inv_cdf(p) for p in np.linspace(outer, 0.5, 9)[:-1]]
+  negative = [-normal.inv_cdf(p) for p in np.linspace(outer, 0.5, 8)[:-1]]
+  levels = np.sort(np.array(positive + [0.0] + negative))
+  return (levels / np.max(np.abs(levels))).astype(np.float32)
+
+
+NF4_LEVELS = _normal_float_levels()
+
+
 def _grouped(shape: tuple, axis: int, group: int) -> tuple:
   """`shape` with `axis` split into (groups, group)."""
   return shape[:axis] + (shape[axis] // group, group) + shape[axis + 1:]
 
 
-def quantize_array(w: Array, axis: int, bits: int, group_size: Optional[int] = None):
-  """(q, scale): `w` rounded to signed `bits`-bit integers in groups of `group_size` along
-  `axis` (None: the whole axis, i.e. one scale per channel), symmetric absmax.
+def quantize_array(w: Array, axis: int, kind: str, group_size: Optional[int] = None):
+  """(q, scale): `w` quantized as `kind` in groups of `group_size` along `axis` (None: the
+  whole axis, i.e. one scale per channel), symmetric absmax: "int8" / "int4" round w / scale to
+  signed integers (scale = absmax / 127 or / 7), "nf4" stores the index of the nearest of
+  NF4_LEVELS to w / absmax (scale = absmax).
 
-  q is int8 (bits 8) or uint8 with two values per byte along `axis` (bits 4); scale is float32
-  with `axis` of length groups. Dequantized: q * scale, each scale repeated over its group.
+  q is int8 ("int8") or uint8 with two values per byte along `axis` ("int4", "nf4"); scale is
+  float32 with `axis` of length groups. Dequantized: value * scale, each scale repeated over
+  its group (`dequantize_array`).
   """
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r}: one of {list(KINDS)}.")
   size = w.shape[axis]
   group = size if group_size is None else group_size
   if size % group:
     raise ValueError(f"group size {group} does not divide axis {axis} of length {size}.")
-  top = 2 ** (bits - 1) - 1  # 127 or 7: symmetric, so -128 / -8 are never used
+  top = {"int8": 127, "int4": 7, "nf4": 1}[kind]  # symmetric: -128 / -8 are never used
   grouped = w.astype(jnp.float32).reshape(_grouped(w.shape, axis, group))
   scale = jnp.max(jnp.abs(grouped), axis=axis + 1, keepdims=True) / top
   scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero group: any scale gives zeros
-  q = jnp.clip(jnp.round(grouped / scale), -top, top).astype(jnp.int8).reshape(w.shape)
+  normalized = grouped / scale
+  if kind == "nf4":  # the nearest level: count the midpoints between levels below the value
+    midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
+    q = jnp.searchsorted(midpoints, normalized.reshape(-1)).astype(jnp.uint8).reshape(w.shape)
+  else:
+    q = jnp.clip(jnp.round(normalized), -top, top).astype(jnp.int8).reshape(w.shape)
   scale = jnp.squeeze(scale, axis + 1)
-  return (pack_int4(q, axis) if bits == 4 else q), scale
+  return (q if kind == "int8" else pack_int4(q, axis)), scale
 
 
 def pack_int4(q: Array, axis: int) -> Array:
-  """int8 values in [-8, 7] -> uint8, values 2i and 2i + 1 along `axis` in the low and high
-  nibble of byte i."""
+  """4-bit values (int8 in [-8, 7], or uint8 indices in [0, 15]) -> uint8, values 2i and
+  2i + 1 along `axis` in the low and high nibble of byte i."""
   pairs = q.astype(jnp.uint8).reshape(_grouped(q.shape, axis, 2))
   low, high = jnp.split(pairs, 2, axis=axis + 1)
   return jnp.squeeze((low & 0xF) | (high << 4), axis + 1)
 
 
+def _nibbles(packed: Array, axis: int) -> tuple[Array, Array]:
+  """(bytes, high): each byte of `packed` repeated twice along `axis` (value 2i and 2i + 1
+  of byte i), and 1 where the value is the high nibble. Written elementwise (no stack or
+  concatenate), so XLA fuses the unpacking with what reads it into one pass over the kernel."""
+  doubled = jnp.repeat(packed, 2, axis=axis)
+  high = jax.lax.broadcasted_iota(jnp.uint8, doubled.shape, axis) % 2
+  return doubled, high
+
+
 def unpack_int4(packed: Array, axis: int) -> Array:
-  """The inverse of `pack_int4`: int8 values, `axis` twice as long."""
-  signed = jax.lax.bitcast_convert_type(packed, jnp.int8)
-  low = jnp.left_shift(signed, 4) >> 4  # arithmetic shifts sign-extend each nibble
-  high = signed >> 4
-  pairs = jnp.stack([low, high], axis=axis + 1)
-  shape = packed.shape[:axis] + (2 * packed.shape[axis],) + packed.shape[axis + 1:]
-  return pairs.reshape(shape)
+  """The inverse of `pack_int4` for signed values: int8, `axis` twice as long."""
+  doubled, high = _nibbles(jax.lax.bitcast_convert_type(packed, jnp.int8), axis)
+  # The nibble moved to the top, then an arithmetic shift back: sign-extended.
+  return jnp.left_shift(doubled, (4 - 4 * high).astype(jnp.int8)) >> 4
 
 
-def dequantize_array(q: Array, scale: Array, axis: int, bits: int, dtype=jnp.float32) -> Array:
-  """q * scale as `dtype` (the inverse of `quantize_array`, up to rounding)."""
-  values = unpack_int4(q, axis) if bits == 4 else q
-  groups = scale.shape[axis]
-  grouped = values.reshape(_grouped(values.shape, axis, values.shape[axis] // groups))
-  w = grouped.astype(jnp.float32) * jnp.expand_dims(scale, axis + 1)
-  return w.reshape(values.shape).astype(dtype)
+def unpack_nf4(packed: Array, axis: int, dtype=jnp.float32) -> Array:
+  """NF4_LEVELS of a packed nf4 array, as `dtype`, `axis` twice as long."""
+  doubled, high = _nibbles(packed, axis)
+  index = (doubled >> (4 * high)) & 0xF
+  return jnp.take(jnp.asarray(NF4_LEVELS, dtype), index.astype(jnp.int32))
+
+
+def unpacked_values(q: Array, axis: int, kind: str, dtype=jnp.float32) -> Array:
+  """q's values as `dtype` before scaling: the integers, or nf4's levels."""
+  if kind == "nf4":
+    return unpack_nf4(q, axis, dtype)
+  return (unpack_int4(q, axis) if kind == "int4" else q).astype(dtype)
+
+
+def dequantize_array(q: Array, scale: Array, axis: int, kind: str, dtype=jnp.float32) -> Array:
+  """value * scale as `dtype` (the inverse of `quantize_array`, up to rounding). Each scale is
+  repeated over its group rather than the values reshaped into groups, so the whole
+  computation stays elementwise on q's (unpacked) shape: one fused pass."""
+  values = unpacked_values(q, axis, kind)
+  scale = jnp.repeat(scale, values.shape[axis] // scale.shape[axis], axis=axis)
+  return (values * scale).astype(dtype)
 
 
 def quantize_activations(x: Array, n_contracted: int) -> tuple[Array, Array]:
@@ -146,11 +200,11 @@ def quantize_activations(x: Array, n_contracted: int) -> tuple[Array, Array]:
   return jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale
 
 
-def fused_matmul(x: Array, q: Array, scale: Array, bits: int, axis: int = 0) -> Array:
+def fused_matmul(x: Array, q: Array, scale: Array, kind: str, axis: int = 0) -> Array:
   """x [..., in] times a kernel quantized along its input axis, in float32: (q [in * bits / 8,
   out...], scale [groups, out...]) with `axis` 0, or a table (q [out, in * bits / 8], scale
   [out, groups]) with `axis` 1 (the tied head). Written as broadcast multiplies and sums, so
-  XLA fuses the integer-to-float conversion (and int4's unpacking) into the reduction's loop:
+  XLA fuses the integer-to-float conversion (and 4-bit unpacking) into the reduction's loop:
   the kernel is read as stored (1 or 0.5 bytes per weight) and no float copy of it is built.
   A dot cannot do that on XLA-CPU (the library matmul takes float operands: the kernel is
   converted in a separate pass first), which is what limits a weight-only matmul of a few rows
@@ -165,16 +219,21 @@ def fused_matmul(x: Array, q: Array, scale: Array, bits: int, axis: int = 0) -> 
   # Now q [out, in_q] and scale [out, groups]; the transposes above are layout, fused too.
   groups, lead = scale.shape[1], x.shape[:-1]
   x = x.astype(jnp.float32)
-  if bits == 8:
-    values = [q]
+  if kind == "int8":
+    values = [q.astype(jnp.float32)]
     parts = [x.reshape(lead + (1, groups, -1))]
   else:  # byte i holds values 2i (low nibble) and 2i + 1 (high nibble)
-    signed = jax.lax.bitcast_convert_type(q, jnp.int8)
-    values = [jnp.left_shift(signed, 4) >> 4, signed >> 4]
+    if kind == "nf4":
+      levels = jnp.asarray(NF4_LEVELS)
+      values = [jnp.take(levels, (q & 0xF).astype(jnp.int32)),
+                jnp.take(levels, (q >> 4).astype(jnp.int32))]
+    else:
+      signed = jax.lax.bitcast_convert_type(q, jnp.int8)
+      values = [(jnp.left_shift(signed, 4) >> 4).astype(jnp.float32),
+                (signed >> 4).astype(jnp.float32)]
     pairs = x.reshape(lead + (1, groups, -1, 2))
     parts = [pairs[..., 0], pairs[..., 1]]
-  terms = [xs * v.astype(jnp.float32).reshape(q.shape[0], groups, -1)
-           for xs, v in zip(parts, values)]
+  terms = [xs * v.reshape(q.shape[0], groups, -1) for xs, v in zip(parts, values)]
   per_group = jnp.sum(sum(terms[1:], terms[0]), axis=-1)  # [..., out, groups]
   return jnp.sum(per_group * scale, axis=-1).reshape(lead + out_shape)
 
@@ -185,26 +244,31 @@ def fused_matmul(x: Array, q: Array, scale: Array, bits: int, axis: int = 0) -> 
 class Settings:
   """How a model is quantized (what `quantization.json` records)."""
   mode: str = "int8"
-  group_size: int = 128  # int4 only; int8 / w8a8 kernels are per output channel
+  group_size: int = 128  # int4 / nf4 only; int8 / w8a8 kernels are per output channel
   embeddings: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"quantize={self.mode!r} is not a quantization mode; choose one of "
                        f"{list(MODES)} (or None for float).")
-    if self.mode == "int4" and (not isinstance(self.group_size, int) or self.group_size < 2
-                                or self.group_size % 2):
-      raise ValueError(f"int4 group_size must be an even int (e.g. one of {list(GROUP_SIZES)}), "
-                       f"got {self.group_size!r}.")
+    if self.bits == 4 and (not isinstance(self.group_size, int) or self.group_size < 2
+                           or self.group_size % 2):
+      raise ValueError(f"{self.mode} group_size must be an even int (e.g. one of "
+                       f"{list(GROUP_SIZES)}), got {self.group_size!r}.")
 
   @property
   def bits(self) -> int:
-    return 4 if self.mode == "int4" else 8
+    return 4 if self.mode in ("int4", "nf4") else 8
+
+  @property
+  def kind(self) -> str:
+    """What the arrays hold (their parameters' suffix): "int8", "int4" or "nf4"."""
+    return self.mode if self.mode in KINDS else "int8"
 
   @property
   def storage(self) -> dict:
     """What the parameters hold; modes with equal storage read each other's checkpoints."""
-    return {"bits": self.bits, "group_size": self.group_size if self.bits == 4 else None,
+    return {"values": self.kind, "group_size": self.group_size if self.bits == 4 else None,
             "embeddings": self.embeddings}
 
   def kernel_group(self, size: int, where: str) -> Optional[int]:
@@ -214,8 +278,8 @@ class Settings:
     if size % self.group_size:
       divisors = [g for g in GROUP_SIZES if size % g == 0]
       raise ValueError(
-          f"int4 group_size={self.group_size} does not divide the input dimension {size} of "
-          f"{where}; choose a group size that divides every kernel's input dimension"
+          f"{self.mode} group_size={self.group_size} does not divide the input dimension "
+          f"{size} of {where}; choose a group size that divides every kernel's input dimension"
           + (f" (here {divisors} do)" if divisors else " (an even divisor of it)")
           + ", e.g. --group_size 32, or quantize with int8.")
     return self.group_size
@@ -233,7 +297,7 @@ def _kernel_params(module, prefix: str, in_size: int, in_axis, out_shape, out_ax
   """(q, scale) of a kernel [lead..., in, out...] with its logical axes."""
   group = settings.kernel_group(in_size, where)
   bits = settings.bits
-  q = _param(module, f"{prefix}_int{bits}", lead + (in_size * bits // 8,) + out_shape,
+  q = _param(module, f"{prefix}_{settings.kind}", lead + (in_size * bits // 8,) + out_shape,
              lead_axes + (in_axis,) + out_axes, jnp.int8 if bits == 8 else jnp.uint8)
   groups = 1 if group is None else in_size // group
   scale = _param(module, f"{prefix}_scale", lead + (groups,) + out_shape,
@@ -262,11 +326,11 @@ def _dense(module: layers.DenseGeneral, x: Array, settings: Settings) -> Array:
     x_scale = x_scale.reshape(x_scale.shape[:-1] + (1,) * len(out_shape))
     y = (acc.astype(jnp.float32) * x_scale * scale[0]).astype(dtype)
   elif math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS:  # decoding: a few rows
-    y = fused_matmul(x, q, scale, settings.bits).astype(dtype)
+    y = fused_matmul(x, q, scale, settings.kind).astype(dtype)
   elif settings.bits == 8:  # per channel: scale the output, not every weight
     y = jax.lax.dot_general(x.astype(dtype), q.astype(dtype), contract) * scale[0].astype(dtype)
   else:
-    w = dequantize_array(q, scale, 0, 4, dtype)
+    w = dequantize_array(q, scale, 0, settings.kind, dtype)
     y = jax.lax.dot_general(x.astype(dtype), w, contract)
   if module.use_bias:
     y = y + layers.param(module, "bias", nn.initializers.zeros, out_shape,
@@ -280,28 +344,28 @@ def _embedding_params(module: layers.Embed, settings: Settings) -> None:
   v, d = module.num_embeddings, module.features
   group = settings.kernel_group(d, f"{'/'.join(module.path)}/embedding {(v, d)}") or d
   bits = settings.bits
-  _param(module, f"embedding_int{bits}", (v, d * bits // 8), tuple(module.axes),
+  _param(module, f"embedding_{settings.kind}", (v, d * bits // 8), tuple(module.axes),
          jnp.int8 if bits == 8 else jnp.uint8)
   _param(module, "embedding_scale", (v, d // group), (module.axes[0], None), jnp.float32)
 
 
 def _embed_call(module: layers.Embed, method: str, x: Array, settings: Settings) -> Array:
   q, scale = (nn.meta.unbox(module.get_variable("params", f"embedding_{n}"))
-              for n in (f"int{settings.bits}", "scale"))
+              for n in (settings.kind, "scale"))
   dtype = module.dtype
   if method == "__call__":  # the rows, then dequantized
     return dequantize_array(jnp.take(q, x, axis=0), jnp.take(scale, x, axis=0), x.ndim,
-                            settings.bits, dtype)
+                            settings.kind, dtype)
   if settings.mode == "w8a8":  # attend, the tied head: int8 x int8 as the kernels
     xq, x_scale = quantize_activations(x, 1)
     acc = jnp.einsum("bld,vd->blv", xq, q, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * scale[:, 0]).astype(dtype)
   if math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS:  # decoding: a few rows
-    return fused_matmul(x, q, scale, settings.bits, axis=1).astype(dtype)
+    return fused_matmul(x, q, scale, settings.kind, axis=1).astype(dtype)
   if settings.bits == 8:  # a row's scale is its logit's
     logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
     return logits * scale[:, 0].astype(dtype)
-  table = dequantize_array(q, scale, 1, 4, dtype)
+  table = dequantize_array(q, scale, 1, settings.kind, dtype)
   return jnp.einsum("bld,vd->blv", x.astype(dtype), table)
 
 
@@ -317,7 +381,7 @@ def _expert_kernels(module: moe.MoeMlp, settings: Settings) -> dict:
     where = f"{'/'.join(module.path)}/{name}_kernel {(e, n_in, n_out)}"
     q, scale = _kernel_params(module, f"{name}_kernel", n_in, in_axis, (n_out,), (out_axis,),
                               settings, where, lead=(e,), lead_axes=("expert",))
-    kernel = dequantize_array(q, scale, 1, settings.bits, cfg.dtype)
+    kernel = dequantize_array(q, scale, 1, settings.kind, cfg.dtype)
     bias = None
     if cfg.use_bias:
       bias = layers.param(module, f"{name}_bias", nn.initializers.zeros, (e, n_out),
@@ -529,8 +593,8 @@ def _quantize_tree(sites: dict, settings: Settings, params):
     if kind == "embed":
       table = node.pop("embedding")
       group = settings.kernel_group(table.shape[1], f"{path}/embedding {tuple(table.shape)}")
-      node[f"embedding_int{settings.bits}"], node["embedding_scale"] = quantize_array(
-          table, 1, settings.bits, group)
+      node[f"embedding_{settings.kind}"], node["embedding_scale"] = quantize_array(
+          table, 1, settings.kind, group)
       continue
     names = ["kernel"] if kind == "dense" else [k for k in list(node) if k.endswith("_kernel")
                                                 and k != "router"]
@@ -540,8 +604,8 @@ def _quantize_tree(sites: dict, settings: Settings, params):
       in_size = math.prod(kernel.shape[lead:lead + n_in])
       flat = kernel.reshape(kernel.shape[:lead] + (in_size,) + kernel.shape[lead + n_in:])
       group = settings.kernel_group(in_size, f"{path}/{name} {tuple(kernel.shape)}")
-      q, scale = quantize_array(flat, lead, settings.bits, group)
-      node[f"{name}_int{settings.bits}"], node[f"{name}_scale"] = q, scale
+      q, scale = quantize_array(flat, lead, settings.kind, group)
+      node[f"{name}_{settings.kind}"], node[f"{name}_scale"] = q, scale
   return out
 
 

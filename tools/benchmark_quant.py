@@ -5,8 +5,8 @@ benchmark_runners.Worker runs them ("benchmark_quant:JaxQuantDecode").
     python tools/benchmark.py decode --shapes gpt-small --batch_sizes 1 8 \
         --variants int8 w8a8 int4 int8-kv --compare hf hf-int8
 
-Variants: fp32 (the model as configured), int8 / w8a8 / int4 (t5x_lite.quantization, int4 in
-groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines; "+emb" quantizes the
+Variants: fp32 (the model as configured), int8 / w8a8 / int4 / nf4 (t5x_lite.quantization,
+int4 and nf4 in groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines; "+emb" quantizes the
 embeddings and head too; "+fused" runs weight-only matmuls of <= 16 rows (decoding steps) as
 `quantization.fused_matmul` (the experiment that measured slower than the dot on XLA-CPU). The peer is
 `torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)`: int8
@@ -23,7 +23,7 @@ import numpy as np
 from benchmark_runners import JaxDecode, Shape, TorchDecode  # pylint: disable=g-bad-import-order
 from benchmark_runners import _timed  # pylint: disable=g-bad-import-order
 
-VARIANTS = ("fp32", "int8", "w8a8", "int4", "int8-kv", "emb", "fused")
+VARIANTS = ("fp32", "int8", "w8a8", "int4", "nf4", "int8-kv", "emb", "fused")
 
 
 def variant_options(name: str) -> dict:
