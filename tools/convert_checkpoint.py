@@ -47,11 +47,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="Parameter dtype of the import (default: the checkpoint's own).")
   parser.add_argument("--dtype", choices=DTYPES,
                       help="Compute dtype written to model.gin (default: --param_dtype).")
-  parser.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
+  parser.add_argument("--quantize", choices=("int8", "int4", "nf4", "w8a8"),
                       help="Write --to as a quantized params checkpoint of --from (or of the "
-                           "--from_hf import): int8 per output channel, int4 in groups.")
+                           "--from_hf import): int8 per output channel, int4 / nf4 in groups.")
   parser.add_argument("--group_size", type=int, default=128,
-                      help="int4: values per scale along each kernel's input (32, 64, 128).")
+                      help="int4 / nf4: values per scale along each kernel's input (32, 64, "
+                           "128).")
   parser.add_argument("--quantize_embeddings", action="store_true",
                       help="Also quantize embedding tables and an untied output head (int8).")
   args = parser.parse_args(argv)
@@ -88,7 +89,7 @@ def quantize(args: argparse.Namespace) -> str:
         source, args.to, args.quantize, args.group_size, args.quantize_embeddings)
   ratio = sizes["float_bytes"] / sizes["quantized_bytes"]
   print(f"Wrote {args.to} ({type(model.base).__name__}, {args.quantize}"
-        + (f" in groups of {args.group_size}" if args.quantize == "int4" else "")
+        + (f" in groups of {args.group_size}" if args.quantize in ("int4", "nf4") else "")
         + f", {len(model.sites())} layers quantized): parameters {sizes['quantized_bytes']:,} "
         f"bytes, {ratio:.2f}x smaller than {sizes['float_bytes']:,}.")
   return args.to
