@@ -109,6 +109,32 @@ def test_pipelined_loss_and_gradients_equal_one_devices(references, preset, mesh
   assert stacked and all(sharding.spec[0] == "stage" for sharding in stacked)
 
 
+@pytest.mark.parametrize("stages, repeats, microbatches", [(4, 1, 4), (4, 2, 4), (2, 2, 4)])
+def test_the_schedule_runs_every_layer_in_order_in_r_m_plus_s_minus_1_iterations(
+    stages, repeats, microbatches):
+  """Without a mesh: each row goes through the 8 layers in order, each layer told its index and
+  the row's microbatch (what the dropout keys are made of), in R M + S - 1 iterations."""
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.normal(size=(8, 3, 3)) / 2, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(8, 2, 3)), jnp.float32)
+  scale = jnp.arange(1.0, 9.0)[:, None, None]  # a per-row argument
+
+  def layer_fn(w, y, args, index, microbatch):
+    return jnp.tanh(y @ w) * args[0] + index + 0.01 * microbatch
+
+  def pipelined_stack(w, x, scale):
+    return pipeline_stages.run(layer_fn, w, x, (scale,), microbatches, stages=stages,
+                               repeats=repeats)
+
+  want, row_microbatch = x, jnp.arange(8)[:, None, None] % microbatches  # see split_rows
+  for index in range(8):
+    want = layer_fn(weights[index], want, (scale,), index, row_microbatch)
+  np.testing.assert_allclose(jax.jit(pipelined_stack)(weights, x, scale), want, atol=1e-5)
+  loops = [e for e in jax.make_jaxpr(pipelined_stack)(weights, x, scale).eqns
+           if e.primitive.name == "scan"]
+  assert [e.params["length"] for e in loops] == [repeats * microbatches + stages - 1]
+
+
 # ------------------------------------------------------------------ checkpoints and decoding
 
 @pytest.fixture(scope="module")
