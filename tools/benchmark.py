@@ -125,6 +125,11 @@ VARIANTS = {
     # LoRA r=8 (alpha 16, dropout 0) on attention q/k/v/out, the base frozen: lora.LoraModel with
     # train.trainable = lora.TRAINABLE, as runs/lora_finetune.gin trains (runners: JaxTrain).
     "lora": ((), {"lora": LORA}),
+    # XLA:CPU's matmul libraries other than its default (YNNPACK): oneDNN or XNNPACK fusions of
+    # the dots, or oneDNN custom calls; the child process gets the flags before JAX starts.
+    "xla-onednn-dot": ((), {"xla_flags": "--xla_cpu_experimental_onednn_fusion_type=dot"}),
+    "xla-onednn-call": ((), {"xla_flags": "--xla_cpu_experimental_onednn_custom_call=true"}),
+    "xla-xnn-dot": ((), {"xla_flags": "--xla_cpu_experimental_xnn_fusion_type=dot"}),
 }
 HF_IMPLEMENTATIONS = ("hf", "hf-compile")  # transformers eager, and under torch.compile
 # HF PEFT LoRA on the same attention projections, same rank and alpha, AdamW on the adapters.

@@ -136,11 +136,21 @@ def _limit_threads(threads: Optional[int]) -> None:
     raise RuntimeError("_limit_threads must run before JAX is imported")
   _THREADS = threads
   if threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
+    _add_xla_flags(XLA_ONE_THREAD)
   # The flags leave XLA's other threads (dispatch, host callbacks) free to use a second core
   # (measured: 1.7 CPU-seconds per wall second): the cores themselves are the fair bound.
   if threads < len(os.sched_getaffinity(0)):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+
+
+def _add_xla_flags(flags: str) -> None:
+  """Append XLA flags for this child (a variant's own compiler options); before JAX is imported,
+  as XLA reads them once."""
+  if not flags:
+    return
+  if "jax" in sys.modules:
+    raise RuntimeError("XLA flags must be set before JAX is imported")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
 
 
 # ---------------------------------------------------------------------------- runners
@@ -152,11 +162,12 @@ class JaxTrain(Runner):
 
   def __init__(self, shape: Shape, bindings: Sequence[str], trainer_kwargs: dict,
                warmup: int, xla_flops: bool):
+    trainer_kwargs = dict(trainer_kwargs)
+    _add_xla_flags(trainer_kwargs.pop("xla_flags", ""))  # an XLA-flags variant, before JAX loads
     import jax  # pylint: disable=g-import-not-at-top
     from t5x_lite import models, optimizers, partitioning, trainer  # pylint: disable=g-import-not-at-top
     self.jax, self.trainer_lib = jax, trainer
     bindings = tuple(shape.bindings) + tuple(bindings)
-    trainer_kwargs = dict(trainer_kwargs)
     adapters = trainer_kwargs.pop("lora", None)  # the `lora` variant: LoraModel(**adapters)
     model = with_lora(models.from_gin(shape.preset, bindings), adapters)
     if adapters:
