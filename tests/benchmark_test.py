@@ -137,6 +137,12 @@ def test_decode_with_one_thread_beside_hf_reports_cpu_time(tmp_path, capsys, one
   for row in rows:
     assert row["threads"] == 1 and row["cpu_s"] >= 0 and len(row["cpu_s_per_round"]) == 1
   assert set(ours["vs"]) == set(ours["vs_cpu"]) == {"hf"}
+  # The memory floor: every parameter read once per step at the bandwidth measured beside it.
+  assert ours["param_mib"] > 0
+  assert ours["read_gb_per_s"] > 0 and ours["ms_per_token"] > 0
+  assert ours["floor_ms_per_token"] == pytest.approx(
+      1e3 * ours["param_mib"] * 2 ** 20 / (ours["read_gb_per_s"] * 1e9))
+  assert "ms_per_token" not in hf
   out = capsys.readouterr().out
   assert "1 CPU thread(s) each" in out and "CPU s" in out and "(CPU time " in out
   assert "| gpt2_tiny | t5x_lite | 1 |" in out  # the markdown table

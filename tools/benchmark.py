@@ -332,8 +332,11 @@ def decode_command(args) -> list[dict]:
                                  threads=args.threads) if impl != "hf-int8" else Worker(
               "benchmark_quant:TorchInt8Decode", info["hf_config"], info["hf_inputs"],
               args.new_tokens, args.warmup, threads=args.threads)
-        times, cpu = alternate(workers, args.rounds, args.steps)
+        bandwidths = []  # measured beside each round, in the fp32 worker's own process
+        times, cpu = alternate(workers, args.rounds, args.steps,
+                               lambda: bandwidths.append(workers["jax"].call("read_bandwidth")))
         rows = _decode_rows(shape_name, batch_size, info["steps"], workers, times, cpu, args)
+        _add_memory_floor(rows, workers, float(np.median(bandwidths)))
       finally:
         for worker in workers.values():
           worker.close()
@@ -370,6 +373,18 @@ def _decode_rows(shape_name, batch_size, jax_steps, workers, times, cpu, args) -
                        for o in workers if o != name}
     rows.append(row)
   return rows
+
+
+def _add_memory_floor(rows: list[dict], workers: dict, bandwidth: float) -> None:
+  """Per t5x_lite row: ms per generated token (the call over its steps, prefill included) and
+  the floor set by memory: each step reads every parameter once, at the measured bandwidth."""
+  for row, worker in zip(rows, workers.values()):
+    if row["impl"].startswith("t5x_lite") and "param_bytes" in worker.info:
+      row["read_gb_per_s"] = bandwidth / 1e9
+      row["param_mib"] = worker.info["param_bytes"] / 2 ** 20
+      row["ms_per_token"] = 1e3 * row["call_s"] / row["new_tokens"]
+      row["floor_ms_per_token"] = 1e3 * worker.info["param_bytes"] / bandwidth
+      row["of_floor"] = row["floor_ms_per_token"] / row["ms_per_token"]
 
 
 DECODE_HEADER = (f"{'shape':<12}{'impl':<12}{'batch':>6}{'new tok':>8}{'1st call s':>11}"
@@ -433,16 +448,21 @@ def markdown(command: str, rows: list[dict], args) -> str:
               "(and against the first variant), in wall and in CPU time."]
   else:
     lines += ["| shape | impl | batch | new tokens | 1st call s | call s | CPU s | tokens/s "
-              "| vs HF |", "|" + "---|" * 9]
+              "| ms/token (memory floor) | vs HF |", "|" + "---|" * 10]
     for r in rows:
+      floor = (f"{r['ms_per_token']:.1f} ({r['floor_ms_per_token']:.1f}: {r['of_floor']:.0%})"
+               if "ms_per_token" in r else "")
       lines.append(f"| {r['shape']} | {r['impl']} | {r['batch_size']} | {r['new_tokens']} | "
                    f"{r['first_call_s']:.1f} | {r['call_s']:.2f} | {r['cpu_s']:.2f} | "
-                   f"{r['tokens_per_s']:.1f} | {_vs(r)} |")
+                   f"{r['tokens_per_s']:.1f} | {floor} | {_vs(r)} |")
     threads = f"{args.threads} CPU thread(s) each" if args.threads else "threads = cores"
     lines += ["", f"Greedy, {threads}; tokens/s counts generated tokens (batch x new tokens) "
               "over the whole call, prefill included; CPU s = CPU seconds per call of the "
-              "process (all threads); vs HF = median over rounds of the speed ratio per "
-              "generated token, in wall and in CPU time."]
+              "process (all threads); ms/token = call time over the steps taken; memory "
+              "floor = parameter bytes over the read bandwidth measured beside each round "
+              "(every step reads each weight once; % = the share of the floor reached); vs HF "
+              "= median over rounds of the speed ratio per generated token, in wall and in CPU "
+              "time."]
   return "\n".join(lines)
 
 

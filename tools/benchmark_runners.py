@@ -392,7 +392,8 @@ class JaxDecode(Runner):
         batch_size, {"inputs": prompt, "targets": prompt}))
     self.new_tokens = new_tokens
     self.info = {"first_step_s": _timed(self._call, 1)[0], "hf_config": _hf_config(
-        self.model.config), "hf_inputs": tokens}
+        self.model.config), "hf_inputs": tokens,
+                 "param_bytes": sum(x.nbytes for x in jax.tree.leaves(self.params))}
     _timed(self._call, warmup)
     # Rows stop at EOS (1) and the loop once all have: count the steps really taken.
     outputs = np.asarray(self.outputs)[:, 0]
@@ -404,6 +405,17 @@ class JaxDecode(Runner):
     self.outputs, _ = self.model.predict_batch(self.params, self.batch,
                                                max_new_tokens=self.new_tokens)
     self.jax.block_until_ready(self.outputs)
+
+  def read_bandwidth(self, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this process reads from memory: a jitted sum over `mib` MiB of float32
+    (far beyond the caches), median of `repeats`. A decoding step reads every weight once, so
+    parameter bytes / this is the step's memory-bound floor."""
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+    total = self.jax.jit(jnp.sum)
+    self.jax.block_until_ready(total(x))
+    seconds = _timed(lambda: self.jax.block_until_ready(total(x)), repeats)
+    return x.nbytes / float(np.median(seconds))
 
   def memory(self) -> dict:
     return JaxTrain.memory(self)
