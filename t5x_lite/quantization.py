@@ -7,7 +7,9 @@
 
 Modes (symmetric absmax, no zero point):
   int8   weight-only: int8 kernels with one float32 scale per output channel; the matmul reads
-         the int8 kernel converted to the compute dtype and scales its output.
+         the int8 kernel converted to the compute dtype and scales its output. (In a decoding
+         loop XLA hoists the weight-only modes' dequantization out of the loop: a call holds
+         float copies of the kernels while it runs, and its steps are float matmuls.)
   w8a8   the int8 parameters of "int8"; activations are quantized per token (absmax over the
          contracted dims) when the layer runs, and the matmul is int8 x int8 -> int32
          (`lax.dot_general(preferred_element_type=int32)`), rescaled by both scales.
@@ -65,11 +67,11 @@ MODES = ("int8", "int4", "nf4", "w8a8")
 WEIGHT_ONLY_MODES = ("int8", "int4", "nf4")  # what QLoRA's frozen base may be (t5x_lite.lora)
 KINDS = ("int8", "int4", "nf4")  # what a quantized array holds (w8a8 holds int8)
 # Weight-only matmuls of at most this many rows (decoding steps) run as `fused_matmul`; 0 (the
-# default) keeps the dot everywhere: on XLA-CPU the fused reduction measured slower than the
-# dequantize + dot (gpt-small decode, batch 1: int8 0.20x, int4 0.64x of the dot path's speed).
-# Read when a function is traced; tools/benchmark_quant.py's "+fused" variants set it.
+# default) keeps the dequantize + dot everywhere, which measured faster on XLA-CPU (see
+# `fused_matmul`). Read when a function is traced; tools/benchmark_quant.py's "+fused" variants
+# set it.
 FUSED_MAX_ROWS = 0
-GROUP_SIZES = (32, 64, 128)  # the int4 group sizes offered (any even divisor works)
+GROUP_SIZES = (32, 64, 128)  # the int4 / nf4 group sizes offered (any even divisor works)
 
 
 NO_QAT = ("quantization-aware training does not exist in t5x_lite yet. Train (or fine-tune) "
@@ -168,10 +170,16 @@ def unpack_int4(packed: Array, axis: int) -> Array:
 
 
 def unpack_nf4(packed: Array, axis: int, dtype=jnp.float32) -> Array:
-  """NF4_LEVELS of a packed nf4 array, as `dtype`, `axis` twice as long."""
+  """NF4_LEVELS of a packed nf4 array, as `dtype`, `axis` twice as long. The lookup is a tree
+  of selects on the index's four bits, which vectorises (a gather from the table measured
+  slower on XLA-CPU)."""
   doubled, high = _nibbles(packed, axis)
   index = (doubled >> (4 * high)) & 0xF
-  return jnp.take(jnp.asarray(NF4_LEVELS, dtype), index.astype(jnp.int32))
+  values = [jnp.asarray(level, dtype) for level in NF4_LEVELS]
+  for bit in range(4):  # pairs of candidates that differ in this bit, lowest bit first
+    on = (index >> bit) & 1 == 1
+    values = [jnp.where(on, values[i + 1], values[i]) for i in range(0, len(values), 2)]
+  return values[0]
 
 
 def unpacked_values(q: Array, axis: int, kind: str, dtype=jnp.float32) -> Array:
@@ -206,9 +214,9 @@ def fused_matmul(x: Array, q: Array, scale: Array, kind: str, axis: int = 0) -> 
   [out, groups]) with `axis` 1 (the tied head). Written as broadcast multiplies and sums, so
   XLA fuses the integer-to-float conversion (and 4-bit unpacking) into the reduction's loop:
   the kernel is read as stored (1 or 0.5 bytes per weight) and no float copy of it is built.
-  A dot cannot do that on XLA-CPU (the library matmul takes float operands: the kernel is
-  converted in a separate pass first), which is what limits a weight-only matmul of a few rows
-  (decoding), as it reads the whole kernel per step. Measured, though, this reduction runs far
+  The dot path cannot (XLA-CPU's library matmul takes float operands), but inside a decoding
+  loop XLA hoists its dequantization out of the loop: each call dequantizes every kernel once
+  and the steps run float matmuls, as float32 does. This reduction instead runs every step,
   below the dot library's speed (not blocked / vectorised like a GEMV kernel), so it is off by
   default (FUSED_MAX_ROWS)."""
   if axis == 0:
