@@ -7,17 +7,12 @@ They need libtpu (the `tpu` and `test` extras install it); without it they are s
 so, and only the refusals run."""
 import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "aot_compile.py")
-_spec = importlib.util.spec_from_file_location("aot_compile_tool", _TOOL)
-tool = importlib.util.module_from_spec(_spec)
-sys.modules["aot_compile_tool"] = tool
-_spec.loader.exec_module(tool)
+import tool_module  # tests/tool_module.py
+
+tool = tool_module.load("aot_compile.py", "aot_compile_tool")
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

@@ -1,19 +1,12 @@
 """tools/benchmark.py attention (runner: tools/benchmark_attention.py): one tiny length, both
 implementations compiled, measured and reported; bad flags refused. Speeds are not asserted."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "benchmark.py")
-if "benchmark" not in sys.modules:
-  _spec = importlib.util.spec_from_file_location("benchmark", _TOOL)
-  sys.modules["benchmark"] = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(sys.modules["benchmark"])
-benchmark = sys.modules["benchmark"]
+import tool_module  # tests/tool_module.py
+
+benchmark = tool_module.load("benchmark.py")
 
 
 def test_attention_rows_for_both_implementations(tmp_path, capsys):

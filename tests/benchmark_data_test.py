@@ -1,17 +1,11 @@
 """tools/benchmark_data.py, through tools/benchmark.py's `data` sub-command: it measures each
 task it is given, with default lengths per objective. No time is asserted."""
-import importlib.util
-import os
-import sys
 
 import pytest
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "benchmark.py")
-_spec = importlib.util.spec_from_file_location("benchmark", _TOOL)
-benchmark = importlib.util.module_from_spec(_spec)
-sys.modules["benchmark"] = benchmark  # registered, as an import would be
-_spec.loader.exec_module(benchmark)
+import tool_module  # tests/tool_module.py
+
+benchmark = tool_module.load("benchmark.py")
 # Loading the tool put tools/ on sys.path, where the data module lives.
 import benchmark_data  # pylint: disable=wrong-import-position
 

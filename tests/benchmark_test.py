@@ -2,19 +2,15 @@
 the tiny presets (beside HF PyTorch),
 with CPU-time figures and, for decode, a thread count shared by both frameworks; the analytic
 FLOP count they report agrees with XLA's cost analysis. No time is asserted."""
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "benchmark.py")
-_spec = importlib.util.spec_from_file_location("benchmark", _TOOL)
-benchmark = importlib.util.module_from_spec(_spec)
-sys.modules["benchmark"] = benchmark  # registered, as an import would be
-_spec.loader.exec_module(benchmark)
+import tool_module  # tests/tool_module.py
+
+benchmark = tool_module.load("benchmark.py")
 # Loading the tool put tools/ on sys.path, where its runners module lives.
 import benchmark_runners as runners  # pylint: disable=wrong-import-position
 

@@ -1,21 +1,15 @@
 """tools/prepare_corpus.py: filters, exact and near duplicates, shards the local tasks read."""
-import importlib.util
 import json
-import os
 import random
-import sys
 
 import numpy as np
 import pytest
 
 from t5x_lite.data import sources
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "prepare_corpus.py")
-_spec = importlib.util.spec_from_file_location("prepare_corpus", _TOOL)
-prepare_corpus = importlib.util.module_from_spec(_spec)
-sys.modules["prepare_corpus"] = prepare_corpus  # its dataclasses look their module up there
-_spec.loader.exec_module(prepare_corpus)
+import tool_module  # tests/tool_module.py
+
+prepare_corpus = tool_module.load("prepare_corpus.py")
 
 WORDS = ("river stone cloud maple ember quartz violet harbor lantern meadow orbit saffron tundra "
          "willow zephyr copper falcon garnet island jasmine").split()

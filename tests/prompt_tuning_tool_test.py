@@ -1,7 +1,6 @@
 """tools/prompt_tuning.py to-peft: a soft prompt exported for the base exported to Hugging Face
 loads in peft.PeftModel and gives our prompt-tuned model's logits on the real tokens (PEFT puts
 its virtual tokens first, so the export's first one is our BOS: positions match)."""
-import importlib.util
 import json
 import os
 import sys
@@ -15,6 +14,7 @@ from t5x_lite.interop import hf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from prompt_tuning_test import write_export  # noqa: E402  pylint: disable=wrong-import-position
+import tool_module  # noqa: E402  tests/tool_module.py
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -23,11 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool():
-  spec = importlib.util.spec_from_file_location(
-      "prompt_tuning_tool", os.path.join(ROOT, "tools", "prompt_tuning.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return tool_module.load("prompt_tuning.py", "prompt_tuning_tool")
 
 
 def test_peft_reads_our_prompt_with_our_logits_on_the_real_tokens(tmp_path):

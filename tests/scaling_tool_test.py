@@ -1,10 +1,8 @@
 """tools/scaling.py: the params / flops / memory / plan sub-commands on gin configs, the sweep's
 grid (dry run) and the flags it gives the train job, and its analysis and figure on synthetic
 runs whose law is known. The real sweep trains for minutes, so it is not run here."""
-import importlib.util
 import json
 import os
-import sys
 
 import gin
 import numpy as np
@@ -12,12 +10,9 @@ import pytest
 
 from t5x_lite import scaling
 
-_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                     "scaling.py")
-_spec = importlib.util.spec_from_file_location("scaling_tool", _TOOL)
-tool = importlib.util.module_from_spec(_spec)
-sys.modules["scaling_tool"] = tool
-_spec.loader.exec_module(tool)
+import tool_module  # tests/tool_module.py
+
+tool = tool_module.load("scaling.py", "scaling_tool")
 
 
 def test_params_of_a_preset(capsys):
