@@ -226,23 +226,9 @@ def fused_matmul(x: Array, q: Array, scale: Array, kind: str, axis: int = 0) -> 
     out_shape = q.shape[:1]
   # Now q [out, in_q] and scale [out, groups]; the transposes above are layout, fused too.
   groups, lead = scale.shape[1], x.shape[:-1]
-  x = x.astype(jnp.float32)
-  if kind == "int8":
-    values = [q.astype(jnp.float32)]
-    parts = [x.reshape(lead + (1, groups, -1))]
-  else:  # byte i holds values 2i (low nibble) and 2i + 1 (high nibble)
-    if kind == "nf4":
-      levels = jnp.asarray(NF4_LEVELS)
-      values = [jnp.take(levels, (q & 0xF).astype(jnp.int32)),
-                jnp.take(levels, (q >> 4).astype(jnp.int32))]
-    else:
-      signed = jax.lax.bitcast_convert_type(q, jnp.int8)
-      values = [(jnp.left_shift(signed, 4) >> 4).astype(jnp.float32),
-                (signed >> 4).astype(jnp.float32)]
-    pairs = x.reshape(lead + (1, groups, -1, 2))
-    parts = [pairs[..., 0], pairs[..., 1]]
-  terms = [xs * v.reshape(q.shape[0], groups, -1) for xs, v in zip(parts, values)]
-  per_group = jnp.sum(sum(terms[1:], terms[0]), axis=-1)  # [..., out, groups]
+  w = unpacked_values(q, 1, kind).reshape(q.shape[0], groups, -1)  # elementwise: fused
+  x = x.astype(jnp.float32).reshape(lead + (1, groups, -1))
+  per_group = jnp.sum(x * w, axis=-1)  # [..., out, groups]
   return jnp.sum(per_group * scale, axis=-1).reshape(lead + out_shape)
 
 
