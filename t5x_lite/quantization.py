@@ -32,9 +32,9 @@ How: like `t5x_lite.lora`, flax's `nn.intercept_methods` around DenseGeneral, Em
 MoeMlp, so no model file changes and every family, layout (scanned or unrolled layers, fused
 QKV, layer groups) and decoding path works. A quantized layer's parameters are named after what
 they hold: "kernel_int8" [in, out...], "kernel_int4" or "kernel_nf4" [in / 2, out...] (the
-input axes flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for per-channel), stacked on
-the `layers` axis when scanned; each keeps its kernel's logical axis names, so it shards like
-the kernel did. A params checkpoint written by `quantized_checkpoints.save_checkpoint` holds
+input axes flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for
+per-channel), stacked on the `layers` axis when scanned; each keeps its kernel's logical axis
+names, so it shards like the kernel did. A params checkpoint written by `quantized_checkpoints.save_checkpoint` holds
 exactly these integers and scales plus `quantization.json`; loading it never builds a float
 kernel.
 

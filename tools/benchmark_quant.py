@@ -3,12 +3,13 @@
 benchmark_runners.Worker runs them ("benchmark_quant:JaxQuantDecode").
 
     python tools/benchmark.py decode --shapes gpt-small --batch_sizes 1 8 \
-        --variants int8 w8a8 int4 int8-kv --compare hf hf-int8
+        --variants int8 w8a8 int4 nf4 int8-kv --compare hf hf-int8
 
 Variants: fp32 (the model as configured), int8 / w8a8 / int4 / nf4 (t5x_lite.quantization,
-int4 and nf4 in groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines; "+emb" quantizes the
-embeddings and head too; "+fused" runs weight-only matmuls of <= 16 rows (decoding steps) as
-`quantization.fused_matmul` (the experiment that measured slower than the dot on XLA-CPU). The peer is
+int4 and nf4 in groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines; "+emb"
+quantizes the embeddings and head too; "+fused" runs weight-only matmuls of <= 16 rows
+(decoding steps) as `quantization.fused_matmul` (the experiment that measured slower than the
+dot on XLA-CPU). The peer is
 `torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)`: int8
 weights per output channel and int8 activations quantized per call, like w8a8. GPT-2's
 projections are transformers' `Conv1D`, not `nn.Linear`, so they are converted to equal
