@@ -34,9 +34,9 @@ QKV, layer groups) and decoding path works. A quantized layer's parameters are n
 they hold: "kernel_int8" [in, out...], "kernel_int4" or "kernel_nf4" [in / 2, out...] (the
 input axes flattened into one) and "kernel_scale" [groups, out...] (groups = 1 for
 per-channel), stacked on the `layers` axis when scanned; each keeps its kernel's logical axis
-names, so it shards like the kernel did. A params checkpoint written by `quantized_checkpoints.save_checkpoint` holds
-exactly these integers and scales plus `quantization.json`; loading it never builds a float
-kernel.
+names, so it shards like the kernel did. A params checkpoint written by
+`quantized_checkpoints.save_checkpoint` holds exactly these integers and scales plus
+`quantization.json`; loading it never builds a float kernel.
 
 qwix 0.1.8 was tried first and not used: its PTQ provider fails on DenseGeneral's
 `kernel.astype` ("Unsupported type: QArray"), its sub-channel tiles follow one kernel axis (our
