@@ -55,7 +55,7 @@ def infer(model: Any = gin.REQUIRED, checkpoint_path: str = gin.REQUIRED,
           kv_cache: Optional[str] = None) -> list[str]:
   """Decodes every example of `split` (or the first `max_examples`) of each task of
   `mixture_or_task_name` and returns the JSON Lines files written. `quantize` ('int8', 'int4',
-  'w8a8'; QUANTIZE in runs/infer.gin) and `kv_cache` ('int8') run the model quantized (see
+  'nf4', 'w8a8'; QUANTIZE in runs/infer.gin) and `kv_cache` ('int8') run the model quantized (see
   t5x_lite.quantization); a checkpoint written quantized runs quantized without them. A
   soft-prompt export (a prompt-tuning run's MODEL_DIR) runs as its base with the prompt."""
   predict.decode_options(model, task_feature_lengths, decode_params)  # Bad input fails first.

@@ -53,7 +53,7 @@ def load(checkpoint_dir: str, vocabulary=None, mesh=None, quantize: Optional[str
       tokenizer.json path; default: see module docstring.
     mesh: a `partitioning.make_mesh(...)` mesh to restore the parameters onto, laid out by the
       logical-axis rules as the infer job does; default: this process's first device.
-    quantize: "int8", "int4" (in groups of `group_size`) or "w8a8" quantizes a float
+    quantize: "int8", "int4" / "nf4" (in groups of `group_size`) or "w8a8" quantizes a float
       checkpoint as it is read (see t5x_lite.quantization); a checkpoint written quantized
       (tools/convert_checkpoint.py --quantize) loads quantized without it.
     kv_cache: "int8" decodes over an int8 KV cache.

@@ -23,7 +23,7 @@ kernel's logical names), it needs its own wrapper module (the decoders rebuild
 Adapters are leaves named `lora_a` / `lora_b`: `TRAINABLE` selects them for `train.trainable`,
 `split` / `merge` / `save_adapters` / `load_adapters` work on any params tree.
 
-QLoRA: `LoraModel(model, quantize="int4")` (or "int8") trains the adapters over a frozen base
+QLoRA: `LoraModel(model, quantize="int4")` (or "nf4", "int8") trains the adapters over a frozen base
 held in its integer form (`t5x_lite.quantization`, weight-only): the base's kernels are
 `kernel_int4` / `kernel_int8` + `kernel_scale` leaves, which the trainer keeps frozen like any
 other base leaf; the adapters stay float. The quantization interceptor runs inside the LoRA one,
@@ -112,7 +112,7 @@ class LoraModel(interception.InterceptedModel):
 
   Every method of the base model (loss, scoring, decoding, init, ...) runs with the adapters;
   attributes that are not methods are the base's. `rank` r, `alpha` (the update is scaled by
-  alpha / r), `dropout` on the adapters' input while training; `quantize` ("int4" / "int8",
+  alpha / r), `dropout` on the adapters' input while training; `quantize` ("int4" / "nf4" / "int8",
   `quantize_group_size`) holds the frozen base quantized (QLoRA).
   """
   RESERVED = ("base", "quantized_base", "_model")

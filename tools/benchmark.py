@@ -16,7 +16,7 @@ PyTorch) and the input pipeline's throughput. Sub-commands (each adds its own fl
           CPU seconds per call; --threads N gives both frameworks the same N CPU threads
           python tools/benchmark.py decode --shapes gpt-small t5-small --batch_sizes 1 8 --compare hf
           python tools/benchmark.py decode --shapes gpt-small --compare hf --threads 1
-          python tools/benchmark.py decode --shapes gpt-small --variants fp32 int8 w8a8 int4 \
+          python tools/benchmark.py decode --shapes gpt-small --variants fp32 int8 w8a8 int4 nf4 \
               int8-kv --compare hf-int8     # quantized (runners: tools/benchmark_quant.py)
   data    packed tokens/s of the input pipeline for each task, as the trainer would receive them
           python tools/benchmark.py data --tasks stdlib_clm stdlib_span_corruption --batches 50
@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None):
   _add_common(decode, ("gpt-small", "t5-small"), HF_IMPLEMENTATIONS + ("hf-int8",))
   decode.add_argument("--variants", nargs="+", default=["fp32"],
                       type=benchmark_quant.checked_variant,
-                      help="t5x_lite runs: fp32, int8, w8a8, int4, int8-kv (a+b combines; "
+                      help="t5x_lite runs: fp32, int8, w8a8, int4, nf4, int8-kv (a+b combines; "
                            "tools/benchmark_quant.py)")
   decode.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
   decode.add_argument("--prompt", type=int, default=128, help="prompt (encoder input) length")
