@@ -26,8 +26,9 @@ Adapters are leaves named `lora_a` / `lora_b`: `TRAINABLE` selects them for `tra
 QLoRA: `LoraModel(model, quantize="int4")` (or "nf4", "int8") trains the adapters over a
 frozen base held in its integer form (`t5x_lite.quantization`, weight-only): the base's kernels
 are `kernel_int4` / `kernel_nf4` / `kernel_int8` + `kernel_scale` leaves, which the trainer
-keeps frozen like any other base leaf; the adapters stay float. The quantization interceptor runs inside the LoRA one,
-so each adapted layer computes quantized(x) + (alpha / r) * dropout(x) A B.
+keeps frozen like any other base leaf; the adapters stay float. The quantization interceptor
+runs inside the LoRA one, so each adapted layer computes quantized(x) + (alpha / r) * dropout(x)
+A B.
 """
 from __future__ import annotations
 
