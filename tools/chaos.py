@@ -172,19 +172,45 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 120
   reference_dir, chaos_dir = os.path.join(workdir, "reference"), os.path.join(workdir, "chaos")
 
   start = time.monotonic()
-  reference = Life(command(reference_dir, preset, steps, checkpoint_every), env,
-                   os.path.join(workdir, "reference.log"))
+  seconds_per_step = run_reference(command(reference_dir, preset, steps, checkpoint_every), env,
+                                   os.path.join(workdir, "reference.log"))
+  log(f"reference: {steps} steps in {time.monotonic() - start:.0f}s "
+      f"({seconds_per_step:.3f}s per step)")
+  interruptions = ["SIGKILL"] * kills + ["SIGTERM"] * sigterms + [None]
+  figures = run_interrupted(command(chaos_dir, preset, steps, checkpoint_every), env, workdir,
+                            chaos_dir, interruptions, rng, checkpoint_every, seconds_per_step,
+                            log)
+
+  figures["params"] = compare_params(reference_dir, chaos_dir)
+  reference_losses, chaos_losses = read_losses(os.path.join(reference_dir, "train")), read_losses(
+      os.path.join(chaos_dir, "train"))
+  figures.update(compare_losses(reference_losses, chaos_losses))
+  figures["seconds"] = round(time.monotonic() - start, 1)
+  figures["ok"] = (figures["resumes"] == len(interruptions) - 1
+                   and figures["sigterm_steps_lost"] == 0
+                   and figures["params"]["arrays_differing"] == 0
+                   and figures["losses_differing"] == 0 and figures["losses_missing"] == 0)
+  return figures
+
+
+def run_reference(cmd: list[str], env: dict[str, str], log: str) -> float:
+  """The uninterrupted run, to its end; returns its seconds per step after start-up."""
+  reference = Life(cmd, env, log)
   reference.wait_for_training()
   seconds_per_step = reference.seconds_per_step()
   if reference.finish():
     raise RuntimeError(f"The reference run failed; see {reference.log}")
-  log(f"reference: {steps} steps in {time.monotonic() - start:.0f}s "
-      f"({seconds_per_step:.3f}s per step)")
+  return seconds_per_step
+
+
+def run_interrupted(cmd: list[str], env: dict[str, str], workdir: str, model_dir: str,
+                    interruptions: Sequence[Optional[str]], rng: random.Random,
+                    checkpoint_every: int, seconds_per_step: float, log) -> dict[str, int]:
+  """One life of `cmd` (training in `model_dir`) per entry of `interruptions` ("SIGKILL",
+  "SIGTERM", or None: let it finish), each resuming from the last; returns the tallies."""
   figures = {"kills": 0, "kills_during_checkpoint_write": 0, "sigterms": 0, "resumes": 0,
              "steps_lost": 0, "sigterm_steps_lost": 0, "damaged_checkpoints_seen": 0,
              "stale_locks_reclaimed": 0}
-  cmd = command(chaos_dir, preset, steps, checkpoint_every)
-  interruptions = ["SIGKILL"] * kills + ["SIGTERM"] * sigterms + [None]
   previous: Optional[Life] = None
   for number, signal_name in enumerate(interruptions):
     life = Life(cmd, env, os.path.join(workdir, f"life_{number}.log"))
@@ -202,43 +228,42 @@ def run_chaos(workdir: str, kills: int = 20, sigterms: int = 1, steps: int = 120
       continue  # it finished before we could interrupt it: nothing left to interrupt
     # A random step 1 to 2 checkpoint intervals on, then a random moment within the next step:
     # every life makes progress, and the kills spread over steps and checkpoint writes.
-    target = life.resumed_from() + rng.randint(1, 2 * checkpoint_every)
-    while life.steps_reached() < target and life.process.poll() is None:
-      time.sleep(0.01)
-    time.sleep(rng.uniform(0, seconds_per_step))
-    if life.process.poll() is not None:
-      raise RuntimeError(f"Life {number} ended (exit {life.process.returncode}) before its "
-                         f"{signal_name}; see {life.log}")
-    if signal_name == "SIGKILL":
-      life.process.kill()
-      code = life.finish()
-      figures["kills"] += 1
-      writing = glob.glob(os.path.join(chaos_dir, "checkpoints", "*.orbax-checkpoint-tmp*"))
-      figures["kills_during_checkpoint_write"] += bool(writing) and code == -signal.SIGKILL
-    else:
-      life.process.send_signal(signal.SIGTERM)
-      code = life.finish()
-      figures["sigterms"] += 1
-      if code not in (143, 0):
-        raise RuntimeError(f"SIGTERM: exit status {code}, expected 143; see {life.log}")
-      if code == 143:  # the final checkpoint is the step it stopped at: nothing to lose
-        saved = re.search(r"saved checkpoint .*/(\d+);", life.text())
-        lost = life.steps_reached() - int(saved.group(1)) if saved else life.steps_reached()
-        figures["sigterm_steps_lost"] += lost
+    at_step = life.resumed_from() + rng.randint(1, 2 * checkpoint_every)
+    code = interrupt_life(life, number, signal_name, at_step, rng.uniform(0, seconds_per_step),
+                          model_dir, figures)
     log(f"life {number}: {signal_name} at step {life.steps_reached()} (resumed from "
         f"{life.resumed_from()}), exit {code}")
     previous = life
-
-  figures["params"] = compare_params(reference_dir, chaos_dir)
-  reference_losses, chaos_losses = read_losses(os.path.join(reference_dir, "train")), read_losses(
-      os.path.join(chaos_dir, "train"))
-  figures.update(compare_losses(reference_losses, chaos_losses))
-  figures["seconds"] = round(time.monotonic() - start, 1)
-  figures["ok"] = (figures["resumes"] == len(interruptions) - 1
-                   and figures["sigterm_steps_lost"] == 0
-                   and figures["params"]["arrays_differing"] == 0
-                   and figures["losses_differing"] == 0 and figures["losses_missing"] == 0)
   return figures
+
+
+def interrupt_life(life: Life, number: int, signal_name: str, at_step: int, delay: float,
+                   model_dir: str, figures: dict[str, int]) -> int:
+  """Sends `signal_name` to life `number` `delay` seconds after it reached `at_step`, counts it
+  in `figures`, and returns its exit status."""
+  while life.steps_reached() < at_step and life.process.poll() is None:
+    time.sleep(0.01)
+  time.sleep(delay)
+  if life.process.poll() is not None:
+    raise RuntimeError(f"Life {number} ended (exit {life.process.returncode}) before its "
+                       f"{signal_name}; see {life.log}")
+  if signal_name == "SIGKILL":
+    life.process.kill()
+    code = life.finish()
+    figures["kills"] += 1
+    writing = glob.glob(os.path.join(model_dir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+    figures["kills_during_checkpoint_write"] += bool(writing) and code == -signal.SIGKILL
+    return code
+  life.process.send_signal(signal.SIGTERM)
+  code = life.finish()
+  figures["sigterms"] += 1
+  if code not in (143, 0):
+    raise RuntimeError(f"SIGTERM: exit status {code}, expected 143; see {life.log}")
+  if code == 143:  # the final checkpoint is the step it stopped at: nothing to lose
+    saved = re.search(r"saved checkpoint .*/(\d+);", life.text())
+    lost = life.steps_reached() - int(saved.group(1)) if saved else life.steps_reached()
+    figures["sigterm_steps_lost"] += lost
+  return code
 
 
 def compare_losses(reference: dict[int, list[float]],
