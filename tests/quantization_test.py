@@ -14,7 +14,8 @@ import optax
 import pytest
 
 import t5x_lite
-from t5x_lite import checkpoints, models, partitioning, quantization, quantized_checkpoints
+from t5x_lite import checkpoints, models, partitioning, quantization, quantized_arrays
+from t5x_lite import quantized_checkpoints
 from t5x_lite.quantization import QuantizedModel
 from convert_checkpoint_test import convert_checkpoint  # the tool, imported by that test
 
@@ -73,37 +74,6 @@ def _prompts(batch):
           "decoder_causal_attention": np.ones((8, 24), np.int32)}
 
 
-def test_pack_dequantize_and_group_errors():
-  values = jnp.arange(-8, 8, dtype=jnp.int8).reshape(4, 4)
-  packed = quantization.pack_int4(values, 0)
-  assert packed.dtype == jnp.uint8 and packed.shape == (2, 4)
-  np.testing.assert_array_equal(quantization.unpack_int4(packed, 0), values)
-  w = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 3))  # [lead, in, out]
-  for kind, group in (("int8", None), ("int4", 32)):
-    q, scale = quantization.quantize_array(w, 1, kind, group)
-    assert scale.shape == (2, 1 if group is None else 2, 3)
-    error = jnp.abs(quantization.dequantize_array(q, scale, 1, kind) - w)
-    bound = jnp.repeat(scale, 64 // scale.shape[1], axis=1) / 2  # half a step, per group
-    assert bool(jnp.all(error <= bound + 1e-6))
-  with pytest.raises(ValueError, match="does not divide"):
-    quantization.quantize_array(w, 1, "int4", 48)
-  # fused_matmul (kernel and table layouts) computes what the dequantize + dot path does.
-  @jax.jit
-  def products(x, kernel):
-    out = []
-    for kind, group in (("int8", None), ("int4", 32), ("nf4", 32)):
-      q, scale = quantization.quantize_array(kernel, 0, kind, group)
-      qt, scale_t = quantization.quantize_array(kernel.T, 1, kind, group)
-      out += [(x @ quantization.dequantize_array(q, scale, 0, kind),
-               quantization.fused_matmul(x, q[..., None], scale[..., None], kind)[..., 0],
-               quantization.fused_matmul(x, qt, scale_t, kind, axis=1))]
-    return out
-  for expected, got, got_table in products(jax.random.normal(jax.random.PRNGKey(1), (3, 64)),
-                                           w[0]):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_table, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_trained_model_perplexity_and_greedy_agreement(trained):
   model, params, batch, _ = trained
   base_ppl = _perplexity(model.score_batch(params, batch), batch)
@@ -127,25 +97,8 @@ def test_trained_model_perplexity_and_greedy_agreement(trained):
       assert agreement >= {"int4": 0.7, "nf4": 0.6, "int8-kv": 0.9}[name], name
 
 
-def test_nf4_levels_error_against_int4_checkpoint_and_qlora(trained, tmp_path):
+def test_nf4_trained_error_checkpoint_and_qlora(trained, tmp_path):
   model, params, batch, directory = trained
-  levels = quantization.NF4_LEVELS  # built from normal quantiles: the paper's table
-  np.testing.assert_allclose(levels[:4], [-1.0, -0.6961928, -0.5250731, -0.3949175], atol=1e-6)
-  np.testing.assert_allclose(levels[-3:], [0.5626170, 0.7229568, 1.0], atol=1e-6)
-  assert levels[7] == 0 and np.all(np.diff(levels) > 0)
-  w = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 3))
-  q, scale = quantization.quantize_array(w, 1, "nf4", 32)
-  assert q.dtype == jnp.uint8 and q.shape == (2, 32, 3) and scale.shape == (2, 2, 3)
-  got = quantization.dequantize_array(q, scale, 1, "nf4")  # each value: the nearest level
-  normalized = w / jnp.repeat(scale, 32, axis=1)
-  nearest = levels[np.argmin(np.abs(np.asarray(normalized)[..., None] - levels), axis=-1)]
-  np.testing.assert_allclose(got, nearest * np.repeat(scale, 32, axis=1), rtol=1e-6)
-  # nf4 against int4 at the same group size (64): on normal weights, what nf4's levels are
-  # made for, and on the trained model's kernels (a truncated-normal init, 40 steps on).
-  normal = jax.random.normal(jax.random.PRNGKey(1), (512, 256))
-  errors = {kind: _relative_error(normal, 0, kind, 64) for kind in ("int4", "nf4")}
-  print(f"normal weights g64: relative error int4 {errors['int4']:.4f}, nf4 {errors['nf4']:.4f}")
-  assert errors["nf4"] < 0.92 * errors["int4"], errors
   qparams = {}
   for kind in ("int4", "nf4"):
     qmodel = QuantizedModel(model, kind, group_size=64)
@@ -171,13 +124,6 @@ def test_nf4_levels_error_against_int4_checkpoint_and_qlora(trained, tmp_path):
                                 jax.jit(qmodel.logits)(qparams["nf4"], batch))
 
 
-def _relative_error(w, axis, kind, group) -> float:
-  """sqrt(sum (w - dequantized w)^2 / sum w^2), `w` quantized as `kind` along `axis`."""
-  back = quantization.dequantize_array(*quantization.quantize_array(w, axis, kind, group), axis,
-                                       kind)
-  return (float(jnp.sum((w - back) ** 2)) / float(jnp.sum(w ** 2))) ** 0.5
-
-
 def _weight_error(qmodel, params) -> float:
   """sqrt(sum (w - dequantized w)^2 / sum w^2) over the kernels `qmodel` quantizes."""
   kind, group = qmodel.settings.kind, qmodel.settings.group_size
@@ -186,7 +132,7 @@ def _weight_error(qmodel, params) -> float:
     kernel = functools.reduce(lambda node, key: node[key], path.split("/"), params)["kernel"]
     lead = kernel.ndim - n_in - n_out  # scanned layers stack on leading axes
     w = kernel.reshape(kernel.shape[:lead] + (-1,) + kernel.shape[lead + n_in:])
-    error = _relative_error(w, lead, kind, group)
+    error = quantized_arrays.relative_error(w, lead, kind, group)
     square = float(jnp.sum(w ** 2))
     num, den = num + error ** 2 * square, den + square
   return (num / den) ** 0.5

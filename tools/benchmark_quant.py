@@ -8,7 +8,7 @@ benchmark_runners.Worker runs them ("benchmark_quant:JaxQuantDecode").
 Variants: fp32 (the model as configured), int8 / w8a8 / int4 / nf4 (t5x_lite.quantization,
 int4 and nf4 in groups of 128) and int8-kv (an int8 KV cache); "int8+int8-kv" combines; "+emb"
 quantizes the embeddings and head too; "+fused" runs weight-only matmuls of <= 16 rows
-(decoding steps) as `quantization.fused_matmul` (the experiment that measured slower than the
+(decoding steps) as `quantized_arrays.fused_matmul` (the experiment that measured slower than the
 dot on XLA-CPU). The peer is
 `torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)`: int8
 weights per output channel and int8 activations quantized per call, like w8a8. GPT-2's
@@ -39,7 +39,7 @@ def variant_options(name: str) -> dict:
       options["kv_cache"] = "int8"
     elif part == "emb":
       options["embeddings"] = True
-    elif part == "fused":  # weight-only matmuls of <= 16 rows as quantization.fused_matmul
+    elif part == "fused":  # weight-only matmuls of <= 16 rows as quantized_arrays.fused_matmul
       options["fused"] = True
     elif part != "fp32":
       options["mode"] = part
