@@ -30,7 +30,7 @@ def test_params_take_gin_bindings():
 
 def test_flops_per_token_of_a_run_gin():
   data = tool.main(["flops", "--gin_file=runs/quickstart.gin", "--json"])
-  assert data["tokens_per_step"] == 16 * 256  # BATCH_SIZE and TASK_FEATURE_LENGTHS of the run
+  assert data["tokens_per_step"] == 8 * 256  # BATCH_SIZE and TASK_FEATURE_LENGTHS of the run
   assert data["flops_per_token"] > data["six_n"]  # attention over 256 positions on top of 6N
 
 
