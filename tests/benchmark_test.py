@@ -103,6 +103,19 @@ def test_hf_peft_peer_trains_the_attention_adapters_alone():
   assert any(not (a == b).all() for a, b in zip(before, peer.params))
 
 
+@pytest.mark.parametrize("preset", ["t5_tiny", "llama_tiny"])
+def test_hf_peer_of_an_untied_model_has_its_own_head(preset):
+  """transformers 5 ties the head of any model built from a config; the peer of an untied
+  model (T5 v1.1, LLaMA) gets its own, so both sides train the same parameters."""
+  from t5x_lite import models  # pylint: disable=g-import-not-at-top
+  model = models.from_gin(preset)
+  batch = runners.hf_batch(runners.make_batch(model, 2, {"inputs": 8, "targets": 8}))
+  peer = runners.TorchTrain(runners._hf_config(model.config), batch, False, 0)  # pylint: disable=protected-access
+  head, embedding = peer.model.get_output_embeddings(), peer.model.get_input_embeddings()
+  assert head.weight is not embedding.weight
+  assert peer.info["trainable_params"] == model.num_params()
+
+
 def test_hf_bf16_peer_computes_in_bf16_and_keeps_fp32_weights():
   """The hf-bf16 runner: HF eager under torch.autocast bfloat16, as PyTorch users train in mixed
   precision: the projections compute in bf16, the weights and AdamW stay float32."""

@@ -377,7 +377,8 @@ def _decode_rows(shape_name, batch_size, jax_steps, workers, times, cpu, args) -
 
 def _add_memory_floor(rows: list[dict], workers: dict, bandwidth: float) -> None:
   """Per t5x_lite row: ms per generated token (the call over its steps, prefill included) and
-  the floor set by memory: each step reads every parameter once, at the measured bandwidth."""
+  the floor set by memory: each step reads every parameter it uses once (an encoder's run once
+  per call, on the prompt), at the measured bandwidth."""
   for row, worker in zip(rows, workers.values()):
     if row["impl"].startswith("t5x_lite") and "param_bytes" in worker.info:
       row["read_gb_per_s"] = bandwidth / 1e9
@@ -459,8 +460,9 @@ def markdown(command: str, rows: list[dict], args) -> str:
     lines += ["", f"Greedy, {threads}; tokens/s counts generated tokens (batch x new tokens) "
               "over the whole call, prefill included; CPU s = CPU seconds per call of the "
               "process (all threads); ms/token = call time over the steps taken; memory "
-              "floor = parameter bytes over the read bandwidth measured beside each round "
-              "(every step reads each weight once; % = the share of the floor reached); vs HF "
+              "floor = the bytes of the parameters a step reads (all but an encoder's) over the "
+              "read bandwidth measured beside each round (% = the share of the floor reached); "
+              "vs HF "
               "= median over rounds of the speed ratio per generated token, in wall and in CPU "
               "time."]
   return "\n".join(lines)

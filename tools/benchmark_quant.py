@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmark_runners import JaxDecode, Shape, TorchDecode  # pylint: disable=g-bad-import-order
-from benchmark_runners import _timed  # pylint: disable=g-bad-import-order
+from benchmark_runners import _timed, step_param_bytes  # pylint: disable=g-bad-import-order
 
 VARIANTS = ("fp32", "int8", "w8a8", "int4", "nf4", "int8-kv", "emb", "fused")
 
@@ -57,7 +57,7 @@ class JaxQuantDecode(JaxDecode):
       quantization.FUSED_MAX_ROWS = 16
     self._quantization = quantization
     super().__init__(shape, bindings, batch_size, prompt, new_tokens, warmup)
-    self.info["param_bytes"] = quantization.param_bytes(self.params)
+    self.info["param_bytes"] = step_param_bytes(self.params)
 
   def _call(self):
     if not isinstance(self.model, self._quantization.QuantizedModel) and any(

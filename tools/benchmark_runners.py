@@ -308,9 +308,21 @@ def _torch_model(hf_config: dict, compiled: bool):
   torch.manual_seed(0)
   config = transformers.AutoConfig.for_model(hf_config["model_type"], **hf_config["config"])
   model = getattr(transformers, hf_config["architecture"])(config)
+  if not hf_config["config"].get("tie_word_embeddings", True):
+    _untie_head(torch, model)
   if hf_config["dtype"] != "float32":
     model = model.to(getattr(torch, hf_config["dtype"]))
   return torch, (torch.compile(model) if compiled else model)
+
+
+def _untie_head(torch, model) -> None:
+  """The peer of an untied model (T5 v1.1, LLaMA) gets its own head, as ours has:
+  transformers 5 ties the output projection to the input embedding of a model built without a
+  checkpoint whatever its config says (T5Config even rewrites tie_word_embeddings to true),
+  which would leave the peer one [vocab, d] matrix, and its optimizer state, short."""
+  head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+  if head is not None and head.weight is embedding.weight:
+    head.weight = torch.nn.Parameter(embedding.weight.detach().clone())
 
 
 # HF PEFT's LoRA targets: the attention projections t5x_lite's lora.ATTENTION adapts (query,
@@ -372,6 +384,14 @@ class TorchTrain(Runner):
     return {"rss_gib": _peak_rss_gib(), "device_gib": None}
 
 
+def step_param_bytes(params) -> int:
+  """Bytes of the parameters a decoding step reads: all but an encoder's (which runs once per
+  call, on the prompt)."""
+  import jax  # pylint: disable=g-import-not-at-top  # the child's, after its XLA flags
+  return sum(x.size * x.dtype.itemsize for key, tree in params.items() if key != "encoder"
+             for x in jax.tree.leaves(tree))
+
+
 class JaxDecode(Runner):
   """`model.predict_batch`, greedy, `new_tokens` per row after a random prompt."""
 
@@ -393,7 +413,7 @@ class JaxDecode(Runner):
     self.new_tokens = new_tokens
     self.info = {"first_step_s": _timed(self._call, 1)[0], "hf_config": _hf_config(
         self.model.config), "hf_inputs": tokens,
-                 "param_bytes": sum(x.nbytes for x in jax.tree.leaves(self.params))}
+                 "param_bytes": step_param_bytes(self.params)}
     _timed(self._call, warmup)
     # Rows stop at EOS (1) and the loop once all have: count the steps really taken.
     outputs = np.asarray(self.outputs)[:, 0]
