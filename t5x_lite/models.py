@@ -237,6 +237,11 @@ class BaseModel:
     raise ValueError(f"{type(self).__name__} does not generate text; "
                      "use a decoder-only or encoder-decoder model.")
 
+  def causal_lm_mismatch(self) -> Optional[str]:
+    """Why a Hugging Face causal LM over this model's tokens (what PEFT's prompt tuning wraps)
+    would not compute what this model does; None if it would."""
+    return f"this one is family {self.config.family!r}, not a decoder-only model"
+
   def _decode_options(self, overrides) -> decoding.DecodeParams:
     return self.decode_params.replace(**overrides).validate(self.config.vocab_size)
 
@@ -333,6 +338,12 @@ class DecoderOnlyModel(BaseModel):
   @property
   def module(self):
     return transformer.DecoderOnly(self.config)
+
+  def causal_lm_mismatch(self) -> Optional[str]:
+    if self.inputs_bidirectional_attention:
+      return ("this base reads its inputs bidirectionally (DecoderOnlyModel."
+              "inputs_bidirectional_attention) and Hugging Face's causal decoder does not")
+    return None
 
   def _module_args(self, batch):
     prefix = None

@@ -511,18 +511,14 @@ def export_peft(directory: str, out_dir: str, base: Optional[str] = None) -> str
 
 def _check_peft_base(model) -> None:
   """Refuses a base whose prompted computation PEFT would not reproduce, saying why."""
-  from t5x_lite import models  # pylint: disable=g-import-not-at-top
   from t5x_lite.interop.hf_families import family_of_config  # pylint: disable=g-import-not-at-top
-  if not isinstance(model, models.DecoderOnlyModel):
+  mismatch = model.causal_lm_mismatch()
+  if mismatch:
     raise ValueError(
-        f"PEFT export of a soft prompt is built for decoder-only bases (GPT-2, LLaMA); this one is "
-        f"family {model.config.family!r}. PEFT's encoder-decoder and encoder prompt tuning is "
-        "not matched against ours here: use the prompt with t5x_lite (t5x_lite.load, the infer "
-        "and eval jobs).")
-  if model.inputs_bidirectional_attention:
-    raise ValueError("This base reads its inputs bidirectionally (DecoderOnlyModel."
-                     "inputs_bidirectional_attention); Hugging Face's causal decoder does not, so "
-                     "PEFT would compute something else. Export a prompt of a causal base.")
+        f"PEFT export of a soft prompt is built for decoder-only bases (GPT-2, LLaMA) that "
+        f"Hugging Face's causal decoder computes as we do; {mismatch}. Use the prompt with "
+        "t5x_lite (t5x_lite.load, the infer and eval jobs), or export a prompt of a causal "
+        "decoder base.")
   family_of_config(model.config)  # refuses a config no Hugging Face architecture holds
 
 
