@@ -66,11 +66,6 @@ from t5x_lite.quantized_arrays import (KINDS, dequantize_array, fused_matmul, qu
 Array = jax.Array
 MODES = ("int8", "int4", "nf4", "w8a8")
 WEIGHT_ONLY_MODES = ("int8", "int4", "nf4")  # what QLoRA's frozen base may be (t5x_lite.lora)
-# Weight-only matmuls of at most this many rows (decoding steps) run as `fused_matmul`; 0 (the
-# default) keeps the dequantize + dot everywhere, which measured faster on XLA-CPU (see
-# `fused_matmul`). Read when a function is traced; tools/benchmark_quant.py's "+fused" variants
-# set it.
-FUSED_MAX_ROWS = 0
 GROUP_SIZES = (32, 64, 128)  # the int4 / nf4 group sizes offered (any even divisor works)
 
 
@@ -94,10 +89,15 @@ def undefined_macro_hint(name: str) -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """How a model is quantized (what `quantization.json` records)."""
+  """How a model is quantized (mode, group_size, embeddings: what `quantization.json` records)
+  and how its weight-only matmuls run (fused_max_rows, not stored: the arrays are the same)."""
   mode: str = "int8"
   group_size: int = 128  # int4 / nf4 only; int8 / w8a8 kernels are per output channel
   embeddings: bool = False
+  # Weight-only matmuls of at most this many rows (decoding steps) run as `fused_matmul`; 0
+  # keeps the dequantize + dot everywhere, which measured faster on XLA-CPU (see
+  # `fused_matmul`); tools/benchmark_quant.py's "+fused" variants ask for 16.
+  fused_max_rows: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -107,6 +107,13 @@ class Settings:
                            or self.group_size % 2):
       raise ValueError(f"{self.mode} group_size must be an even int (e.g. one of "
                        f"{list(GROUP_SIZES)}), got {self.group_size!r}.")
+    if (not isinstance(self.fused_max_rows, int) or isinstance(self.fused_max_rows, bool)
+        or self.fused_max_rows < 0):
+      raise ValueError(f"fused_max_rows must be an int >= 0 (0: never fused), got "
+                       f"{self.fused_max_rows!r}.")
+    if self.fused_max_rows and self.mode not in WEIGHT_ONLY_MODES:
+      raise ValueError(f"fused_max_rows is for the weight-only modes {list(WEIGHT_ONLY_MODES)}; "
+                       f"{self.mode} matmuls are int8 x int8 (give fused_max_rows=0).")
 
   @property
   def bits(self) -> int:
@@ -177,7 +184,7 @@ def _dense(module: layers.DenseGeneral, x: Array, settings: Settings) -> Array:
     acc = jax.lax.dot_general(xq, q, contract, preferred_element_type=jnp.int32)
     x_scale = x_scale.reshape(x_scale.shape[:-1] + (1,) * len(out_shape))
     y = (acc.astype(jnp.float32) * x_scale * scale[0]).astype(dtype)
-  elif math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS:  # decoding: a few rows
+  elif math.prod(x.shape[:-1]) <= settings.fused_max_rows:  # decoding: a few rows
     y = fused_matmul(x, q, scale, settings.kind).astype(dtype)
   elif settings.bits == 8:  # per channel: scale the output, not every weight
     y = jax.lax.dot_general(x.astype(dtype), q.astype(dtype), contract) * scale[0].astype(dtype)
@@ -212,7 +219,7 @@ def _embed_call(module: layers.Embed, method: str, x: Array, settings: Settings)
     xq, x_scale = quantize_activations(x, 1)
     acc = jnp.einsum("bld,vd->blv", xq, q, preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * x_scale * scale[:, 0]).astype(dtype)
-  if math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS:  # decoding: a few rows
+  if math.prod(x.shape[:-1]) <= settings.fused_max_rows:  # decoding: a few rows
     return fused_matmul(x, q, scale, settings.kind, axis=1).astype(dtype)
   if settings.bits == 8:  # a row's scale is its logit's
     logits = jnp.einsum("bld,vd->blv", x.astype(dtype), q.astype(dtype))
@@ -303,12 +310,15 @@ class QuantizedModel(interception.InterceptedModel):
 
   Every method of the base model (scoring, decoding, fill_mask, ...) runs quantized; attributes
   that are not methods are the base's. Training is refused: there is no quantization-aware
-  training, so gradients of rounded integers would be meaningless.
+  training, so gradients of rounded integers would be meaningless. `fused_max_rows` (weight-only
+  modes): matmuls of at most that many rows run as `quantized_arrays.fused_matmul` (see
+  `Settings`); 0, the default, never.
   """
   RESERVED = ("base", "settings", "kv_cache", "_sites")
 
   def __init__(self, model: Any, mode: Optional[str] = "int8", group_size: int = 128,
-               embeddings: bool = False, kv_cache: Optional[str] = None):
+               embeddings: bool = False, kv_cache: Optional[str] = None,
+               fused_max_rows: int = 0):
     if isinstance(model, QuantizedModel):
       raise ValueError("This model is already quantized; wrap the float model once.")
     if type(model).__name__ == "LoraModel":
@@ -319,8 +329,12 @@ class QuantizedModel(interception.InterceptedModel):
       raise ValueError(f"kv_cache={kv_cache!r}: the KV cache is float (None) or 'int8'.")
     if mode is None and kv_cache is None:
       raise ValueError(f"Nothing to quantize: give a mode ({list(MODES)}) or kv_cache='int8'.")
+    if mode is None and fused_max_rows:
+      raise ValueError("fused_max_rows runs quantized weights: give a weight-only mode "
+                       f"{list(WEIGHT_ONLY_MODES)} with it.")
     self.base = _fresh_copy(model)  # its own compiled functions: the interceptor is traced in
-    self.settings = None if mode is None else Settings(mode, group_size, embeddings)
+    self.settings = (None if mode is None
+                     else Settings(mode, group_size, embeddings, fused_max_rows))
     self.kv_cache = kv_cache
     self._sites: dict = {}
 

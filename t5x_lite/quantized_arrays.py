@@ -142,7 +142,7 @@ def fused_matmul(x: Array, q: Array, scale: Array, kind: str, axis: int = 0) -> 
   loop XLA hoists its dequantization out of the loop: each call dequantizes every kernel once
   and the steps run float matmuls, as float32 does. This reduction instead runs every step,
   below the dot library's speed (not blocked / vectorised like a GEMV kernel), so it is off by
-  default (quantization.FUSED_MAX_ROWS)."""
+  default (QuantizedModel's `fused_max_rows`)."""
   if axis == 0:
     out_shape = q.shape[1:]
     q, scale = q.reshape(q.shape[0], -1).T, scale.reshape(scale.shape[0], -1).T
@@ -151,8 +151,10 @@ def fused_matmul(x: Array, q: Array, scale: Array, kind: str, axis: int = 0) -> 
   # Now q [out, in_q] and scale [out, groups]; the transposes above are layout, fused too.
   groups, lead = scale.shape[1], x.shape[:-1]
   w = unpacked_values(q, 1, kind).reshape(q.shape[0], groups, -1)  # elementwise: fused
-  x = x.astype(jnp.float32).reshape(lead + (1, groups, -1))
-  per_group = jnp.sum(x * w, axis=-1)  # [..., out, groups]
+  # The rows flattened into one axis: with two or more row axes (a decoding step's [b, 1, in])
+  # jitted 4-bit products came out wrong on XLA-CPU (jax 0.10.2), eager ones right.
+  x = x.astype(jnp.float32).reshape((-1, 1, groups, w.shape[-1]))
+  per_group = jnp.sum(x * w, axis=-1)  # [rows, out, groups]
   return jnp.sum(per_group * scale, axis=-1).reshape(lead + out_shape)
 
 

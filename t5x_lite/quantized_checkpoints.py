@@ -49,17 +49,19 @@ def check_params_checkpoint(directory: str) -> None:
 
 def for_checkpoint(model, directory: Optional[str], mode: Optional[str],
                    group_size: int = 128, embeddings: bool = False,
-                   kv_cache: Optional[str] = None):
+                   kv_cache: Optional[str] = None, fused_max_rows: int = 0):
   """The model to run a checkpoint with: `model` itself (float), or a QuantizedModel as `mode`
-  and `kv_cache` ask or as the checkpoint was quantized. A checkpoint quantized otherwise is
+  and `kv_cache` ask or as the checkpoint was quantized (its weight-only matmuls of at most
+  `fused_max_rows` rows fused, see QuantizedModel). A checkpoint quantized otherwise is
   refused."""
   stored = read_settings(directory) if directory else None
   if stored is None:
     if mode is None and kv_cache is None:
       return model
-    return QuantizedModel(model, mode, group_size, embeddings, kv_cache)
+    return QuantizedModel(model, mode, group_size, embeddings, kv_cache, fused_max_rows)
   if mode is None:
-    return QuantizedModel(model, stored.mode, stored.group_size, stored.embeddings, kv_cache)
+    return QuantizedModel(model, stored.mode, stored.group_size, stored.embeddings, kv_cache,
+                          fused_max_rows)
   wanted = Settings(mode, group_size, stored.embeddings)
   if wanted.storage != stored.storage:
     raise ValueError(
@@ -70,7 +72,8 @@ def for_checkpoint(model, directory: Optional[str], mode: Optional[str],
         + ". Load it with quantize=None (as stored)"
         + (" or 'w8a8'/'int8'" if stored.bits == 8 else "")
         + ", or quantize the float checkpoint it came from.")
-  return QuantizedModel(model, mode, stored.group_size, stored.embeddings, kv_cache)
+  return QuantizedModel(model, mode, stored.group_size, stored.embeddings, kv_cache,
+                        fused_max_rows)
 
 
 def loader(model, load_float: Callable[[Any], Any],

@@ -167,6 +167,31 @@ def test_every_family_and_moe_experts_quantize():
       assert error < 0.1, (preset, error)
 
 
+def test_fused_max_rows_takes_the_fused_path(monkeypatch):
+  # Rows (batch x length) <= fused_max_rows: every weight-only kernel and the quantized tied
+  # head run as fused_matmul and compute what the dequantize + dot does; 0 never fuses.
+  model = models.from_gin("llama_tiny", ["TransformerConfig.num_layers = 1"])
+  batch = jax.tree.map(lambda x: x + 1, model.dummy_batch(1, {"targets": 4}))
+  params = _host_params(model)
+  calls = []
+  fused = quantization.fused_matmul
+  monkeypatch.setattr(quantization, "fused_matmul",
+                      lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+  logits = {}
+  for rows in (0, 4):
+    qmodel = QuantizedModel(model, "int4", group_size=32, embeddings=True, fused_max_rows=rows)
+    calls.clear()
+    logits[rows] = qmodel.logits(qmodel.quantize(params), batch)
+    assert bool(calls) == bool(rows), rows
+  np.testing.assert_allclose(logits[4], logits[0], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="weight-only modes.*int8 x int8"):
+    QuantizedModel(model, "w8a8", fused_max_rows=16)
+  with pytest.raises(ValueError, match="int >= 0"):
+    QuantizedModel(model, "int8", fused_max_rows=-1)
+  with pytest.raises(ValueError, match="give a weight-only mode"):
+    QuantizedModel(model, None, kv_cache="int8", fused_max_rows=16)
+
+
 def test_bad_input_is_refused_with_the_fix(trained, tmp_path):
   model, params, batch, directory = trained
   with pytest.raises(ValueError, match="group_size=48 must be|even int"):

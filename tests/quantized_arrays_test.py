@@ -23,21 +23,18 @@ def test_pack_dequantize_and_group_errors():
     assert bool(jnp.all(error <= bound + 1e-6))
   with pytest.raises(ValueError, match="does not divide"):
     quantized_arrays.quantize_array(w, 1, "int4", 48)
-  # fused_matmul (kernel and table layouts) computes what the dequantize + dot path does.
-  @jax.jit
-  def products(x, kernel):
-    out = []
-    for kind, group in (("int8", None), ("int4", 32), ("nf4", 32)):
-      q, scale = quantized_arrays.quantize_array(kernel, 0, kind, group)
-      qt, scale_t = quantized_arrays.quantize_array(kernel.T, 1, kind, group)
-      out += [(x @ quantized_arrays.dequantize_array(q, scale, 0, kind),
-               quantized_arrays.fused_matmul(x, q[..., None], scale[..., None], kind)[..., 0],
-               quantized_arrays.fused_matmul(x, qt, scale_t, kind, axis=1))]
-    return out
-  for expected, got, got_table in products(jax.random.normal(jax.random.PRNGKey(1), (3, 64)),
-                                           w[0]):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_table, expected, rtol=1e-5, atol=1e-5)
+  # fused_matmul (kernel and table layouts) computes what the dequantize + dot path does,
+  # jitted over quantized arguments, on two row axes (a decoding step's [b, 1, in]).
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 4, 64))
+  kernel = jax.random.normal(jax.random.PRNGKey(2), (64, 4, 4))
+  fused = jax.jit(quantized_arrays.fused_matmul, static_argnums=(3, 4))
+  for kind, group in (("int8", None), ("int4", 32), ("nf4", 32)):
+    q, scale = quantized_arrays.quantize_array(kernel, 0, kind, group)
+    expected = jnp.einsum("bli,iho->blho", x, quantized_arrays.dequantize_array(q, scale, 0, kind))
+    np.testing.assert_allclose(fused(x, q, scale, kind, 0), expected, rtol=1e-5, atol=1e-5)
+    qt, scale_t = quantized_arrays.quantize_array(kernel.reshape(64, 16).T, 1, kind, group)
+    np.testing.assert_allclose(fused(x, qt, scale_t, kind, 1), expected.reshape(1, 4, 16),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_nf4_levels_nearest_level_and_error_against_int4():

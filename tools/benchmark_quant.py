@@ -30,7 +30,7 @@ VARIANTS = ("fp32", "int8", "w8a8", "int4", "nf4", "int8-kv", "emb", "fused")
 def variant_options(name: str) -> dict:
   """QuantizedModel arguments of a variant: "a+b" combines a weight mode with int8-kv and/or
   emb (the embeddings and output head quantized too, as quantize_dynamic does the lm_head)."""
-  options = {"mode": None, "kv_cache": None, "embeddings": False, "fused": False}
+  options = {"mode": None, "kv_cache": None, "embeddings": False, "fused_max_rows": 0}
   for part in name.split("+"):
     if part not in VARIANTS:
       raise ValueError(f"unknown decode variant {part!r}: choose from {list(VARIANTS)}, joined "
@@ -40,9 +40,12 @@ def variant_options(name: str) -> dict:
     elif part == "emb":
       options["embeddings"] = True
     elif part == "fused":  # weight-only matmuls of <= 16 rows as quantized_arrays.fused_matmul
-      options["fused"] = True
+      options["fused_max_rows"] = 16
     elif part != "fp32":
       options["mode"] = part
+  if options["fused_max_rows"] and options["mode"] not in ("int8", "int4", "nf4"):
+    raise ValueError(f"decode variant {name!r}: fused is for the weight-only modes (int8, int4, "
+                     "nf4), e.g. int4+fused")
   return options
 
 
@@ -53,8 +56,6 @@ class JaxQuantDecode(JaxDecode):
                new_tokens: int, warmup: int, variant: str):
     from t5x_lite import quantization  # pylint: disable=g-import-not-at-top
     self._variant = variant_options(variant)
-    if self._variant.pop("fused"):  # this worker's process alone: read when decoding is traced
-      quantization.FUSED_MAX_ROWS = 16
     self._quantization = quantization
     super().__init__(shape, bindings, batch_size, prompt, new_tokens, warmup)
     self.info["param_bytes"] = step_param_bytes(self.params)
