@@ -2,7 +2,8 @@
 
 One small LLaMA-style decoder (d_model 128, so int4 groups of 128 fit) is trained for a few
 dozen steps on Python source bytes in a module fixture; its held-out perplexity and greedy
-continuations, float against quantized, bound what quantization may cost.
+continuations, float against quantized, bound what quantization may cost. Quantized
+checkpoints (t5x_lite.quantized_checkpoints) are tested in tests/quantized_checkpoints_test.py.
 """
 import functools
 import os
@@ -13,11 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-import t5x_lite
-from t5x_lite import checkpoints, models, partitioning, quantization, quantized_arrays
-from t5x_lite import quantized_checkpoints
+from t5x_lite import models, partitioning, quantization, quantized_arrays
 from t5x_lite.quantization import QuantizedModel
-from convert_checkpoint_test import convert_checkpoint  # the tool, imported by that test
 
 LENGTH = 64
 BINDINGS = ["TransformerConfig.d_model = 128", "TransformerConfig.d_ff = 256",
@@ -41,8 +39,8 @@ def _batch(ids: np.ndarray, rows: int, start: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """(model, params, validation batch, params checkpoint dir) after 40 AdamW steps."""
+def trained():
+  """(model, params, validation batch) after 40 AdamW steps."""
   model = models.from_gin("llama_tiny", BINDINGS)
   ids = _source_bytes()
   split = int(len(ids) * 0.9)
@@ -60,9 +58,7 @@ def trained(tmp_path_factory):
     starts = rng.integers(0, split - LENGTH, 8)
     rows = [ids[s:s + LENGTH] for s in starts]
     params, state = step(params, state, _batch(np.concatenate(rows), 8, 0))
-  directory = str(tmp_path_factory.mktemp("trained"))
-  checkpoints.save_params(directory, params, checkpoints.model_gin(model))
-  return model, params, _batch(ids, 16, split), directory
+  return model, params, _batch(ids, 16, split)
 
 
 def _perplexity(scores, batch) -> float:
@@ -75,7 +71,7 @@ def _prompts(batch):
 
 
 def test_trained_model_perplexity_and_greedy_agreement(trained):
-  model, params, batch, _ = trained
+  model, params, batch = trained
   base_ppl = _perplexity(model.score_batch(params, batch), batch)
   assert base_ppl < 30  # it learned something (uniform over bytes is 260)
   reference, _ = model.predict_batch(params, _prompts(batch), max_new_tokens=16)
@@ -97,8 +93,8 @@ def test_trained_model_perplexity_and_greedy_agreement(trained):
       assert agreement >= {"int4": 0.7, "nf4": 0.6, "int8-kv": 0.9}[name], name
 
 
-def test_nf4_trained_error_checkpoint_and_qlora(trained, tmp_path):
-  model, params, batch, directory = trained
+def test_nf4_trained_error_and_qlora(trained):
+  model, params, batch = trained
   qparams = {}
   for kind in ("int4", "nf4"):
     qmodel = QuantizedModel(model, kind, group_size=64)
@@ -106,16 +102,7 @@ def test_nf4_trained_error_checkpoint_and_qlora(trained, tmp_path):
     error = _weight_error(qmodel, params)
     print(f"trained kernels g64: relative error {kind} {error:.4f}")
     assert error < 0.12, kind
-  # tools/convert_checkpoint.py --quantize nf4 writes what load() reads back as nf4 (and only
-  # as nf4); QLoRA takes nf4 as its frozen base: step 0 is the nf4 model.
-  out = str(tmp_path / "nf4")
-  convert_checkpoint.main(["--from", directory, "--to", out, "--quantize", "nf4",
-                           "--group_size", "64"])
-  loaded = t5x_lite.load(out, vocabulary=_Bytes())
-  assert loaded.model.mode == "nf4" and loaded.model.settings.group_size == 64
-  jax.tree.map(np.testing.assert_array_equal, loaded.params, qparams["nf4"])
-  with pytest.raises(ValueError, match=r"already quantized \(nf4, group size 64\).*as int4"):
-    t5x_lite.load(out, quantize="int4", group_size=64, vocabulary=_Bytes())
+  # QLoRA takes nf4 as its frozen base: step 0 is the nf4 model.
   from t5x_lite import lora  # pylint: disable=g-import-not-at-top
   qlora = lora.LoraModel(model, rank=2, quantize="nf4", quantize_group_size=64)
   adapters = lora.split(qlora.init(jax.random.PRNGKey(1), batch))[1]
@@ -192,21 +179,13 @@ def test_fused_max_rows_takes_the_fused_path(monkeypatch):
     QuantizedModel(model, None, kv_cache="int8", fused_max_rows=16)
 
 
-def test_bad_input_is_refused_with_the_fix(trained, tmp_path):
-  model, params, batch, directory = trained
+def test_bad_input_is_refused_with_the_fix(trained):
+  model, params, batch = trained
   with pytest.raises(ValueError, match="group_size=48 must be|even int"):
     QuantizedModel(model, "int4", group_size=47)
   with pytest.raises(ValueError, match=r"group_size=256 does not divide the input dimension "
                                        r"128 of .*\[32, 64, 128\] do"):
     QuantizedModel(model, "int4", group_size=256).abstract_params()
-  with pytest.raises(ValueError, match="not a quantization mode"):
-    t5x_lite.load(directory, quantize="int3", vocabulary=_Bytes())
-  state_dir = tmp_path / "run" / "checkpoints" / "7" / "state"
-  os.makedirs(state_dir)
-  with pytest.raises(FileNotFoundError, match="train-state checkpoint"):
-    quantized_checkpoints.quantize_checkpoint(str(state_dir.parent), str(tmp_path / "q"), "int8")
-  with pytest.raises(FileNotFoundError, match="train-state checkpoint"):
-    t5x_lite.load(str(state_dir.parent), quantize="int8")
   from t5x_lite import optimizers, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh()
   qmodel = QuantizedModel(model, "int8")
@@ -218,17 +197,6 @@ def test_bad_input_is_refused_with_the_fix(trained, tmp_path):
   with pytest.raises(ValueError, match="QUANTIZE.*does not quantize.*quantization-aware "
                                        "training does not exist.*qlora_finetune.gin"):
     launch.configure(["models/gpt2_tiny.gin", "runs/finetune.gin"], ["QUANTIZE='int4'"])
-
-
-class _Bytes:
-  """The fixture's vocabulary: bytes + 3."""
-  vocab_size, eos_id, bos_id = 259, 1, None
-
-  def encode(self, text):
-    return [b + 3 for b in text.encode()]
-
-  def decode(self, ids):
-    return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", "replace")
 
 
 def _names(tree) -> list[str]:
