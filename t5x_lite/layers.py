@@ -130,6 +130,11 @@ class DenseGeneral(nn.Module):
     return y
 
 
+# The name under which a decoding call's parameters also hold an Embed's table transposed, [d, v]
+# (transformer.decoding_params makes it once per decode call, outside the decoding loop).
+TRANSPOSED_TABLE = "embedding_transposed"
+
+
 class Embed(nn.Module):
   """Token embedding table [v, d]; `attend` reuses it as the output projection (tied head)."""
   num_embeddings: int
@@ -147,6 +152,11 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     # float32 logits straight from the accumulator (the models' logits are float32).
+    if self.has_variable("params", TRANSPOSED_TABLE) and math.prod(x.shape[:-1]) > 1:
+      # Decoding several rows: XLA:CPU multiplies them by an [in, out] matrix faster than by
+      # the [v, d] table it would read transposed; a single row is faster the other way round.
+      table = self.get_variable("params", TRANSPOSED_TABLE)
+      return mixed_einsum("bld,dv->blv", x, table, self.dtype, jnp.float32)
     return mixed_einsum("bld,vd->blv", x, self.embedding, self.dtype, jnp.float32)
 
 
@@ -405,7 +415,12 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Optio
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = mixed_einsum(f"bkgls,{kv}->blkge", probs, v, v.dtype)
+  if kv_heads_first:
+    # The cached values as the dot's first operand: with the probabilities first, XLA:CPU copies
+    # every layer's whole value cache into [b, k, e, s] at each single-token decoding step.
+    out = mixed_einsum("bkse,bkgls->blkge", v, probs, v.dtype)
+  else:
+    out = mixed_einsum(f"bkgls,{kv}->blkge", probs, v, v.dtype)
   return out.reshape(b, l, h, e)
 
 

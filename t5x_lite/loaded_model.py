@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from t5x_lite import checkpoints, hf_tokenizer, models
+from t5x_lite import checkpoints, hf_tokenizer, models, transformer
 from t5x_lite import vocabulary as vocab_lib
 
 SPM_FILE = "vocab.model"
@@ -188,6 +188,7 @@ class LoadedModel:
     self.vocabulary = vocabulary
     self.eos_id = vocabulary.eos_id if eos_id is None else eos_id
     self.hf_prompts = hf_prompts and hasattr(vocabulary, "encode_prompt")
+    self._unstacked = None  # (the params they were made from, the params generate decodes with)
 
   def __repr__(self):
     return (f"LoadedModel({type(self.model).__name__}, {self.model.num_params():,} parameters, "
@@ -227,7 +228,8 @@ class LoadedModel:
                                           max_new_tokens, rows=_bucket(len(prompts)),
                                           round_width=_bucket)
     outputs, _ = self.model.predict_batch(
-        self.params, batch, rng=jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+        self._generation_params(), batch, rng=jax.random.PRNGKey(seed),
+        max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, num_decodes=num_decodes,
         beam_size=beam_size, alpha=alpha, eos_id=eos_id)
     texts = [[self._decode(seq, eos_id) for seq in row]
@@ -292,6 +294,19 @@ class LoadedModel:
             for position in np.flatnonzero(np.asarray(is_mask)[0])]
 
   # -- helpers ----------------------------------------------------------------------------------
+  def _generation_params(self):
+    """The parameters `generate` decodes with. Decoding runs the layers unrolled, so each
+    predict_batch on a scanned model's `params` copies every layer's weights out of the stacked
+    arrays first; a model that generates repeatedly pays that once here instead, and keeps the
+    unstacked copy (beside `params`, which scoring reads: twice the parameters' memory). A
+    wrapped model (quantized, LoRA, prompt) decodes from `params` as it is."""
+    if not (type(self.model) in (models.DecoderOnlyModel, models.EncoderDecoderModel)
+            and self.model.config.scan_layers):
+      return self.params
+    if self._unstacked is None or self._unstacked[0] is not self.params:
+      self._unstacked = (self.params, jax.jit(transformer.unstack_layers)(self.params))
+    return self._unstacked[1]
+
   def _check_generates(self):
     if not self.model.GENERATES:
       raise ValueError("This checkpoint is an encoder-only (BERT) model: it does not generate or "

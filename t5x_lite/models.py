@@ -258,10 +258,9 @@ class BaseModel:
     return type(self.module)(self.config.replace(scan_layers=False))
 
   def _decoder(self, params):
-    """(decoding module, its apply on `params`); scanned parameters are unstacked once per
-    call, outside the decoding loop."""
-    if self.config.scan_layers:
-      params = transformer.unstack_layers(params)
+    """(decoding module, its apply on `params` laid out by `transformer.decoding_params`, once
+    per call, outside the decoding loop)."""
+    params = transformer.decoding_params(params, self.config)
     module = self._decoding_module
     return module, functools.partial(module.apply, {"params": params})
 

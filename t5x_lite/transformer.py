@@ -210,6 +210,20 @@ def unstack_layers(params):
   return out
 
 
+def decoding_params(params, config: TransformerConfig):
+  """`params` as the decoding module (unrolled layers) reads them; a decode call makes this once,
+  outside its loop. Scanned layers are unstacked, and a tied head's float table is also kept
+  transposed ([d, v], `layers.TRANSPOSED_TABLE`) for the decoding steps' few-row head dots
+  (unused, XLA drops it)."""
+  if config.scan_layers:
+    params = unstack_layers(params)
+  embed = params.get("token_embed") if isinstance(params, dict) else None
+  if config.tie_embeddings and isinstance(embed, dict) and "embedding" in embed:
+    table = nn.meta.unbox(embed["embedding"])
+    params = dict(params, token_embed=dict(embed, **{layers.TRANSPOSED_TABLE: table.T}))
+  return params
+
+
 class Embedder(nn.Module):
   """Token embedding plus absolute positions (learned or sinusoidal) and BERT token types.
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_lite import transformer
+from t5x_lite import layers, transformer
 from t5x_lite.config import TransformerConfig
 
 
@@ -156,7 +156,11 @@ def test_cached_decoding_equals_the_full_forward_pass(family, position_type, sca
   example = (_tokens(0, (1, 8)),) * (1 if family == "decoder" else 2)
   params = jax.jit(module.init)(jax.random.PRNGKey(2), *example)["params"]
   decoder = cls(module.config.replace(scan_layers=False))
-  decoder_params = transformer.unstack_layers(params) if scan_layers else params
+  # As the models decode: unstacked layers, and the tied head's table also transposed (the
+  # two-row steps read that copy).
+  decoder_params = transformer.decoding_params(params, module.config)
+  table = nn.meta.unbox(decoder_params["token_embed"]["embedding"])
+  np.testing.assert_array_equal(decoder_params["token_embed"][layers.TRANSPOSED_TABLE], table.T)
   apply = jax.jit(lambda module, params, *args, method=None, **kwargs: module.apply(
       {"params": params}, *args, method=method, **kwargs), static_argnames=("module", "method"))
   seqs = _tokens(20, (2, 9))
