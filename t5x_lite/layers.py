@@ -92,11 +92,61 @@ def _low_precision_einsum_backward(equation, dtype, out_dtype, residuals, g):
 _low_precision_einsum.defvjp(_low_precision_einsum_forward, _low_precision_einsum_backward)
 
 
-def _dense_equation(ndim: int, n_in: int, n_out: int) -> str:
-  """DenseGeneral's contraction as an einsum: x's trailing n_in dims with the kernel's leading."""
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  lead, contracted, out = letters[:ndim - n_in], letters[ndim - n_in:ndim], letters[ndim:][:n_out]
-  return f"{lead}{contracted},{contracted}{out}->{lead}{out}"
+def dense_matmul(x: Array, kernel: Array, n_in: int, dtype, out_dtype=None) -> Array:
+  """x's trailing `n_in` dims contracted with the kernel's leading ones ([..., in...] x
+  [in..., out...] -> [..., out...]), as one 2-D matmul of x [rows, in] and the kernel [in, out].
+
+  Compute and accumulation as `mixed_einsum`. The gradients are 2-D matmuls too: XLA:CPU lays
+  out the autodiff of the einsum so that each weight gradient first copies its cotangent into
+  [out, rows] (a strided, cache-missing transpose, fused with the elementwise backward before
+  it); a weight gradient written as x^T g over the rows, contracting both operands' leading
+  dim, needs no copy.
+  """
+  lead, out_shape = x.shape[:-n_in], kernel.shape[n_in:]
+  rows = x.reshape(-1, math.prod(x.shape[-n_in:]))
+  y = _matmul(jnp.dtype(dtype), jnp.dtype(dtype if out_dtype is None else out_dtype), False,
+              rows, kernel.reshape(rows.shape[1], -1))
+  return y.reshape(lead + out_shape)
+
+
+def matmul_transposed(x: Array, table: Array, dtype, out_dtype=None) -> Array:
+  """x [..., d] times table [n, d] transposed -> [..., n] (the tied head: logits from the
+  embedding table), as `dense_matmul`: 2-D, accumulated in float32, gradients without copies."""
+  rows = x.reshape(-1, x.shape[-1])
+  y = _matmul(jnp.dtype(dtype), jnp.dtype(dtype if out_dtype is None else out_dtype), True,
+              rows, table)
+  return y.reshape(x.shape[:-1] + table.shape[:1])
+
+
+def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _matmul(dtype, out_dtype, transpose_b, a, b):
+  """a [m, k] times b [k, n] (or b [n, k] transposed), operands in `dtype`."""
+  return _dot(a.astype(dtype), b.astype(dtype), (1, 1 if transpose_b else 0)).astype(out_dtype)
+
+
+def _matmul_forward(dtype, out_dtype, transpose_b, a, b):
+  a_low, b_low = a.astype(dtype), b.astype(dtype)
+  out = _dot(a_low, b_low, (1, 1 if transpose_b else 0)).astype(out_dtype)
+  # Residuals in the compute dtype; the primal dtypes (zero-size) say what the gradients are.
+  return out, (a_low, b_low, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _matmul_backward(dtype, out_dtype, transpose_b, residuals, g):
+  del out_dtype
+  a_low, b_low, a_like, b_like = residuals
+  g = g.astype(dtype)
+  da = _dot(g, b_low, (1, 0 if transpose_b else 1))  # [m, n] x b -> [m, k]
+  # [n, k] = g^T a or [k, n] = a^T g: both contract the rows, every operand's leading dim.
+  db = _dot(g, a_low, (0, 0)) if transpose_b else _dot(a_low, g, (0, 0))
+  return da.astype(a_like.dtype), db.astype(b_like.dtype)
+
+
+_matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 class DenseGeneral(nn.Module):
@@ -122,7 +172,7 @@ class DenseGeneral(nn.Module):
 
     kernel = _param(self, "kernel", init, in_shape + tuple(self.features),
                     self.in_axes + self.out_axes, self.param_dtype)
-    y = mixed_einsum(_dense_equation(x.ndim, n_in, len(self.features)), x, kernel, self.dtype)
+    y = dense_matmul(x, kernel, n_in, self.dtype)
     if self.use_bias:
       bias = _param(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
                     self.param_dtype)
@@ -157,7 +207,7 @@ class Embed(nn.Module):
       # the [v, d] table it would read transposed; a single row is faster the other way round.
       table = self.get_variable("params", TRANSPOSED_TABLE)
       return mixed_einsum("bld,dv->blv", x, table, self.dtype, jnp.float32)
-    return mixed_einsum("bld,vd->blv", x, self.embedding, self.dtype, jnp.float32)
+    return matmul_transposed(x, self.embedding, self.dtype, jnp.float32)
 
 
 class Norm(nn.Module):

@@ -99,10 +99,9 @@ def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, s
     if dropout > 0.0 and module.has_rng("dropout"):  # an rng is given only when training
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
-    dtype = module.dtype
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    h = jax.lax.dot_general(x.astype(dtype), a.astype(dtype), (contract, ((), ())))
-    delta = jax.lax.dot_general(h, b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    # The base kernel's 2-D matmul (its gradients need no transposing copies).
+    h = layers.dense_matmul(x, a, n_in, module.dtype)
+    delta = layers.dense_matmul(h, b, 1, module.dtype)
     return y + (scale * delta).astype(y.dtype)
   return intercept
 
