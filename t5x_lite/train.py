@@ -372,17 +372,29 @@ def print_samples(model, params, prompts: Sequence[str], length: int, temperatur
     metrics_lib.log("(No samples: this model does not generate text.)")
     return
   vocab = _data().get_vocabulary()
-  batch = model.generation_batch([vocab.encode(p) for p in prompts], vocab.eos_id, length)
+  encoded = [vocab.encode(p) for p in prompts]
+  batch = model.generation_batch(encoded, vocab.eos_id, length)
   outputs, _ = model.predict_batch(params, batch, rng=jax.random.PRNGKey(0),
                                    max_new_tokens=length, temperature=temperature,
                                    top_k=top_k, top_p=top_p)
-  texts = [model.sample_text(prompt, vocab.decode([int(t) for t in output if t > 1]))
-           for prompt, output in zip(prompts, np.asarray(outputs)[:, 0])]  # no padding, EOS
+  continues = model.sample_text("a", "b") == "ab"  # a decoder's output follows its prompt
+  texts = [model.sample_text(prompt, continuation_text(
+      vocab, ids if continues else [], [int(t) for t in output if t > 1]))  # no padding, EOS
+           for prompt, ids, output in zip(prompts, encoded, np.asarray(outputs)[:, 0])]
   notes, summary = check(texts) if check else ([""] * len(texts), "")
   for prompt, text, note in zip(prompts, texts, notes):
     metrics_lib.log(f"--- {prompt!r}" + (f"  ({note})" if note else "") + f"\n{text}")
   if summary:
     metrics_lib.log(summary)
+
+
+def continuation_text(vocab, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> str:
+  """The text `output_ids` add after `prompt_ids`. Decoded with the prompt, not alone: a
+  SentencePiece vocabulary drops the space its first piece begins with (the dummy prefix it
+  puts before a text), which would take one space off a continuation's first indentation."""
+  prompt = vocab.decode(list(prompt_ids))
+  whole = vocab.decode(list(prompt_ids) + list(output_ids))
+  return whole[len(prompt):] if whole.startswith(prompt) else vocab.decode(list(output_ids))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
