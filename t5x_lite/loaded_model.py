@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from t5x_lite import checkpoints, hf_tokenizer, models, transformer
+from t5x_lite import checkpoints, hf_tokenizer, models
 from t5x_lite import vocabulary as vocab_lib
 
 SPM_FILE = "vocab.model"
@@ -188,7 +188,6 @@ class LoadedModel:
     self.vocabulary = vocabulary
     self.eos_id = vocabulary.eos_id if eos_id is None else eos_id
     self.hf_prompts = hf_prompts and hasattr(vocabulary, "encode_prompt")
-    self._unstacked = None  # (the params they were made from, the params generate decodes with)
 
   def __repr__(self):
     return (f"LoadedModel({type(self.model).__name__}, {self.model.num_params():,} parameters, "
@@ -224,16 +223,16 @@ class LoadedModel:
                                           rows=_bucket(len(prompts)), round_width=_bucket)
       batch["decoder_input_tokens"][:len(prompts), 0] = firsts  # in BOS 0's place
     else:
-      batch = self.model.generation_batch([self._encode(p) for p in prompts], eos_id,
-                                          max_new_tokens, rows=_bucket(len(prompts)),
-                                          round_width=_bucket)
+      encoded = [self._encode(p) for p in prompts]
+      batch = self.model.generation_batch(encoded, eos_id, max_new_tokens,
+                                          rows=_bucket(len(prompts)), round_width=_bucket)
     outputs, _ = self.model.predict_batch(
-        self._generation_params(), batch, rng=jax.random.PRNGKey(seed),
-        max_new_tokens=max_new_tokens,
+        self.params, batch, rng=jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, num_decodes=num_decodes,
         beam_size=beam_size, alpha=alpha, eos_id=eos_id)
-    texts = [[self._decode(seq, eos_id) for seq in row]
-             for row in np.asarray(outputs)[:len(prompts)]]
+    continues = self.model.CONTINUES_PROMPT
+    texts = [[self._decode(seq, eos_id, prompt_ids if continues else ()) for seq in row]
+             for prompt_ids, row in zip(encoded, np.asarray(outputs)[:len(prompts)])]
     return [row[0] for row in texts] if num_decodes == 1 and not beam_size else texts
 
   def score(self, inputs: Sequence[str], targets: Sequence[str]) -> list[float]:
@@ -294,19 +293,6 @@ class LoadedModel:
             for position in np.flatnonzero(np.asarray(is_mask)[0])]
 
   # -- helpers ----------------------------------------------------------------------------------
-  def _generation_params(self):
-    """The parameters `generate` decodes with. Decoding runs the layers unrolled, so each
-    predict_batch on a scanned model's `params` copies every layer's weights out of the stacked
-    arrays first; a model that generates repeatedly pays that once here instead, and keeps the
-    unstacked copy (beside `params`, which scoring reads: twice the parameters' memory). A
-    wrapped model (quantized, LoRA, prompt) decodes from `params` as it is."""
-    if not (type(self.model) in (models.DecoderOnlyModel, models.EncoderDecoderModel)
-            and self.model.config.scan_layers):
-      return self.params
-    if self._unstacked is None or self._unstacked[0] is not self.params:
-      self._unstacked = (self.params, jax.jit(transformer.unstack_layers)(self.params))
-    return self._unstacked[1]
-
   def _check_generates(self):
     if not self.model.GENERATES:
       raise ValueError("This checkpoint is an encoder-only (BERT) model: it does not generate or "
@@ -327,14 +313,16 @@ class LoadedModel:
                        "every prompt some text.")
     return [ids[0] for ids in encoded], [ids[1:] for ids in encoded]
 
-  def _decode(self, ids, eos_id: Optional[int] = None) -> str:
+  def _decode(self, ids, eos_id: Optional[int] = None, prompt_ids: Sequence[int] = ()) -> str:
+    """The text of generated `ids` (up to EOS), decoded after `prompt_ids` when they
+    continue a prompt (see vocabulary.decode_continuation)."""
     ids = [int(t) for t in ids]
     eos_id = self.eos_id if eos_id is None else eos_id
     if eos_id in ids:
       ids = ids[:ids.index(eos_id)]
     if hasattr(self.vocabulary, "encode_prompt"):  # a Hugging Face tokenizer (hf_tokenizer.py)
       return self.vocabulary.decode(ids)  # id 0 is a token (GPT-2's "!"); specials are skipped
-    return self.vocabulary.decode([t for t in ids if t != 0])
+    return vocab_lib.decode_continuation(self.vocabulary, prompt_ids, [t for t in ids if t != 0])
 
 
 def _bucket(n: int) -> int:

@@ -51,6 +51,7 @@ class BaseModel:
   """
   REQUIRED_FEATURES: tuple[str, ...] = ()
   GENERATES = False  # predict_batch / generation_batch / scoring_batch exist
+  CONTINUES_PROMPT = False  # its generated ids follow the prompt's (a decoder-only model)
   HF_ARCHITECTURES: tuple[str, ...] = ()  # Hugging Face classes that can hold it, by preference
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
@@ -327,6 +328,7 @@ class DecoderOnlyModel(BaseModel):
   REQUIRED_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
   HF_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MixtralForCausalLM")
   GENERATES = True
+  CONTINUES_PROMPT = True
 
   def __init__(self, config: TransformerConfig, z_loss: float = 1e-4,
                label_smoothing: float = 0.0, inputs_bidirectional_attention: bool = False,

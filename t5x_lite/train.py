@@ -34,6 +34,7 @@ from t5x_lite import checkpoints, costs, launch, loop, optimizers, partitioning,
 from t5x_lite import run_dir
 from t5x_lite import metrics as metrics_lib
 from t5x_lite import trainer as trainer_lib
+from t5x_lite import vocabulary as vocab_lib
 
 
 def _data():
@@ -377,24 +378,14 @@ def print_samples(model, params, prompts: Sequence[str], length: int, temperatur
   outputs, _ = model.predict_batch(params, batch, rng=jax.random.PRNGKey(0),
                                    max_new_tokens=length, temperature=temperature,
                                    top_k=top_k, top_p=top_p)
-  continues = model.sample_text("a", "b") == "ab"  # a decoder's output follows its prompt
-  texts = [model.sample_text(prompt, continuation_text(
-      vocab, ids if continues else [], [int(t) for t in output if t > 1]))  # no padding, EOS
+  texts = [model.sample_text(prompt, vocab_lib.decode_continuation(  # no padding, no EOS:
+      vocab, ids if model.CONTINUES_PROMPT else [], [int(t) for t in output if t > 1]))
            for prompt, ids, output in zip(prompts, encoded, np.asarray(outputs)[:, 0])]
   notes, summary = check(texts) if check else ([""] * len(texts), "")
   for prompt, text, note in zip(prompts, texts, notes):
     metrics_lib.log(f"--- {prompt!r}" + (f"  ({note})" if note else "") + f"\n{text}")
   if summary:
     metrics_lib.log(summary)
-
-
-def continuation_text(vocab, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> str:
-  """The text `output_ids` add after `prompt_ids`. Decoded with the prompt, not alone: a
-  SentencePiece vocabulary drops the space its first piece begins with (the dummy prefix it
-  puts before a text), which would take one space off a continuation's first indentation."""
-  prompt = vocab.decode(list(prompt_ids))
-  whole = vocab.decode(list(prompt_ids) + list(output_ids))
-  return whole[len(prompt):] if whole.startswith(prompt) else vocab.decode(list(output_ids))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

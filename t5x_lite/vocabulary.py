@@ -185,6 +185,15 @@ class SentencePieceVocabulary(Vocabulary):
   __repr__ = __str__
 
 
+def decode_continuation(vocab, prompt_ids, output_ids) -> str:
+  """The text `output_ids` add after `prompt_ids`. Decoded with the prompt, not alone: a
+  SentencePiece vocabulary drops the space its first piece begins with (the dummy prefix it
+  puts before a text), which would take one space off a continuation's first indentation."""
+  prompt = vocab.decode(list(prompt_ids))
+  whole = vocab.decode(list(prompt_ids) + list(output_ids))
+  return whole[len(prompt):] if whole.startswith(prompt) else vocab.decode(list(output_ids))
+
+
 def _with_sentinels(sp_model: bytes, extra_ids: int) -> bytes:
   """The serialized model with pieces "▁<extra_id_i>" appended, highest i first, as seqio does,
   so that <extra_id_0> is the top id (what T5's span corruption expects)."""

@@ -62,16 +62,6 @@ def test_generate_continues_the_learned_pattern(gpt):
   assert gpt.generate(["abcdab"], max_new_tokens=6, beam_size=2)[0][0] == "cdabcd"
 
 
-def test_generate_unstacks_the_scanned_layers_once(gpt):
-  params = gpt._generation_params()  # pylint: disable=protected-access
-  assert params is gpt._generation_params()  # pylint: disable=protected-access
-  assert "layers_1" in params["decoder"] and "layers" in gpt.params["decoder"]
-  batch = gpt.model.generation_batch([[ord(c) + 3 for c in "abcdab"]], gpt.eos_id, 6)
-  stacked, _ = gpt.model.predict_batch(gpt.params, batch, max_new_tokens=6)
-  unstacked, _ = gpt.model.predict_batch(params, batch, max_new_tokens=6)
-  np.testing.assert_array_equal(stacked, unstacked)
-
-
 def test_score_follows_the_chain_rule_and_prefers_the_pattern(gpt):
   conditional, wrong = gpt.score(["abcdab", "abcdab"], ["cdab", "dcba"])
   joint, prefix = gpt.score(["", ""], ["abcdabcdab", "abcdab"])

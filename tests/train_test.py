@@ -293,16 +293,3 @@ def test_an_unknown_forgetting_task_is_refused_before_any_work(tmp_path):
                                        r"registered task.*'stdlib_clm'.*or to None"):
     run_job(tmp_path / "run", "TRAIN_STEPS = 1", "train.forgetting_eval_task = 'stdlib_clmm'")
   assert not (tmp_path / "run").exists()
-
-
-def test_a_sample_keeps_the_first_space_of_its_continuation():
-  # SentencePiece drops the space a decoded text begins with: decoded alone, the continuation
-  # "        return 1" of "def main():\n" came out indented by 7 spaces.
-  from t5x_lite.data import vocabularies  # pylint: disable=g-import-not-at-top
-  vocab = vocabularies.get_vocabulary(
-      kind="sentencepiece", spm_path=os.path.join(launch.GIN_CONFIGS, "vocab", "stdlib_2k.model"))
-  prompt, body = "def main():\n", "        return 1\n"
-  prompt_ids, ids = vocab.encode(prompt), vocab.encode(prompt + body)
-  assert ids[:len(prompt_ids)] == prompt_ids
-  assert train_lib.continuation_text(vocab, prompt_ids, ids[len(prompt_ids):]) == body
-  assert train_lib.continuation_text(vocab, [], vocab.encode("x = 1")) == "x = 1"

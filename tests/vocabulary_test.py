@@ -193,3 +193,15 @@ def test_building_and_using_them_imports_no_tensorflow(spm_paths):
           "heavy = [m for m in ('tensorflow', 'seqio', 'jax') if m in sys.modules]; "
           "assert not heavy, heavy")
   subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+
+
+def test_a_continuation_keeps_its_first_space():
+  # SentencePiece drops the space a decoded text begins with: decoded alone, the continuation
+  # "        return 1" of "def main():\n" came out indented by 7 spaces.
+  vocab = vocabulary.build("sentencepiece", vocabulary.find_spm("vocab/stdlib_2k.model"), 100)
+  prompt, body = "def main():\n", "        return 1\n"
+  prompt_ids, ids = vocab.encode(prompt), vocab.encode(prompt + body)
+  assert ids[:len(prompt_ids)] == prompt_ids
+  assert vocab.decode(ids[len(prompt_ids):]) != body  # the loss this guards against
+  assert vocabulary.decode_continuation(vocab, prompt_ids, ids[len(prompt_ids):]) == body
+  assert vocabulary.decode_continuation(vocab, [], vocab.encode("x = 1")) == "x = 1"
