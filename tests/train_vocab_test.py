@@ -85,3 +85,19 @@ def test_the_quickstarts_shipped_vocabulary_fits_its_model_and_keeps_code_exactl
   assert vocab.vocab_size <= model_vocab_size < vocab.vocab_size + 64  # rounded up to 64
   code = "class Foo:\n    def f(self):\n\n        return {'a': [1]}\n"
   assert vocab.decode(vocab.encode(code)) == code
+
+
+def test_code_flags_reach_the_trainer_and_bad_piece_length_is_refused(tmp_path, monkeypatch):
+  monkeypatch.setenv("T5X_LITE_CACHE_DIR", str(tmp_path / "cache"))
+  pattern = os.path.join(sources.STDLIB_ROOT, "json", "*.py")
+  path = train_vocab.main(["--input", pattern, "--vocab_size", "400",
+                           "--no_split_by_unicode_script", "--max_piece_length", "12",
+                           "--no_dummy_prefix",
+                           "--output_prefix", str(tmp_path / "code"), "--quiet"])
+  with open(path, "rb") as f:
+    proto = sentencepiece_model_pb2.ModelProto.FromString(f.read())
+  spec = proto.trainer_spec
+  assert not spec.split_by_unicode_script and spec.max_sentencepiece_length == 12
+  assert not proto.normalizer_spec.add_dummy_prefix  # an inner line's "def" reads as a first's
+  with pytest.raises(SystemExit):
+    train_vocab.main(["--stdlib", "--max_piece_length", "0", "--output_prefix", "/tmp/x"])

@@ -78,8 +78,17 @@ def iter_sentences(documents: Iterator[str], max_sentence_bytes: int,
 def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 8000,
           model_type: str = "unigram", max_sentences: int = 2_000_000,
           character_coverage: float = 0.9995, max_sentence_bytes: int = 4192,
-          progress: bool = True, quiet: bool = False, lines_per_sentence: int = 1) -> str:
-  """Trains and writes `<output_prefix>.model` (and `.vocab`); returns the model path."""
+          progress: bool = True, quiet: bool = False, lines_per_sentence: int = 1,
+          split_by_unicode_script: bool = True, max_piece_length: int = 16,
+          dummy_prefix: bool | None = None) -> str:
+  """Trains and writes `<output_prefix>.model` (and `.vocab`); returns the model path.
+  `split_by_unicode_script=False` lets a piece join letters with `_` and digits (`__init__`,
+  `self._x`), which SentencePiece otherwise splits as different scripts. `dummy_prefix` (default:
+  only when training line by line) puts a space before each sentence; a pipeline encodes whole
+  documents, whose inner lines follow a newline with no such space, so with it the pieces learned
+  for indentation (one space more than any indent) and line-start words (`▁def`) rarely fit."""
+  if dummy_prefix is None:
+    dummy_prefix = lines_per_sentence == 1
   if os.path.dirname(output_prefix):
     os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
   with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +98,8 @@ def train(config: sources.CorpusConfig, output_prefix: str, vocab_size: int = 80
     sentences = iter_sentences(iter_documents(config), max_sentence_bytes, progress,
                                lines_per_sentence)
     _train(sentences, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
-           max_sentence_bytes, quiet, rules, dummy_prefix=lines_per_sentence == 1)
+           max_sentence_bytes, quiet, rules, dummy_prefix=dummy_prefix,
+           split_by_unicode_script=split_by_unicode_script, max_piece_length=max_piece_length)
   return output_prefix + ".model"
 
 
@@ -100,7 +110,8 @@ IDENTITY_RULE = "FDD0\tFDD1\n"
 
 
 def _train(sentences, output_prefix, vocab_size, model_type, max_sentences, character_coverage,
-           max_sentence_bytes, quiet, rules, dummy_prefix=True):
+           max_sentence_bytes, quiet, rules, dummy_prefix=True, split_by_unicode_script=True,
+           max_piece_length=16):
   spm.SentencePieceTrainer.train(
       sentence_iterator=sentences,
       model_prefix=output_prefix,
@@ -120,6 +131,8 @@ def _train(sentences, output_prefix, vocab_size, model_type, max_sentences, char
       # before it): a prompt "def" reads as the model saw "def" begin a line.
       add_dummy_prefix=dummy_prefix,
       allow_whitespace_only_pieces=True,
+      split_by_unicode_script=split_by_unicode_script,
+      max_sentencepiece_length=max_piece_length,
       num_threads=os.cpu_count() or 1,
       minloglevel=2 if quiet else 0,  # SentencePiece's own training log is its progress display
   )
@@ -152,6 +165,14 @@ def main(argv: Sequence[str] | None = None) -> str:
                       help="train on runs of this many lines with their newlines (code: "
                            "pieces for newlines and indentation); 1: line by line")
   parser.add_argument("--character_coverage", type=float, default=0.9995)
+  parser.add_argument("--no_split_by_unicode_script", action="store_true",
+                      help="SentencePiece: let pieces mix letters, digits and punctuation such "
+                           "as `_` (code identifiers: `__init__`, `self._x`)")
+  parser.add_argument("--no_dummy_prefix", action="store_true",
+                      help="SentencePiece: no space put before each line (pieces match a "
+                           "document's inner lines, which follow a newline)")
+  parser.add_argument("--max_piece_length", type=int, default=16,
+                      help="SentencePiece: longest piece in characters")
   parser.add_argument("--extra_ids", type=int, default=vocabularies.DEFAULT_EXTRA_IDS,
                       help="T5 sentinels seqio appends at load time (only for the printed "
                            "hint); stored in the tokenizer.json of the other kinds")
@@ -159,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> str:
   args = parser.parse_args(argv)
   if args.lines_per_sentence < 1:
     parser.error(f"--lines_per_sentence must be at least 1, got {args.lines_per_sentence}")
+  if args.max_piece_length < 1:
+    parser.error(f"--max_piece_length must be at least 1, got {args.max_piece_length}")
 
   if args.stdlib:
     config = sources.stdlib_corpus(non_utf8=args.non_utf8, exclude=args.exclude)
@@ -172,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     return _train_tokenizers(args, config)
   path = train(config, args.output_prefix, args.vocab_size, args.model_type, args.max_sentences,
                args.character_coverage, progress=not args.quiet, quiet=args.quiet,
-               lines_per_sentence=args.lines_per_sentence)
+               lines_per_sentence=args.lines_per_sentence,
+               split_by_unicode_script=not args.no_split_by_unicode_script,
+               max_piece_length=args.max_piece_length,
+               dummy_prefix=False if args.no_dummy_prefix else None)
   size = spm.SentencePieceProcessor(model_file=path).get_piece_size() + args.extra_ids
   print(f"\nWrote {path} ({size} ids with {args.extra_ids} sentinels; [MASK] = "
         f"{spm.SentencePieceProcessor(model_file=path).piece_to_id(vocabularies.MASK_PIECE)}).\n"
