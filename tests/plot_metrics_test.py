@@ -35,3 +35,20 @@ def test_rl_runs_get_their_curves_and_others_do_not(tmp_path):
   write_run(tmp_path / "lm", ("loss", "accuracy"))
   lm = {"train": plot_metrics.read_scalars(str(tmp_path / "lm" / "train"))}
   assert plot_metrics.rl_panels(lm) == []
+
+
+def test_compare_overlays_the_validation_curves_of_several_runs(tmp_path):
+  for name in ("dense", "moe"):
+    validation = metrics_lib.MetricsWriter(str(tmp_path / name), "validation")
+    for step in (0, 100, 200):
+      validation.write(step, {"cross_entropy": 5.0 - step / 100, "loss": 5.1 - step / 100,
+                              "accuracy": step / 1000})
+  out = plot_metrics.compare({"dense": str(tmp_path / "dense"), "moe": str(tmp_path / "moe")},
+                             str(tmp_path / "cmp.png"))
+  assert os.path.getsize(out) > 10_000
+  try:
+    plot_metrics.main(["--compare", "dense=" + str(tmp_path / "dense"), "moe"])
+  except SystemExit as e:  # no --output and a pair without its directory: refused
+    assert e.code == 2
+  else:
+    raise AssertionError("--compare without --output was accepted")

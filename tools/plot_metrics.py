@@ -1,5 +1,9 @@
 """Plot a run's curves: `python tools/plot_metrics.py MODEL_DIR [--output metrics.png]`.
 
+Or compare runs: `python tools/plot_metrics.py --compare dense=DIR moe=DIR --output cmp.png`
+draws each run's validation cross entropy, loss and accuracy against the step, one line a run
+(the runs of one sweep or ablation, e.g. dense against MoE at the same active size).
+
 Reads the TensorBoard event files that `t5x_lite.train` writes to MODEL_DIR/train and
 MODEL_DIR/validation, and draws train and validation loss (and accuracy) against the step into
 one PNG (default MODEL_DIR/metrics.png). For an RL run (runs/grpo.gin, runs/ppo.gin) a second
@@ -94,12 +98,59 @@ def plot(model_dir: str, output: str | None = None) -> str:
   return output
 
 
+# Validation panels of a comparison: cross entropy alone, then loss (with the z-loss and any
+# auxiliary losses, such as MoE balance terms, that only some of the runs pay), then accuracy.
+COMPARE_PANELS = (("cross_entropy", "validation cross entropy (nats per target token)"),
+                  ("loss", "validation loss (with z-loss and auxiliary losses)"),
+                  ("accuracy", "validation accuracy (next-token argmax)"))
+
+
+def compare(runs: dict[str, str], output: str, title: str | None = None) -> str:
+  """{label: MODEL_DIR} -> one PNG of their validation curves (step 0, before training, left
+  out so the scale shows the differences); returns its path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  curves = {}
+  for label, model_dir in runs.items():
+    scalars = read_scalars(os.path.join(model_dir, "validation"))
+    if not scalars:
+      raise FileNotFoundError(f"No validation metrics in {model_dir}/validation (run {label!r}); "
+                              "is it the MODEL_DIR of a t5x_lite.train run that validated?")
+    curves[label] = {tag: [p for p in points if p[0] > 0] for tag, points in scalars.items()}
+  panels = [(tag, label) for tag, label in COMPARE_PANELS
+            if any(tag in scalars for scalars in curves.values())]
+  figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+  for axis, (tag, label) in zip(axes[0], panels):
+    _draw(axis, curves, tag, label)
+    for line in axis.get_lines():
+      line.set_marker("o")
+  figure.suptitle(title or " vs ".join(runs))
+  figure.tight_layout()
+  figure.savefig(output, dpi=90)
+  plt.close(figure)
+  return output
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("model_dir")
+  parser.add_argument("model_dir", nargs="?")
   parser.add_argument("--output", help="PNG path (default MODEL_DIR/metrics.png)")
+  parser.add_argument("--compare", nargs="+", metavar="LABEL=MODEL_DIR",
+                      help="overlay these runs' validation curves instead (needs --output)")
+  parser.add_argument("--title", help="the comparison's title (default: its labels)")
   args = parser.parse_args(argv)
-  print(plot(args.model_dir, args.output))
+  if args.compare:
+    pairs = [item.partition("=") for item in args.compare]
+    if args.model_dir or not args.output or any(not label or not d for label, _, d in pairs):
+      parser.error("--compare takes LABEL=MODEL_DIR pairs and --output, and no MODEL_DIR, e.g. "
+                   "--compare dense=/tmp/q_dense moe=/tmp/q_moe8 --output cmp.png")
+    print(compare({label: d for label, _, d in pairs}, args.output, args.title))
+  elif args.model_dir:
+    print(plot(args.model_dir, args.output))
+  else:
+    parser.error("give a MODEL_DIR, or --compare LABEL=MODEL_DIR ... --output PNG")
 
 
 if __name__ == "__main__":
