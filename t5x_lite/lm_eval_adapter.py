@@ -50,7 +50,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 import t5x_lite
-from t5x_lite import loaded_model, models, partitioning
+from t5x_lite import loaded_model, partitioning
 
 log = logging.getLogger(__name__)
 BOS = 0  # the decoder's first input (and padding), as in the CLM tasks
@@ -85,7 +85,7 @@ class T5xLiteLM(LM):
       raise ValueError(f"{checkpoint!r} is an encoder-only (BERT) model: lm_eval's requests "
                        "score and generate text left to right, which it does not do.")
     # What differs for lm_eval (truncation, EOS, the generation budget) is the decoder's case.
-    self.decoder_only = isinstance(self.model, models.DecoderOnlyModel)
+    self.decoder_only = self.model.CONTINUES_PROMPT  # prompt and continuation in one row
     self.hf_layout = self.lm._hf_decoder()  # pylint: disable=protected-access
     self.prefix_id = self.vocab.eos_id if self.hf_layout and self.vocab.bos_id is None else (
         self.vocab.bos_id if self.hf_layout else BOS)

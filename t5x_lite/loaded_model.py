@@ -302,7 +302,7 @@ class LoadedModel:
     return list(self.vocabulary.encode(text))
 
   def _hf_decoder(self) -> bool:
-    return self.hf_prompts and isinstance(self.model, models.DecoderOnlyModel)
+    return self.hf_prompts and self.model.CONTINUES_PROMPT
 
   def _hf_prompts(self, prompts: Sequence[str]) -> tuple[list[int], list[list[int]]]:
     """(first ids, the rest) of the prompts as transformers encodes them: the first id takes

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_lite import checkpoints, interception, layers
+from t5x_lite import checkpoints, interception, layers, matmuls
 from t5x_lite.trainer import param_path
 
 ATTENTION = r".*attention/(query|key|value|out|qkv)/kernel"
@@ -100,8 +100,8 @@ def _interceptor(pattern: re.Pattern, rank: int, scale: float, dropout: float, s
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(x.dtype)
     # The base kernel's 2-D matmul (its gradients need no transposing copies).
-    h = layers.dense_matmul(x, a, n_in, module.dtype)
-    delta = layers.dense_matmul(h, b, 1, module.dtype)
+    h = matmuls.dense_matmul(x, a, n_in, module.dtype)
+    delta = matmuls.dense_matmul(h, b, 1, module.dtype)
     return y + (scale * delta).astype(y.dtype)
   return intercept
 

@@ -176,29 +176,3 @@ def test_cudnn_attention_elsewhere_than_an_nvidia_gpu_says_so():
   x = jnp.ones((1, 2, 32))
   with pytest.raises(ValueError, match="needs an NVIDIA GPU.*attention_implementation='xla'"):
     layers.Attention(cfg).init(jax.random.PRNGKey(0), x, x, jnp.ones((1, 1, 2, 2), bool))
-
-
-@pytest.mark.parametrize("equation, a_shape, b_shape", [
-    ("bld,dhe->blhe", (2, 5, 8), (8, 2, 3)),                # a projection (DenseGeneral)
-    ("blkge,bske->bkgls", (2, 5, 2, 3, 4), (2, 7, 2, 4)),  # attention logits
-])
-def test_bf16_einsum_runs_every_matmul_in_bf16_with_float32_accumulation(equation, a_shape,
-                                                                          b_shape):
-  """Forward and both gradients: bf16 operands, float32 results, gradients near float32's."""
-  a = jax.random.normal(jax.random.PRNGKey(0), a_shape)
-  b = jax.random.normal(jax.random.PRNGKey(1), b_shape)  # float32, as a master weight is
-  loss = lambda a, b, dtype: jnp.sum(jnp.sin(layers.mixed_einsum(equation, a, b, dtype,
-                                                                 jnp.float32)))
-  grad = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)
-  hlo = grad.lower(a.astype(jnp.bfloat16), b, jnp.bfloat16).as_text()
-  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
-  assert len(dots) == 3
-  for dot in dots:  # "... : (tensor<AxBxbf16>, tensor<CxDxbf16>) -> tensor<ExFxf32>"
-    operands, result = dot.rsplit(":", 1)[1].split("->")
-    assert operands.count("xbf16>") == 2 and result.strip().endswith("xf32>"), dot
-  exact = grad(a, b, jnp.float32)
-  mixed = grad(a.astype(jnp.bfloat16), b, jnp.bfloat16)
-  assert mixed[1].dtype == jnp.float32  # the float32 weight's gradient, without a convert back
-  for low, high in zip(mixed, exact):
-    np.testing.assert_allclose(low.astype(jnp.float32), high, atol=0.05 * float(
-        jnp.max(jnp.abs(high))))
